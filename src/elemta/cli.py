@@ -1,0 +1,85 @@
+"""Command line: elemta serve | check-config | --version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from . import __version__, config
+from .observe import logging as elemta_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # systemd's RestartPreventExitStatus=2: a config error is not retried
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="elemta",
+        description="SMTP daemon that knows its memory ceiling and answers 4xx instead of "
+        "being OOM-killed.",
+        epilog="Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
+    )
+    p.add_argument("--version", action="version", version=f"elemta {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cfg_help = f"config file (default: {config.DEFAULT_CONFIG_PATH} if it exists, else built-in)"
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    check = sub.add_parser(
+        "check-config", help="validate the config and print the effective configuration"
+    )
+    check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    return p
+
+
+def _load(path: str | None) -> config.Config | None:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        for line in exc.problems:
+            print(f"elemta: {line}", file=sys.stderr)
+        return None
+
+
+def check_config(path: str | None) -> int:
+    cfg = _load(path)
+    if cfg is None:
+        return EXIT_CONFIG
+    for warning in config.warnings(cfg):
+        print(f"elemta: warning: {warning}", file=sys.stderr)
+    sys.stdout.write(config.to_toml(cfg))
+    return EXIT_OK
+
+
+def serve(path: str | None) -> int:
+    from .daemon import Daemon
+
+    cfg = _load(path)
+    if cfg is None:
+        return EXIT_CONFIG
+    elemta_logging.setup(cfg.logging)
+    import logging
+
+    log = logging.getLogger("elemta")
+    log.info("elemta %s starting (config: %s)", __version__, cfg.source)
+    for warning in config.warnings(cfg):
+        log.warning("%s", warning)
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    return serve(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""elemta.toml: frozen dataclasses, one schema, errors that name file, key and problem.
+
+Each config key is declared once, as a dataclass field whose metadata says how to parse and
+check it; the loader, `check-config`, the man-page test and the effective-config printer all
+read that one declaration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .units import format_duration, parse_duration, parse_size
+
+DEFAULT_CONFIG_PATH = Path("/etc/elemta/elemta.toml")
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class ConfigError(Exception):
+    """One or more problems; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: object) -> ListenAddress:
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"host:port\", got {value!r}")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if m is None:
+        raise ValueError(f"cannot parse listen address {value!r} (use \"127.0.0.1:25\" or \"[::1]:25\")")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    return ListenAddress(host, port)
+
+
+def _spec(
+    kind: str,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    return {"kind": kind, "doc": doc, "min": minimum, "max": maximum, "choices": choices}
+
+
+def _f(default: Any, kind: str, doc: str, **kw: Any) -> Any:
+    meta = _spec(kind, doc, **kw)
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The guide's nine [memory] keys with the guide's defaults."""
+
+    max_memory_usage: int = _f(2 * GiB, "size", "Total memory budget of the daemon", minimum=1 * MiB)
+    per_connection_memory_limit: int = _f(
+        52428800, "size", "In-memory bytes one session may hold", minimum=64 * 1024
+    )
+    memory_warning_threshold: float = _f(0.75, "fraction", "Log a warning above this utilization")
+    memory_critical_threshold: float = _f(0.90, "fraction", "Refuse new work (452 4.3.1) above this")
+    gc_threshold: float = _f(0.80, "fraction", "Force gc.collect() + malloc_trim above this")
+    monitoring_interval: float = _f(
+        5.0, "duration", "Period of the memory monitor", minimum=0.01, maximum=3600
+    )
+    max_goroutines: int = _f(2000, "int", "Cap on asyncio tasks plus threads", minimum=10)
+    goroutine_leak_detection: bool = _f(True, "bool", "Warn when tasks grow while sessions do not")
+    memory_exhaustion_protection: bool = _f(
+        True, "bool", "Reject with 452 under pressure (false: log only)"
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...] = _f(
+        [ListenAddress("127.0.0.1", 2525)], "listen", "SMTP listen addresses (IPv4 and IPv6)"
+    )
+    hostname: str = _f("", "str", "Name in the greeting and Received: (empty: the host's FQDN)")
+    max_connections: int = _f(1000, "int", "Concurrent SMTP sessions", minimum=1, maximum=1_000_000)
+    max_message_size: int = _f(52428800, "size", "Largest message (EHLO SIZE)", minimum=1024)
+    max_recipients: int = _f(100, "int", "RCPT per message", minimum=1, maximum=100_000)
+    command_timeout: float = _f(
+        300.0, "duration", "Idle time allowed between commands", minimum=0.1, maximum=86400
+    )
+    data_timeout: float = _f(
+        600.0, "duration", "Idle time allowed while receiving DATA", minimum=0.1, maximum=86400
+    )
+    drain_timeout: float = _f(
+        30.0, "duration", "On SIGTERM/SIGINT: time sessions in DATA get to finish", maximum=3600
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    maildir_root: str = _f("var/mail", "str", "Maildir tree: <root>/<domain>/<localpart>/")
+    domains: tuple[str, ...] = _f(
+        ["localhost", "example.test"], "domains", "Domains we accept mail for"
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: ListenAddress = _f(
+        ListenAddress("127.0.0.1", 8080), "listen1", "Admin HTTP address (/metrics, /health)"
+    )
+    enable_profiling: bool = _f(False, "bool", "Serve /debug/pprof/heap (tracemalloc)")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _f(
+        "info", "choice", "Least severe level logged", choices=("debug", "info", "warning", "error")
+    )
+    format: str = _f(
+        "auto", "choice", "Log output format", choices=("auto", "journal", "json", "text")
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<built-in defaults>", compare=False)
+
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.getfqdn()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "memory": MemoryConfig,
+    "server": ServerConfig,
+    "delivery": DeliveryConfig,
+    "api": ApiConfig,
+    "logging": LoggingConfig,
+}
+
+
+def iter_keys() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Every accepted key as ("section", field), in declaration order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def _check_number(value: float, meta: Mapping[str, Any]) -> None:
+    lo, hi = meta["min"], meta["max"]
+    if lo is not None and value < lo:
+        raise ValueError(f"must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"must be at most {hi}, got {value}")
+
+
+def _domain_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of domain names, got {value!r}")
+    out = []
+    for v in value:
+        d = v.strip().lower().rstrip(".")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
+            raise ValueError(f"{v!r} is not a domain name")
+        out.append(d)
+    return tuple(out)
+
+
+def _listen_list(value: object) -> tuple[ListenAddress, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"expected \"host:port\" or a non-empty list of them, got {value!r}")
+    return tuple(parse_listen(v) for v in items)
+
+
+def _strict(kind: type | tuple[type, ...], name: str) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise ValueError(f"expected {name}, got {type(value).__name__} {value!r}")
+        return value
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "size": parse_size,
+    "duration": parse_duration,
+    "int": _strict(int, "an integer"),
+    "fraction": lambda v: float(_strict((int, float), "a number between 0.0 and 1.0")(v)),
+    "bool": _strict(bool, "true or false"),
+    "str": _strict(str, "a string"),
+    "choice": _strict(str, "a string"),
+    "listen": _listen_list,
+    "listen1": parse_listen,
+    "domains": _domain_list,
+}
+
+
+def _parse_value(meta: Mapping[str, Any], raw: object) -> Any:
+    value = _PARSERS[meta["kind"]](raw)
+    if meta["kind"] == "fraction" and not 0.0 < value <= 1.0:
+        raise ValueError(f"must be between 0.0 and 1.0, got {value}")
+    if meta["kind"] in ("size", "duration", "int"):
+        _check_number(value, meta)
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+    return value
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Best-effort line number of `[section]` or `key` inside it (tomllib gives none)."""
+    current = None
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        m = re.match(r"\[\s*([A-Za-z0-9_.-]+)\s*\]", s)
+        if m:
+            current = m.group(1)
+            if key is None and current == section:
+                return no
+            continue
+        if key is not None and current == section and re.match(rf"{re.escape(key)}\s*=", s):
+            return no
+    return None
+
+
+def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: str = "") -> Config:
+    """Config from parsed TOML; raises ConfigError with every problem found."""
+    problems: list[str] = []
+
+    def where(section: str, key: str | None = None) -> str:
+        line = _line_of(text, section, key) if text else None
+        loc = f"{source}:{line}" if line else source
+        return f"{loc}: [{section}]" + (f" {key}" if key else "")
+
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in SECTIONS:
+            problems.append(
+                f"{where(name)}: unknown section (known: {', '.join(SECTIONS)})"
+            )
+            continue
+        if not isinstance(raw, dict):
+            problems.append(f"{source}: {name}: expected a [{name}] table")
+            continue
+        cls = SECTIONS[name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            f = fields.get(key)
+            if f is None:
+                hint = _closest(key, fields)
+                problems.append(
+                    f"{where(name, key)}: unknown key" + (f" (did you mean {hint}?)" if hint else "")
+                )
+                continue
+            try:
+                values[key] = _parse_value(f.metadata, value)
+            except ValueError as exc:
+                problems.append(f"{where(name, key)}: {exc}")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as exc:  # pragma: no cover - fields are validated above
+            problems.append(f"{where(name)}: {exc}")
+
+    cfg = Config(**sections, source=source) if not problems else None
+    if cfg is not None:
+        m = cfg.memory
+        if not m.memory_warning_threshold <= m.gc_threshold <= m.memory_critical_threshold:
+            problems.append(
+                f"{where('memory')}: thresholds out of order: memory_warning_threshold "
+                f"({m.memory_warning_threshold}) <= gc_threshold ({m.gc_threshold}) <= "
+                f"memory_critical_threshold ({m.memory_critical_threshold}) must hold"
+            )
+        if m.per_connection_memory_limit > m.max_memory_usage:
+            problems.append(
+                f"{where('memory', 'per_connection_memory_limit')}: larger than max_memory_usage"
+            )
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def _closest(key: str, known: Mapping[str, Any]) -> str | None:
+    import difflib
+
+    hits = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return hits[0] if hits else None
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """The effective config: `path`, else /etc/elemta/elemta.toml if present, else defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not valid UTF-8"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
+    return build(data, str(p), text)
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Valid but doubtful combinations: printed by check-config and logged at start."""
+    out = []
+    m, s = cfg.memory, cfg.server
+    if m.per_connection_memory_limit * s.max_connections > m.max_memory_usage:
+        out.append(
+            f"{cfg.source}: [memory] per_connection_memory_limit ({m.per_connection_memory_limit})"
+            f" x [server] max_connections ({s.max_connections}) exceeds max_memory_usage "
+            f"({m.max_memory_usage}): sessions at their limit cannot all fit in the budget"
+        )
+    if m.max_goroutines < 2 * s.max_connections:
+        out.append(
+            f"{cfg.source}: [memory] max_goroutines ({m.max_goroutines}) is below 2 x "
+            f"[server] max_connections ({2 * s.max_connections}): the task cap will refuse "
+            "connections before max_connections is reached"
+        )
+    return out
+
+
+def _toml_value(kind: str, value: Any) -> str:
+    if kind == "duration":
+        return f'"{format_duration(value)}"'
+    if kind == "listen":
+        return "[" + ", ".join(f'"{a}"' for a in value) + "]"
+    if kind == "listen1":
+        return f'"{value}"'
+    if kind == "domains":
+        return "[" + ", ".join(f'"{d}"' for d in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as TOML that `load` reads back to an equal Config."""
+    lines = [f"# effective configuration (source: {cfg.source})"]
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        lines.append(f"\n[{section}]")
+        for f in dataclasses.fields(obj):
+            lines.append(f"{f.name} = {_toml_value(f.metadata['kind'], getattr(obj, f.name))}")
+    return "\n".join(lines) + "\n"

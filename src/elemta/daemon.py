@@ -1,0 +1,107 @@
+"""Daemon lifecycle: bind (or inherit) sockets, serve, drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, ListenAddress
+from .smtp.server import SmtpContext, session_factory
+from .store.maildir import Maildir
+
+log = logging.getLogger("elemta.daemon")
+
+BACKLOG = 1024
+
+
+def bind(addr: ListenAddress) -> socket.socket:
+    """A listening, non-blocking TCP socket for `addr` (IPv6 sockets are v6-only)."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _describe(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Daemon:
+    config: Config
+    inherited_smtp: list[socket.socket] = field(default_factory=list)
+    ctx: SmtpContext = field(init=False)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
+        self.ctx = SmtpContext(self.config, store)
+
+    async def start(self) -> None:
+        removed = self.ctx.store.clean_tmp()
+        if removed:
+            log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",
+                        removed)
+        socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
+        loop = asyncio.get_running_loop()
+        factory = session_factory(self.ctx)
+        for sock in socks:
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self.servers.append(server)
+            log.info("SMTP listening on %s", _describe(sock))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+
+    def request_stop(self, sig: int | None = None) -> None:
+        if not self._stop.is_set():
+            name = signal.Signals(sig).name if sig else "request"
+            log.info("%s received: stopping (drain up to %.0fs)", name,
+                     self.config.server.drain_timeout)
+            self._stop.set()
+
+    async def run(self) -> None:
+        await self.start()
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting; sessions in DATA may finish; everyone else gets 421 4.3.2."""
+        self.ctx.draining = True
+        for server in self.servers:
+            server.close()
+        for session in list(self.ctx.sessions):
+            if not session.in_data:
+                session.shutdown_now()
+        deadline = time.monotonic() + self.config.server.drain_timeout
+        while self.ctx.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for session in list(self.ctx.sessions):
+                if not session.in_data:
+                    session.shutdown_now()
+        left = len(self.ctx.sessions)
+        for session in list(self.ctx.sessions):
+            session.shutdown_now()
+        if left:
+            log.warning("drain timeout: closed %d session(s) still in DATA (nothing was "
+                        "acknowledged for them)", left)
+        for server in self.servers:
+            await server.wait_closed()
+        await asyncio.sleep(0)
+        log.info("stopped")

@@ -1,0 +1,89 @@
+"""Incremental DATA decoder over large chunks: end marker, dot-unstuffing, line and size limits.
+
+Semantics are aiosmtpd 1.4.5+'s line parser (the CVE-2024-27305 fix): a line ends only at
+CRLF, so DATA ends only at CRLF "." CRLF; a bare LF or bare CR is ordinary data (it can
+neither end the message nor start a stuffed line). A line may hold at most 1001 octets with
+its CRLF (RFC 5321 4.5.3.1.6 plus the transparent dot). The difference is cost: the work is
+done with bytes.find/replace/split over whole chunks instead of one Python step per line.
+"""
+
+from __future__ import annotations
+
+import enum
+
+END = b"\r\n.\r\n"
+CRLF = b"\r\n"
+LINE_LIMIT = 1001  # octets, CRLF included
+_MAX_CONTENT = LINE_LIMIT - 2
+
+
+class DataState(enum.Enum):
+    NOMINAL = "nominal"
+    TOO_LONG = "too_long"  # a line over LINE_LIMIT: 500 5.5.2 at the end
+    TOO_MUCH = "too_much"  # over the size limit: 552 5.3.4 at the end
+
+
+class DataDecoder:
+    """Feed raw DATA chunks; get unstuffed message bytes and, at the end, the bytes after it.
+
+    Bytes kept between calls (`held`) are at most one partial line (<= LINE_LIMIT + 2), so
+    memory per session is bounded whatever the client sends.
+    """
+
+    __slots__ = ("_carry", "_first", "size", "size_limit", "state")
+
+    def __init__(self, size_limit: int | None) -> None:
+        # The CRLF that ended the DATA command line starts the first line: it lets ".\r\n"
+        # right away end an empty message and lets a leading dot be unstuffed.
+        self._carry = CRLF
+        self._first = True
+        self.size = 0
+        self.size_limit = size_limit
+        self.state = DataState.NOMINAL
+
+    @property
+    def held(self) -> int:
+        return len(self._carry)
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
+        """Returns (message bytes to store, None) or, once the end is seen, (bytes, rest)."""
+        buf = self._carry + chunk if self._carry else chunk
+        end = buf.find(END)
+        if end >= 0:
+            portion, rest = buf[: end + 2], buf[end + len(END) :]
+            self._carry = b""
+        else:
+            rest = None
+            if self.state is not DataState.NOMINAL:
+                # Draining after an error: only the end marker matters, and it may straddle
+                # the next chunk by at most len(END) - 1 bytes.
+                self._carry = buf[-(len(END) - 1) :]
+                return b"", None
+            cut = buf.rfind(CRLF)
+            if cut <= 0:
+                portion, self._carry = b"", buf
+            else:
+                portion, self._carry = buf[:cut], buf[cut:]
+            if len(self._carry) - 2 > _MAX_CONTENT:
+                self._fail(DataState.TOO_LONG)
+                self._carry = buf[-(len(END) - 1) :]
+                return b"", None
+        if self.state is not DataState.NOMINAL or not portion:
+            return b"", rest
+        # portion starts with the CRLF that ended the previous (already checked) line.
+        if len(portion) - 2 > _MAX_CONTENT and max(map(len, portion.split(CRLF))) > _MAX_CONTENT:
+            self._fail(DataState.TOO_LONG)
+            return b"", rest
+        out = portion.replace(b"\r\n.", CRLF)
+        if self._first:
+            out = out[2:]
+            self._first = False
+        self.size += len(out)
+        if self.size_limit is not None and self.size > self.size_limit:
+            self._fail(DataState.TOO_MUCH)
+            return b"", rest
+        return out, rest
+
+    def _fail(self, state: DataState) -> None:
+        if self.state is DataState.NOMINAL:
+            self.state = state

@@ -1,0 +1,400 @@
+"""aiosmtpd SMTP subclass: admission at connect/MAIL/RCPT, streaming DATA, durable 250.
+
+What aiosmtpd does well (command parsing, line limits, RSET/NOOP/HELP, STARTTLS) is kept.
+Overridden: DATA (aiosmtpd buffers the whole message; we stream it to the spool file in
+chunks), the greeting (admission and the connection cap), and reply formatting (enhanced
+status codes on every reply once ESMTP is negotiated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from .. import __version__
+from ..config import Config
+from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
+from .dataparse import DataDecoder, DataState
+from .policy import classify_recipient
+
+log = logging.getLogger("elemta.smtp")
+
+CHUNK = 256 * 1024
+REPLY_STORAGE = "452 4.3.1 Insufficient system storage"
+REPLY_TOO_BIG = "552 5.3.4 Message exceeds fixed maximum message size"
+REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+
+# RFC 3463 codes for aiosmtpd's own replies, which carry none.
+_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.3.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+class Admission(Protocol):
+    """The questions the SMTP layer asks; the memory governor answers them.
+
+    Each returns None to allow, or the SMTP reply that refuses.
+    """
+
+    def connection(self, sessions: int) -> str | None: ...
+
+    def command(self, verb: str, session_bytes: int) -> str | None: ...
+
+    def data(self, session_bytes: int) -> str | None: ...
+
+
+class OpenAdmission:
+    """Admits everything: used until a governor is attached."""
+
+    def connection(self, sessions: int) -> str | None:
+        return None
+
+    def command(self, verb: str, session_bytes: int) -> str | None:
+        return None
+
+    def data(self, session_bytes: int) -> str | None:
+        return None
+
+
+class SmtpObserver(Protocol):
+    def reply(self, status: str) -> None: ...
+
+    def message_accepted(self, size: int, recipients: int) -> None: ...
+
+    def connection(self, outcome: str) -> None: ...
+
+
+class NullObserver:
+    def reply(self, status: str) -> None:
+        pass
+
+    def message_accepted(self, size: int, recipients: int) -> None:
+        pass
+
+    def connection(self, outcome: str) -> None:
+        pass
+
+
+@dataclass
+class SmtpContext:
+    """What every session of one daemon shares."""
+
+    config: Config
+    store: Maildir
+    admission: Admission = field(default_factory=OpenAdmission)
+    observer: SmtpObserver = field(default_factory=NullObserver)
+    sessions: set[ElemtaSMTP] = field(default_factory=set)
+    draining: bool = False
+
+    @property
+    def session_bytes(self) -> int:
+        return sum(s.held_bytes for s in self.sessions)
+
+
+class ElemtaEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mailboxes: list[Mailbox] = []
+
+
+class Handler:
+    """aiosmtpd hooks for EHLO/MAIL/RCPT. Stateless: per-session state lives on the server."""
+
+    def __init__(self, ctx: SmtpContext) -> None:
+        self.ctx = ctx
+
+    async def handle_EHLO(
+        self, server: ElemtaSMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # No AUTH: elemta is an inbound MX; aiosmtpd's built-in mechanisms only ever fail.
+        out = [r for r in responses if not r.startswith("250-AUTH") and r != "250 HELP"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        return out
+
+    async def handle_MAIL(
+        self, server: ElemtaSMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:
+        refusal = self.ctx.admission.command("MAIL", server.held_bytes)
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(
+        self, server: ElemtaSMTP, session: Session, envelope: ElemtaEnvelope, address: str,
+        options: list[str],
+    ) -> str:
+        refusal = self.ctx.admission.command("RCPT", server.held_bytes)
+        if refusal:
+            return refusal
+        if len(envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        box = classify_recipient(address, self.ctx.config.delivery.domains)
+        if isinstance(box, str):
+            return box
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        envelope.mailboxes.append(box)
+        return "250 2.1.5 Recipient ok"
+
+
+def _header_text(value: str) -> str:
+    """Client-supplied text made safe for a header: printable ASCII, no line breaks."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value)[:200]
+
+
+class ElemtaSMTP(SMTP):
+    def __init__(self, ctx: SmtpContext) -> None:
+        cfg = ctx.config.server
+        super().__init__(
+            Handler(ctx),
+            data_size_limit=cfg.max_message_size,
+            hostname=ctx.config.hostname,
+            ident="ESMTP elemta",
+            timeout=cfg.command_timeout,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+        )
+        self.ctx = ctx
+        self.in_data = False
+        self._decoder: DataDecoder | None = None
+        self._in_helo = False
+
+    # -- per-session memory ledger --------------------------------------------------------
+    @property
+    def held_bytes(self) -> int:
+        """In-memory bytes this session holds: unread input, partial line, unsent replies."""
+        held = 0
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            held += len(reader._buffer)
+        if self._decoder is not None:
+            held += self._decoder.held
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            held += transport.get_write_buffer_size()
+        return held
+
+    def _create_envelope(self) -> ElemtaEnvelope:
+        return ElemtaEnvelope()
+
+    # -- connection lifecycle --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:
+            self.ctx.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.ctx.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = self._connection_refusal()
+        if refusal is not None:
+            self.ctx.observer.connection(refusal.split(" ", 2)[1])
+            await self.push(refusal)
+            self._writer.close()
+            return
+        self.ctx.observer.connection("accepted")
+        await super()._handle_client()
+
+    def _connection_refusal(self) -> str | None:
+        if self.ctx.draining:
+            return REPLY_SHUTDOWN
+        if len(self.ctx.sessions) > self.ctx.config.server.max_connections:
+            return REPLY_TOO_MANY_CONNECTIONS
+        return self.ctx.admission.connection(len(self.ctx.sessions))
+
+    def shutdown_now(self) -> None:
+        """Tell the client we are going away and close (used when draining)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            self.ctx.observer.reply(REPLY_SHUTDOWN)
+            transport.write(REPLY_SHUTDOWN.encode() + b"\r\n")
+            transport.close()
+
+    # -- replies ---------------------------------------------------------------------------
+    async def push(self, status: str) -> None:  # type: ignore[override]
+        status = self._with_enhanced_code(status)
+        self.ctx.observer.reply(status)
+        await super().push(status)
+
+    def _with_enhanced_code(self, status: str) -> str:
+        session = self.session
+        if self._in_helo or session is None or not session.extended_smtp:
+            return status
+        code, sep, text = status[:3], status[3:4], status[4:]
+        enhanced = _ENHANCED.get(code)
+        if enhanced is None or sep not in (" ", "-") or _HAS_ENHANCED.match(text):
+            return status
+        return f"{code}{sep}{enhanced} {text}"
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_helo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_helo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_helo = False
+
+    # -- DATA, streamed --------------------------------------------------------------------
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self._envelope
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        qid = new_queue_id()
+        try:
+            spool = self.ctx.store.open(envelope.mailboxes, self._trace_headers(envelope, qid), qid)
+        except OSError as exc:
+            log.warning("cannot open spool file: %s", exc.strerror or exc)
+            await self.push(REPLY_STORAGE)
+            return
+        self.in_data = True
+        try:
+            status = await self._receive(spool)
+        finally:
+            self.in_data = False
+            self._decoder = None
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+        if self.ctx.draining:
+            self.shutdown_now()
+
+    async def _receive(self, spool: Spool) -> str:
+        decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
+        timeout = self.ctx.config.server.data_timeout
+        write_failed: OSError | None = None
+        over_budget: str | None = None
+        committed = False
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._reset_timeout(timeout)
+            while True:
+                chunk = await self._reader.read(CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                self._reset_timeout(timeout)
+                out, rest = decoder.feed(chunk)
+                if out and write_failed is None and over_budget is None:
+                    try:
+                        # Maildir files use the local newline convention, as Postfix and
+                        # Dovecot's LDA write them.
+                        spool.write(out.replace(b"\r\n", b"\n"))
+                    except OSError as exc:
+                        write_failed = exc
+                if over_budget is None:
+                    over_budget = self.ctx.admission.data(self.held_bytes)
+                if rest is not None:
+                    if rest:
+                        # Pipelined commands after the final dot belong to the command loop.
+                        # StreamReader has no unread(); its buffer is a bytearray (aiosmtpd
+                        # itself clears it on STARTTLS).
+                        self._reader._buffer[:0] = rest  # type: ignore[attr-defined]
+                    break
+            self._reset_timeout()
+            if decoder.state is DataState.TOO_LONG:
+                return REPLY_LINE_TOO_LONG
+            if decoder.state is DataState.TOO_MUCH:
+                return REPLY_TOO_BIG
+            if over_budget is not None:
+                return over_budget
+            if write_failed is not None:
+                log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
+                return REPLY_STORAGE
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, spool.commit)
+            except OSError as exc:
+                log.warning("queue %s: cannot store: %s", spool.queue_id, exc.strerror or exc)
+                return REPLY_STORAGE
+            committed = True
+        finally:
+            if not committed:
+                spool.abort()
+        self._log_accepted(spool)
+        return f"250 2.0.0 Ok: queued as {spool.queue_id}"
+
+    @property
+    def _envelope(self) -> ElemtaEnvelope:
+        assert isinstance(self.envelope, ElemtaEnvelope)
+        return self.envelope
+
+    @property
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    def _log_accepted(self, spool: Spool) -> None:
+        envelope = self._envelope
+        rcpts = len(envelope.mailboxes)
+        self.ctx.observer.message_accepted(spool.size, rcpts)
+        log.info(
+            "queued %s from=<%s> rcpts=%d size=%d",
+            spool.queue_id,
+            envelope.mail_from if envelope.mail_from != "<>" else "",
+            rcpts,
+            spool.size,
+            extra={"QUEUE_ID": spool.queue_id},
+        )
+
+    def _trace_headers(self, envelope: ElemtaEnvelope, qid: str) -> bytes:
+        session = self._session
+        peer = session.peer
+        ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            proto += "S"
+        sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+        for_clause = f"\n\tfor <{envelope.mailboxes[0]}>" if len(envelope.mailboxes) == 1 else ""
+        received = (
+            f"Received: from {_header_text(session.host_name or 'unknown')} ([{ip}])\n"
+            f"\tby {_header_text(self.hostname)} (elemta {__version__}) with {proto} id {qid}"
+            f"{for_clause};\n\t{email.utils.formatdate(time.time(), localtime=True)}\n"
+        )
+        return f"Return-Path: <{_header_text(sender)}>\n{received}".encode("ascii")
+
+
+def session_factory(ctx: SmtpContext) -> Callable[[], Any]:
+    return lambda: ElemtaSMTP(ctx)

@@ -1,0 +1,171 @@
+"""Durable Maildir delivery: tmp/ -> fsync -> link into new/ -> fsync dir; only then 250.
+
+A message for several recipients is written once and hard-linked into each mailbox's new/.
+Nothing reaches new/ before its bytes are on disk, so a crash at any moment leaves either
+a complete message in new/ or, at most, a stale file in tmp/ that `clean_tmp` removes at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("elemta.store")
+
+_counter = itertools.count(1)
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def new_queue_id() -> str:
+    """12 hex digits, unique enough to find one message in logs and on disk."""
+    return secrets.token_hex(6).upper()
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    domain: str
+    localpart: str
+
+    def __str__(self) -> str:
+        return f"{self.localpart}@{self.domain}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Maildir:
+    root: Path
+    hostname: str
+    _ready: set[Path] = field(default_factory=set)
+
+    def mailbox_dir(self, box: Mailbox) -> Path:
+        return self.root / box.domain / box.localpart
+
+    def ensure(self, box: Mailbox) -> Path:
+        """Create <root>/<domain>/<localpart>/{tmp,new,cur}, durably, once per process."""
+        base = self.mailbox_dir(box)
+        if base in self._ready:
+            return base
+        created: list[Path] = []
+        if not self.root.is_dir():
+            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            created.append(self.root)
+        for path in (self.root / box.domain, base):
+            if not path.is_dir():
+                path.mkdir(mode=_DIR_MODE, exist_ok=True)
+                created.append(path)
+        for sub in ("tmp", "new", "cur"):
+            if not (base / sub).is_dir():
+                (base / sub).mkdir(mode=_DIR_MODE, exist_ok=True)
+                created.append(base / sub)
+        # A new directory entry is durable only once its parent directory is synced.
+        for parent in {p.parent for p in created}:
+            _fsync_dir(parent)
+        self._ready.add(base)
+        return base
+
+    def open(self, recipients: Iterable[Mailbox], header: bytes, qid: str) -> Spool:
+        """A spool file in the first mailbox's tmp/, with `header` written, for `qid`."""
+        boxes = list(dict.fromkeys(recipients))
+        bases = [self.ensure(b) for b in boxes]
+        now = time.time()
+        name = (
+            f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}_{qid}"
+            f".{self.hostname}"
+        )
+        tmp = bases[0] / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        spool = Spool(qid, fd, tmp, [b / "new" / name for b in bases])
+        try:
+            spool.write(header)
+        except OSError:
+            spool.abort()
+            raise
+        return spool
+
+    def clean_tmp(self) -> int:
+        """Remove partial files left in tmp/ by a crash; returns how many."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for tmpdir in self.root.glob("*/*/tmp"):
+            for entry in os.scandir(tmpdir):
+                if entry.is_file(follow_symlinks=False):
+                    try:
+                        os.unlink(entry.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
+
+
+@dataclass
+class Spool:
+    """One message on its way to disk. Not thread-safe: one session owns it."""
+
+    queue_id: str
+    fd: int
+    tmp: Path
+    targets: list[Path]
+    size: int = 0
+    _closed: bool = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def commit(self) -> None:
+        """fsync the file, link it into every new/, fsync those dirs. Blocking: run in a thread.
+
+        On any failure every link made is removed again and OSError propagates: the caller
+        answers 452 4.3.1 and nothing is left behind.
+        """
+        linked: list[Path] = []
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self._closed = True
+            for target in self.targets:
+                os.link(self.tmp, target)
+                linked.append(target)
+            for newdir in dict.fromkeys(t.parent for t in self.targets):
+                _fsync_dir(newdir)
+        except OSError:
+            for target in linked:
+                _unlink_quietly(target)
+            self.abort()
+            raise
+        _unlink_quietly(self.tmp)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        _unlink_quietly(self.tmp)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot remove %s: %s", path, exc.strerror)
