@@ -1,0 +1,134 @@
+"""Every structured event elemta logs, defined once: name, MESSAGE_ID, priority, fields.
+
+The journal handler, the JSON formatter, the journal catalog (elemta.catalog) and the man page
+all read this table, so an event cannot drift between them. Emit with `emit()`:
+
+    emit(log, "memory_critical", "Memory critical threshold exceeded",
+         current_usage=..., max_usage=..., utilization_percent=..., threshold=...)
+
+Field names are given lower-case (the guide's JSON shape); the journal handler upper-cases them
+(CURRENT_USAGE, ...) and adds ELEMTA_EVENT and MESSAGE_ID.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+# syslog priorities, as journald's PRIORITY field
+ERR, WARNING, NOTICE, INFO = 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    message_id: str
+    priority: int
+    summary: str
+    fields: tuple[str, ...]
+    explanation: str  # for the journal catalog: what happened and what to do
+
+    @property
+    def level(self) -> int:
+        return {ERR: logging.ERROR, WARNING: logging.WARNING, NOTICE: logging.WARNING}.get(
+            self.priority, logging.INFO
+        )
+
+
+_MEM = ("current_usage", "max_usage", "utilization_percent", "threshold", "limit_source")
+
+EVENTS: dict[str, Event] = {
+    e.name: e
+    for e in (
+        Event(
+            "memory_warning", "5db5be31ba3d4b0088f50035d3281044", WARNING,
+            "Memory warning threshold exceeded", _MEM,
+            "Memory utilization passed memory_warning_threshold. Nothing is rejected yet.\n"
+            "Watch the trend (elemta_memory_utilization_percent); if it keeps growing see\n"
+            "'Memory Grows Continuously' in elemta.toml(5).",
+        ),
+        Event(
+            "memory_gc", "f24bda96f1604a188965a20e2508c5e9", INFO,
+            "Forced garbage collection", (*_MEM, "freed_bytes", "rss_before", "rss_after"),
+            "Utilization passed gc_threshold, so elemta ran gc.collect() and malloc_trim(0)\n"
+            "to return freed heap to the system. Frequent runs cost CPU: raise gc_threshold\n"
+            "(0.80 -> 0.85) or max_memory_usage ('Frequent Garbage Collections' in elemta.toml(5)).",
+        ),
+        Event(
+            "memory_critical", "1e6dd59ab22a4a0fabfe7e1c220a7c92", ERR,
+            "Memory critical threshold exceeded", _MEM,
+            "Memory utilization passed memory_critical_threshold. New connections and MAIL/RCPT\n"
+            "commands are answered 452 4.3.1 (clients retry later); messages already in DATA\n"
+            "continue. If this happens often: raise max_memory_usage or the service's MemoryMax=,\n"
+            "raise memory_critical_threshold (0.90 -> 0.95), or lower per_connection_memory_limit\n"
+            "('Too Many 452 Errors' in elemta.toml(5)).",
+        ),
+        Event(
+            "memory_recovered", "fca37e77b0214012a37653d3fd135a3e", NOTICE,
+            "Memory back to normal", _MEM,
+            "Utilization fell back below the warning threshold (minus the hysteresis margin).",
+        ),
+        Event(
+            "breaker_open", "b9527349dfa8418a9aa4fed8b7dd7cfa", ERR,
+            "Circuit breaker opened: refusing all new connections", (*_MEM, "samples"),
+            "Memory stayed critical for several consecutive samples, so the circuit breaker\n"
+            "opened: every new connection gets 452 4.3.1 until utilization has stayed below\n"
+            "the critical threshold for a while. Find what holds memory (/api/stats,\n"
+            "/debug/pprof/heap) and see 'Too Many 452 Errors' in elemta.toml(5).",
+        ),
+        Event(
+            "breaker_closed", "40d06686b78748efac1e1f622cf91c6c", NOTICE,
+            "Circuit breaker closed: accepting connections again", _MEM,
+            "Utilization stayed below the critical threshold long enough; normal service resumed.",
+        ),
+        Event(
+            "leak_suspected", "5451de40e1454fec806caff9bafd3b1c", WARNING,
+            "Task leak suspected", ("tasks", "threads", "sessions", "top_coroutines"),
+            "The number of asyncio tasks and threads grew over several monitoring intervals\n"
+            "while the number of SMTP sessions did not. The message names the most common\n"
+            "coroutines. Take a heap profile (/debug/pprof/heap) and report it.",
+        ),
+        Event(
+            "session_rejected", "696e1336af534376b6bf75119e5cbe58", INFO,
+            "Session or command refused", ("smtp_code", "reason", "command"),
+            "A connection or command was refused with a temporary failure (452/421).",
+        ),
+        Event(
+            "message_accepted", "fdb523c707984adda0b95fcd5a8c5e4c", INFO,
+            "Message accepted", ("queue_id", "sender", "recipients", "size"),
+            "A message was stored durably in every recipient's Maildir and answered 250.",
+        ),
+        Event(
+            "config_reloaded", "0946329d9eae45a1b3e87632f4764ab5", NOTICE,
+            "Configuration reloaded", ("config_path", "result"),
+            "SIGHUP re-read the configuration. When result is 'rejected' the old configuration\n"
+            "stays in force; the message says which key is wrong (elemta check-config).",
+        ),
+        Event(
+            "cgroup_limit_changed", "b6f5849f80e145218ab7f21a4a436619", NOTICE,
+            "Effective memory limit changed", ("old_limit", "new_limit", "limit_source"),
+            "The cgroup memory limit (or the configured one) changed at run time, e.g. after\n"
+            "'systemctl set-property elemta MemoryMax=...'. Thresholds now apply to the new limit.",
+        ),
+        Event(
+            "memory_source_unavailable", "d2cb506827fe49a4957e74d7b22458b4", WARNING,
+            "Cgroup memory figures unavailable: using process figures only", ("reason",),
+            "elemta could not read its cgroup's memory files (missing or unreadable), so it\n"
+            "limits itself by its own RSS against max_memory_usage and host RAM only.",
+        ),
+    )
+}
+
+
+def emit(logger: logging.Logger, name: str, message: str | None = None, **fields: Any) -> None:
+    """Log event `name` with its fields; handlers turn them into journal/JSON fields."""
+    event = EVENTS[name]
+    unknown = set(fields) - set(event.fields)
+    if unknown:
+        raise ValueError(f"event {name}: undeclared fields {sorted(unknown)}")
+    logger.log(
+        event.level,
+        message or event.summary,
+        extra={"elemta_event": event, "elemta_fields": fields},
+    )
