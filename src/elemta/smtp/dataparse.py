@@ -52,37 +52,50 @@ class DataDecoder:
         if end >= 0:
             portion, rest = buf[: end + 2], buf[end + len(END) :]
             self._carry = b""
+        elif self.state is not DataState.NOMINAL:
+            # Draining after an error: only the end marker matters, and it may straddle
+            # the next chunk by at most len(END) - 1 bytes.
+            self._carry = buf[-(len(END) - 1) :]
+            return b"", None
         else:
             rest = None
-            if self.state is not DataState.NOMINAL:
-                # Draining after an error: only the end marker matters, and it may straddle
-                # the next chunk by at most len(END) - 1 bytes.
-                self._carry = buf[-(len(END) - 1) :]
-                return b"", None
             cut = buf.rfind(CRLF)
-            if cut <= 0:
-                portion, self._carry = b"", buf
-            else:
-                portion, self._carry = buf[:cut], buf[cut:]
-            if len(self._carry) - 2 > _MAX_CONTENT:
-                self._fail(DataState.TOO_LONG)
+            portion, self._carry = (b"", buf) if cut <= 0 else (buf[:cut], buf[cut:])
+        out = self._take(portion) if portion and self.state is DataState.NOMINAL else b""
+        if rest is None:
+            if self.state is DataState.NOMINAL and len(self._carry) - 2 > _MAX_CONTENT:
+                # The line in progress is already too long. The CRLF in front of it ends
+                # the previous line, which a line parser has counted by now.
+                ended = 0 if self._first else 2
+                over = self.size_limit is not None and self.size + ended > self.size_limit
+                self._fail(DataState.TOO_MUCH if over else DataState.TOO_LONG)
+            if self.state is not DataState.NOMINAL:
                 self._carry = buf[-(len(END) - 1) :]
-                return b"", None
-        if self.state is not DataState.NOMINAL or not portion:
-            return b"", rest
-        # portion starts with the CRLF that ended the previous (already checked) line.
-        if len(portion) - 2 > _MAX_CONTENT and max(map(len, portion.split(CRLF))) > _MAX_CONTENT:
-            self._fail(DataState.TOO_LONG)
-            return b"", rest
-        out = portion.replace(b"\r\n.", CRLF)
-        if self._first:
-            out = out[2:]
-            self._first = False
+        return (out, rest) if self.state is DataState.NOMINAL else (b"", rest)
+
+    def _take(self, portion: bytes) -> bytes:
+        """Unstuffed bytes of complete lines; `portion` starts with the CRLF ending the last."""
+        if len(portion) - 2 > _MAX_CONTENT:
+            offset = 0
+            for line in portion.split(CRLF):
+                if len(line) > _MAX_CONTENT:
+                    # Rare path: decide as a line parser would, in order: were the lines
+                    # before this one already over the size limit?
+                    before = self._unstuff(portion[:offset])
+                    over = self.size_limit is not None and self.size + len(before) > self.size_limit
+                    self._fail(DataState.TOO_MUCH if over else DataState.TOO_LONG)
+                    return b""
+                offset += len(line) + 2
+        out = self._unstuff(portion)
+        self._first = False
         self.size += len(out)
         if self.size_limit is not None and self.size > self.size_limit:
             self._fail(DataState.TOO_MUCH)
-            return b"", rest
-        return out, rest
+        return out
+
+    def _unstuff(self, portion: bytes) -> bytes:
+        out = portion.replace(b"\r\n.", CRLF)
+        return out[2:] if self._first else out
 
     def _fail(self, state: DataState) -> None:
         if self.state is DataState.NOMINAL:

@@ -176,6 +176,10 @@ def _header_text(value: str) -> str:
 class ElemtaSMTP(SMTP):
     def __init__(self, ctx: SmtpContext) -> None:
         cfg = ctx.config.server
+        self.ctx = ctx
+        self.in_data = False
+        self._decoder: DataDecoder | None = None
+        self._in_helo = False
         super().__init__(
             Handler(ctx),
             data_size_limit=cfg.max_message_size,
@@ -184,10 +188,6 @@ class ElemtaSMTP(SMTP):
             timeout=cfg.command_timeout,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
         )
-        self.ctx = ctx
-        self.in_data = False
-        self._decoder: DataDecoder | None = None
-        self._in_helo = False
 
     # -- per-session memory ledger --------------------------------------------------------
     @property
@@ -278,12 +278,12 @@ class ElemtaSMTP(SMTP):
             return
         if await self.check_auth_needed("DATA"):
             return
-        envelope = self._envelope
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
+            return
+        envelope = self._envelope()
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
             return
         qid = new_queue_id()
         try:
@@ -356,18 +356,18 @@ class ElemtaSMTP(SMTP):
         self._log_accepted(spool)
         return f"250 2.0.0 Ok: queued as {spool.queue_id}"
 
-    @property
+    # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which
+    # evaluates every property before the session exists.
     def _envelope(self) -> ElemtaEnvelope:
         assert isinstance(self.envelope, ElemtaEnvelope)
         return self.envelope
 
-    @property
     def _session(self) -> Session:
         assert self.session is not None
         return self.session
 
     def _log_accepted(self, spool: Spool) -> None:
-        envelope = self._envelope
+        envelope = self._envelope()
         rcpts = len(envelope.mailboxes)
         self.ctx.observer.message_accepted(spool.size, rcpts)
         log.info(
@@ -380,7 +380,7 @@ class ElemtaSMTP(SMTP):
         )
 
     def _trace_headers(self, envelope: ElemtaEnvelope, qid: str) -> bytes:
-        session = self._session
+        session = self._session()
         peer = session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
         proto = "ESMTP" if session.extended_smtp else "SMTP"

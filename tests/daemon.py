@@ -1,0 +1,146 @@
+"""Start a real elemta daemon subprocess on free loopback ports, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_LINE = "SMTP listening on"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    port: int
+    api_port: int
+    workdir: Path
+    config_path: Path
+    log_path: Path
+    maildir: Path
+    host: str = "127.0.0.1"
+    _log_fh: Any = field(default=None, repr=False)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def smtp(self, timeout: float = 30) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, timeout=timeout)
+
+    def send(self, to: list[str] | str, body: bytes | str = b"Subject: t\r\n\r\nhello\r\n",
+             sender: str = "sender@example.org") -> dict[str, tuple[int, bytes]]:
+        with self.smtp() as s:
+            return s.sendmail(sender, to, body)
+
+    def delivered(self, address: str) -> list[Path]:
+        local, _, domain = address.rpartition("@")
+        new = self.maildir / domain.lower() / local.lower() / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    def wait_for_log(self, text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+        return self.proc.returncode
+
+
+def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
+                 host: str = "127.0.0.1") -> Path:
+    """A config with the daemon's ports and maildir; `extra` may add keys to any section.
+
+    Sections named in `extra` are merged: a line "[server]" in extra continues that section.
+    """
+    sections: dict[str, list[str]] = {
+        "server": [f'listen = ["{host}:{port}"]' if ":" not in host else f'listen = ["[{host}]:{port}"]',
+                   'hostname = "mx.test"'],
+        "delivery": [f'maildir_root = "{workdir / "mail"}"', 'domains = ["example.test", "localhost"]'],
+        "api": [f'listen = "127.0.0.1:{api_port}"'],
+    }
+    current = None
+    for line in extra.strip().splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s[1:-1].strip()
+            sections.setdefault(current, [])
+        elif s and current is not None:
+            key = s.split("=", 1)[0].strip()
+            sections[current] = [ln for ln in sections[current]
+                                 if ln.split("=", 1)[0].strip() != key] + [s]
+    text = "".join(f"[{name}]\n" + "\n".join(lines) + "\n\n" for name, lines in sections.items())
+    path = workdir / "elemta.toml"
+    path.write_text(text)
+    return path
+
+
+def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
+          preexec_fn: Callable[[], None] | None = None, host: str = "127.0.0.1",
+          args: tuple[str, ...] = (), wait: bool = True) -> Daemon:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, api_port = free_port(host), free_port()
+    config_path = write_config(workdir, port, api_port, extra, host)
+    log_path = workdir / "daemon.log"
+    fh = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elemta.cli", "serve", "--config", str(config_path), *args],
+        stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=full_env,
+        preexec_fn=preexec_fn,
+    )
+    d = Daemon(proc, port, api_port, workdir, config_path, log_path, workdir / "mail", host, fh)
+    if wait:
+        try:
+            d.wait_for_log(READY_LINE)
+        except BaseException:
+            d.stop(signal.SIGKILL)
+            raise
+    return d
+
+
+@contextlib.contextmanager
+def running(workdir: Path, extra: str = "", **kw: Any) -> Iterator[Daemon]:
+    d = start(workdir, extra, **kw)
+    try:
+        yield d
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size in bytes from /proc (no psutil needed in the test process)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

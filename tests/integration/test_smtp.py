@@ -1,0 +1,378 @@
+"""SMTP behaviour of a real daemon process, spoken to with smtplib, swaks and raw sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import Daemon, rss_of, running
+from smtpclient import RawSMTP
+
+MSG = b"Subject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nline one\r\n.leading dot\r\nlast\r\n"
+
+
+def _mail_files(root: Path, sub: str) -> list[Path]:
+    return [p for p in root.glob(f"*/*/{sub}/*") if p.is_file()] if root.is_dir() else []
+
+
+def test_single_recipient_is_stored_with_trace_headers(daemon: Daemon) -> None:
+    assert daemon.send("alice@example.test", MSG) == {}
+    (path,) = daemon.delivered("alice@example.test")
+    data = path.read_bytes()
+    head, _, body = data.partition(b"\n\n")
+    assert head.startswith(b"Return-Path: <sender@example.org>\nReceived: from ")
+    assert b"by mx.test (elemta" in head and b"for <alice@example.test>" in head
+    assert b"Message-ID: <m1@example.org>" in head
+    # smtplib dot-stuffs ".leading" on the wire; we unstuff it and store LF line ends
+    assert body == b"line one\n.leading dot\nlast\n"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert "queued " in daemon.log and "rcpts=1" in daemon.log
+
+
+def test_several_recipients_get_one_linked_copy_each(daemon: Daemon) -> None:
+    rcpts = ["a@example.test", "B@Example.Test", "c@localhost"]
+    assert daemon.send(rcpts, MSG) == {}
+    paths = [daemon.delivered(r) for r in rcpts]
+    assert all(len(p) == 1 for p in paths)
+    inodes = {p[0].stat().st_ino for p in paths}
+    assert len(inodes) == 1 and paths[0][0].stat().st_nlink == 3
+    assert _mail_files(daemon.maildir, "tmp") == []
+
+
+def test_postmaster_without_domain_is_accepted(daemon: Daemon) -> None:
+    with daemon.smtp() as s:
+        s.ehlo("client.test")
+        s.mail("x@example.org")
+        code, _ = s.rcpt("<Postmaster>")
+        assert code == 250
+
+
+def test_relay_is_refused(daemon: Daemon) -> None:
+    with daemon.smtp() as s:
+        s.ehlo("client.test")
+        s.mail("x@example.org")
+        code, text = s.rcpt("victim@elsewhere.example")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        code, _ = s.rcpt("ok@example.test")
+        assert code == 250
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "enhanced"),
+    [
+        ("FOO bar", 500, "5.5.2"),
+        ("MAIL FROM:<>", 503, "5.5.1"),  # nested MAIL after the first
+        ("RCPT TO:<../../etc/passwd@example.test>", 553, "5.1.3"),
+        ("RCPT TO:<\"two words\"@example.test>", 553, "5.1.3"),
+        ("RCPT TO:", 501, "5.5.4"),
+        ("MAIL FROM:<a@b> FOO=BAR", 503, "5.5.1"),
+        ("DATA extra", 501, "5.5.4"),
+    ],
+)
+def test_bad_commands_get_the_right_5xx(daemon: Daemon, command: str, code: int, enhanced: str) -> None:
+    with RawSMTP(daemon.host, daemon.port) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<x@example.org>")[0] == 250
+        got, text = c.cmd(command)
+        assert (got, text.split(" ")[0]) == (code, enhanced)
+        assert c.cmd("NOOP")[0] == 250  # the session keeps working
+
+
+def test_ehlo_advertises_extensions(daemon: Daemon) -> None:
+    with daemon.smtp() as s:
+        code, _text = s.ehlo("client.test")
+        assert code == 250
+        for ext in ("size", "8bitmime", "pipelining", "enhancedstatuscodes"):
+            assert s.has_extn(ext), ext
+        assert s.esmtp_features["size"] == "52428800"
+        assert not s.has_extn("auth")
+
+
+def test_size_over_limit_at_mail(daemon: Daemon) -> None:
+    with daemon.smtp() as s:
+        s.ehlo("client.test")
+        code, text = s.mail("x@example.org", ["SIZE=52428801"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+
+
+def test_body_over_limit_during_data_is_drained_and_dropped(tmp_path: Path) -> None:
+    with running(tmp_path, "[server]\nmax_message_size = 100000") as d, RawSMTP(d.host, d.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<big@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + (b"y" * 500 + b"\r\n") * 400)
+        code, text = c.cmd(".")
+        assert (code, text.split()[0]) == (552, "5.3.4")
+        assert c.cmd("RSET")[0] == 250  # the session goes on after the drain
+        assert d.delivered("big@example.test") == []
+        assert _mail_files(d.maildir, "tmp") == []
+
+
+def test_overlong_line_gets_500(daemon: Daemon) -> None:
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<long@example.test>")
+        c.cmd("DATA")
+        c.send(b"a" * 5000 + b"\r\n")
+        code, text = c.cmd(".")
+        assert (code, text.split()[0]) == (500, "5.5.2")
+    assert daemon.delivered("long@example.test") == []
+
+
+def test_bare_lf_and_cr_do_not_end_data(daemon: Daemon) -> None:
+    """SMTP smuggling: only CRLF.CRLF ends DATA; the smuggled MAIL stays message text."""
+    smuggle = (b"Subject: s\r\n\r\nbefore\n.\nMAIL FROM:<evil@example.org>\r\n"
+               b"also\r.\rRCPT TO:<victim@example.test>\r\n"
+               b"and\r\n.\nDATA\r\n")
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<smug@example.test>")
+        c.cmd("DATA")
+        c.send(smuggle)
+        code, _ = c.cmd(".")
+        assert code == 250
+        assert c.cmd("QUIT")[0] == 221
+    (path,) = daemon.delivered("smug@example.test")
+    body = path.read_bytes().partition(b"\n\n")[2]
+    # ".\nDATA" is a line starting with a dot: unstuffed like any other, never an end
+    assert body == (b"before\n.\nMAIL FROM:<evil@example.org>\n"
+                    b"also\r.\rRCPT TO:<victim@example.test>\nand\n\nDATA\n")
+    assert daemon.delivered("victim@example.test") == []
+
+
+def test_pipelined_commands_after_the_final_dot(daemon: Daemon) -> None:
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.send(b"MAIL FROM:<x@example.org>\r\nRCPT TO:<p@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+        c.send(b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<y@example.org>\r\n"
+               b"RCPT TO:<p@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        c.send(b".\r\nQUIT\r\n")
+        assert [c.reply()[0] for _ in range(2)] == [250, 221]
+    assert len(daemon.delivered("p@example.test")) == 2
+
+
+def test_too_many_recipients(tmp_path: Path) -> None:
+    with running(tmp_path, "[server]\nmax_recipients = 3") as d, d.smtp() as s:
+        s.ehlo("client.test")
+        s.mail("x@example.org")
+        assert [s.rcpt(f"r{i}@example.test")[0] for i in range(3)] == [250] * 3
+        code, text = s.rcpt("r4@example.test")
+        assert (code, text[:5]) == (452, b"4.5.3")
+
+
+def test_swaks_delivers(daemon: Daemon) -> None:
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        pytest.skip("swaks not installed (make test installs it)")
+    out = subprocess.run(
+        [swaks, "--server", f"{daemon.host}:{daemon.port}", "--to", "s1@example.test,s2@localhost",
+         "--from", "swaks@example.org", "--helo", "swaks.test", "--body", "via swaks"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "250 2.0.0 Ok: queued as" in out.stdout
+    for rcpt in ("s1@example.test", "s2@localhost"):
+        (path,) = daemon.delivered(rcpt)
+        assert b"via swaks" in path.read_bytes()
+
+
+def test_ipv6_listener(tmp_path: Path) -> None:
+    try:
+        import socket
+
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with running(tmp_path, host="::1") as d, RawSMTP("::1", d.port) as c:
+        assert c.reply()[0] == 220
+
+
+def _send_big(d: Daemon, size: int, peak: list[int]) -> tuple[int, str]:
+    """Stream `size` bytes of DATA while a thread samples the daemon's RSS."""
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak.append(rss_of(d.proc.pid))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample)
+    line = b"x" * 78 + b"\r\n"
+    block = line * (1024 * 1024 // len(line))
+    with RawSMTP(d.host, d.port, timeout=120) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<big@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        t.start()
+        try:
+            sent = 0
+            while sent < size:
+                c.send(block)
+                sent += len(block)
+            result = c.cmd(".")
+        finally:
+            stop.set()
+            t.join()
+    return result
+
+
+@pytest.mark.slow
+def test_100_mib_message_is_streamed_not_buffered(tmp_path: Path) -> None:
+    with running(tmp_path, "[server]\nmax_message_size = \"200MiB\"") as d:
+        d.send("warm@example.test", MSG)  # first message: imports, mailbox creation
+        time.sleep(0.2)
+        baseline = rss_of(d.proc.pid)
+        peak: list[int] = []
+        code, _ = _send_big(d, 100 * 1024 * 1024, peak)
+        assert code == 250
+        growth = max(peak) - baseline
+        (path,) = d.delivered("big@example.test")
+        assert path.stat().st_size > 100 * 1024 * 1024 * 79 // 80 - 1
+    assert growth < 2 * 1024 * 1024, f"RSS grew {growth / 1048576:.2f} MiB for a 100 MiB message"
+
+
+def test_sigterm_drains_sessions_in_data(tmp_path: Path) -> None:
+    with running(tmp_path, "[server]\ndrain_timeout = \"20s\"") as d:
+        idle = RawSMTP(d.host, d.port)
+        idle.reply()
+        idle.cmd("EHLO idle.test")
+        busy = RawSMTP(d.host, d.port)
+        busy.reply()
+        busy.cmd("EHLO busy.test")
+        busy.cmd("MAIL FROM:<x@example.org>")
+        busy.cmd("RCPT TO:<drain@example.test>")
+        assert busy.cmd("DATA")[0] == 354
+        busy.send(b"Subject: drain\r\n\r\nfirst half\r\n")
+        time.sleep(0.2)
+        d.proc.send_signal(15)
+        code, text = idle.reply()
+        assert (code, text.split()[0]) == (421, "4.3.2")
+        time.sleep(0.5)
+        assert d.proc.poll() is None  # still waiting for the session in DATA
+        busy.send(b"second half\r\n.\r\n")
+        assert busy.reply()[0] == 250
+        assert busy.reply()[0] == 421
+        assert d.proc.wait(20) == 0
+        idle.close()
+        busy.close()
+        (path,) = d.delivered("drain@example.test")
+        assert path.read_bytes().endswith(b"first half\nsecond half\n")
+
+
+def test_sigterm_drain_timeout_discards_unfinished_message(tmp_path: Path) -> None:
+    with running(tmp_path, "[server]\ndrain_timeout = \"1s\"") as d, RawSMTP(d.host, d.port) as c:
+        c.reply()
+        c.cmd("EHLO slow.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<slow@example.test>")
+        c.cmd("DATA")
+        c.send(b"Subject: slow\r\n\r\nnever finished\r\n")
+        time.sleep(0.2)
+        d.proc.send_signal(15)
+        code, _ = c.reply()
+        assert code == 421
+        assert d.proc.wait(20) == 0
+        assert d.delivered("slow@example.test") == []
+        assert _mail_files(d.maildir, "tmp") == []
+
+
+def test_kill_during_data_leaves_nothing_and_restart_cleans_tmp(tmp_path: Path) -> None:
+    with running(tmp_path) as d, RawSMTP(d.host, d.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<crash@example.test>")
+        c.cmd("DATA")
+        c.send(b"Subject: crash\r\n\r\n" + b"partial line\r\n" * 1000)
+        time.sleep(0.3)
+        d.proc.kill()
+        d.proc.wait()
+        assert d.delivered("crash@example.test") == []
+        assert len(_mail_files(d.maildir, "tmp")) == 1
+    with running(tmp_path) as d2:
+        assert "removed 1 partial message file(s)" in d2.log
+        assert _mail_files(d2.maildir, "tmp") == []
+        assert d2.send("crash@example.test", MSG) == {}
+
+
+def test_client_disconnect_mid_data_leaves_nothing(daemon: Daemon) -> None:
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<x@example.org>")
+        c.cmd("RCPT TO:<gone@example.test>")
+        c.cmd("DATA")
+        c.send(b"Subject: gone\r\n\r\nhalf a message\r\n")
+    time.sleep(0.5)
+    assert daemon.delivered("gone@example.test") == []
+    assert _mail_files(daemon.maildir, "tmp") == []
+    assert daemon.send("after@example.test", MSG) == {}
+
+
+@pytest.mark.root
+def test_full_disk_gives_452_and_recovers(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as maildir_root")
+    mnt = tmp_path / "mail"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        with running(tmp_path) as d:
+            assert d.send("first@example.test", MSG) == {}
+            filler = mnt / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:  # take all the space
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            with d.smtp() as s:  # no room even to open the spool file: 452 at DATA
+                s.ehlo("client.test")
+                s.mail("x@example.org")
+                s.rcpt("full@example.test")
+                with pytest.raises(smtplib.SMTPDataError) as err:
+                    s.data(b"Subject: full\r\n\r\nbody\r\n")
+                assert (err.value.smtp_code, err.value.smtp_error[:5]) == (452, b"4.3.1")
+                assert s.noop()[0] == 250  # still serving
+            os.truncate(filler, filler.stat().st_size - 64 * 1024)
+            with d.smtp() as s:  # room for the start only: the write fails mid-DATA
+                s.ehlo("client.test")
+                s.mail("x@example.org")
+                s.rcpt("full@example.test")
+                code, text = s.data(b"Subject: full\r\n\r\n" + (b"z" * 70 + b"\r\n") * 4000)
+                assert (code, text[:5]) == (452, b"4.3.1")
+                assert s.noop()[0] == 250
+            assert d.delivered("full@example.test") == []
+            assert _mail_files(d.maildir, "tmp") == []
+            filler.unlink()
+            assert d.send("full@example.test", MSG) == {}
+            assert len(d.delivered("full@example.test")) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_smtplib_rejects_relay_with_exception(daemon: Daemon) -> None:
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        daemon.send("x@nowhere.example", MSG)
