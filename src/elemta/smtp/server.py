@@ -345,7 +345,7 @@ class ElemtaSMTP(SMTP):
                 log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
                 return REPLY_STORAGE
             try:
-                await asyncio.get_running_loop().run_in_executor(None, spool.commit)
+                await asyncio.get_running_loop().run_in_executor(self.ctx.store.executor, spool.commit)
             except OSError as exc:
                 log.warning("queue %s: cannot store: %s", spool.queue_id, exc.strerror or exc)
                 return REPLY_STORAGE
