@@ -13,12 +13,11 @@ import pytest
 from elemta import config
 from elemta.units import format_duration, parse_duration, parse_size
 
-GUIDE = Path(__file__).resolve().parents[3] / "shared/reference/memory-configuration-guide.md"
+# A copy of ../shared/reference/memory-configuration-guide.md, the contract: its TOML must load.
+GUIDE = Path(__file__).resolve().parents[1] / "data/memory-configuration-guide.md"
 
 
 def guide_blocks() -> list[str]:
-    if not GUIDE.exists():
-        pytest.skip(f"memory guide not found at {GUIDE}")
     return re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), re.S)
 
 
