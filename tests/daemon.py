@@ -138,6 +138,8 @@ def running(workdir: Path, extra: str = "", **kw: Any) -> Iterator[Daemon]:
         yield d
     finally:
         d.stop(signal.SIGKILL)
+    # Reached only when the test body passed: whatever it did, nothing may crash loudly.
+    assert "Traceback" not in d.log, d.log
 
 
 def rss_of(pid: int) -> int:

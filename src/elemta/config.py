@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -140,12 +141,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    certificate: str = _f("", "str", "PEM certificate chain for STARTTLS (empty: no STARTTLS)")
+    key: str = _f("", "str", "PEM private key for the certificate")
+    required: bool = _f(False, "bool", "Refuse MAIL before STARTTLS (530 5.7.0)")
+
+
+@dataclass(frozen=True)
 class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     source: str = field(default="<built-in defaults>", compare=False)
 
     @property
@@ -159,6 +168,7 @@ SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "api": ApiConfig,
     "logging": LoggingConfig,
+    "tls": TlsConfig,
 }
 
 
@@ -298,10 +308,39 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
             problems.append(
                 f"{where('memory', 'per_connection_memory_limit')}: larger than max_memory_usage"
             )
+        problems.extend(_tls_problems(cfg.tls, where))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
     return cfg
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The server context for STARTTLS: TLS 1.2 or newer, the system's default ciphers."""
+    if not tls.certificate:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.certificate, tls.key or None)
+    return ctx
+
+
+def _tls_problems(tls: TlsConfig, where: Callable[[str, str | None], str]) -> list[str]:
+    if not tls.certificate and not tls.key:
+        if tls.required:
+            return [f"{where('tls', 'required')}: STARTTLS required but no certificate configured"]
+        return []
+    if not tls.certificate:
+        return [f"{where('tls', 'certificate')}: a key is set but no certificate"]
+    for key in ("certificate", "key"):
+        path = getattr(tls, key)
+        if path and not os.access(path, os.R_OK):
+            return [f"{where('tls', key)}: cannot read {path!r}"]
+    try:
+        tls_context(tls)
+    except (ssl.SSLError, OSError) as exc:
+        return [f"{where('tls', 'certificate')}: cannot load certificate/key: {exc}"]
+    return []
 
 
 def _closest(key: str, known: Mapping[str, Any]) -> str | None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ListenAddress
+from .config import Config, ListenAddress, tls_context
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -36,6 +37,16 @@ def bind(addr: ListenAddress) -> socket.socket:
     return sock
 
 
+def raise_fd_limit() -> None:
+    """Every session costs a descriptor: take the hard limit, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+
+
 def _describe(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -52,9 +63,10 @@ class Daemon:
 
     def __post_init__(self) -> None:
         store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
-        self.ctx = SmtpContext(self.config, store)
+        self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls))
 
     async def start(self) -> None:
+        raise_fd_limit()
         removed = self.ctx.store.clean_tmp()
         if removed:
             log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+# During DATA the timeout restarts only after this much progress, so a client dripping a
+# byte every few seconds is still cut after data_timeout (a minimum data rate, as Postfix's
+# smtpd_min_data_rate), while a slow but real link keeps its session.
+DATA_PROGRESS = 64 * 1024
 
 # RFC 3463 codes for aiosmtpd's own replies, which carry none.
 _ENHANCED = {
@@ -111,6 +117,7 @@ class SmtpContext:
     observer: SmtpObserver = field(default_factory=NullObserver)
     sessions: set[ElemtaSMTP] = field(default_factory=set)
     draining: bool = False
+    tls: ssl.SSLContext | None = None
 
     @property
     def session_bytes(self) -> int:
@@ -187,6 +194,8 @@ class ElemtaSMTP(SMTP):
             ident="ESMTP elemta",
             timeout=cfg.command_timeout,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            tls_context=ctx.tls,
+            require_starttls=ctx.config.tls.required,
         )
 
     # -- per-session memory ledger --------------------------------------------------------
@@ -234,13 +243,17 @@ class ElemtaSMTP(SMTP):
             return REPLY_TOO_MANY_CONNECTIONS
         return self.ctx.admission.connection(len(self.ctx.sessions))
 
-    def shutdown_now(self) -> None:
-        """Tell the client we are going away and close (used when draining)."""
+    def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
+        """Tell the client why we are going away and close (draining, timeouts)."""
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            self.ctx.observer.reply(REPLY_SHUTDOWN)
-            transport.write(REPLY_SHUTDOWN.encode() + b"\r\n")
+            self.ctx.observer.reply(reply)
+            transport.write(reply.encode() + b"\r\n")
             transport.close()
+
+    def _timeout_cb(self) -> None:
+        log.info("%s: timeout, closing", self.session.peer if self.session else "?")
+        self.shutdown_now(REPLY_TIMEOUT)
 
     # -- replies ---------------------------------------------------------------------------
     async def push(self, status: str) -> None:  # type: ignore[override]
@@ -312,11 +325,15 @@ class ElemtaSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._reset_timeout(timeout)
+            progress = 0
             while True:
                 chunk = await self._reader.read(CHUNK)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
-                self._reset_timeout(timeout)
+                progress += len(chunk)
+                if progress >= DATA_PROGRESS:
+                    progress = 0
+                    self._reset_timeout(timeout)
                 out, rest = decoder.feed(chunk)
                 if out and write_failed is None and over_budget is None:
                     try:
