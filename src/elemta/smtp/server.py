@@ -153,6 +153,8 @@ class Handler:
         refusal = self.ctx.admission.command("MAIL", server.held_bytes)
         if refusal:
             return refusal
+        if any(c < " " or c == "\x7f" for c in address):
+            return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender ok"
@@ -173,6 +175,11 @@ class Handler:
         envelope.rcpt_options.extend(options)
         envelope.mailboxes.append(box)
         return "250 2.1.5 Recipient ok"
+
+
+def _bad_helo(name: str | None) -> bool:
+    """Control characters in a HELO name are never a hostname; refuse rather than record them."""
+    return bool(name) and any(c < "!" or c == "\x7f" for c in name or "")
 
 
 def _header_text(value: str) -> str:
@@ -271,14 +278,20 @@ class ElemtaSMTP(SMTP):
             return status
         return f"{code}{sep}{enhanced} {text}"
 
-    async def smtp_EHLO(self, hostname: str) -> None:
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if _bad_helo(hostname):
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
         self._in_helo = True
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._in_helo = False
 
-    async def smtp_HELO(self, hostname: str) -> None:
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if _bad_helo(hostname):
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
         self._in_helo = True
         try:
             await super().smtp_HELO(hostname)
