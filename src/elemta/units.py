@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -47,6 +48,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like \"5s\", got a boolean")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"duration must be a finite number of seconds, got {value}")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value}")
         return float(value)
