@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup bench clean
+.PHONY: run test lint setup bench stress clean
 
 run: $(STAMP)
 	$(BIN)/elemta serve
@@ -21,6 +21,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/bootstrap
 	VENV=$(VENV) ./scripts/bootstrap
+
+# The resilience suites at full size (20 kills, thousands of messages); not part of CI.
+stress: $(STAMP)
+	ELEMTA_STRESS=1 $(BIN)/pytest -q -s tests/resilience
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

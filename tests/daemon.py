@@ -64,6 +64,23 @@ class Daemon:
             time.sleep(0.02)
         raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log}")
 
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        """Start the daemon again on the same config, ports and maildir (after a crash)."""
+        assert self.proc.poll() is not None, "still running"
+        if self._log_fh is None:
+            self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
+        mark = len(self.log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "elemta.cli", "serve", "--config", str(self.config_path)],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, cwd=self.workdir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        deadline = time.monotonic() + 15
+        while READY_LINE not in self.log[mark:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"restart failed:\n{self.log[mark:]}")
+            time.sleep(0.02)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import Daemon, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon import Daemon, running
 from elemta import config
 
 REPLY_LINE = re.compile(rb"[2-5]\d\d[ -][\x20-\x7e]*\r\n")
