@@ -22,7 +22,7 @@ from daemon import Daemon, running
 
 STRESS = os.environ.get("ELEMTA_STRESS") == "1"
 KILLS = 20 if STRESS else 5
-CLIENTS = 6 if STRESS else 4
+CLIENTS = 8 if STRESS else 4
 SIZES = [300, 2_000, 10_000, 60_000, 400_000, 2_000_000]
 WEIGHTS = [30, 30, 20, 10, 7, 3]
 RCPTS = ["a@example.test", "b@example.test", "c@localhost"]
@@ -96,7 +96,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
             t.start()
         try:
             for _ in range(KILLS):
-                time.sleep(rng.uniform(0.2, 1.2))
+                time.sleep(rng.uniform(0.5, 2.5) if STRESS else rng.uniform(0.2, 1.2))
                 d.proc.send_signal(signal.SIGKILL)
                 d.proc.wait()
                 d.restart()
