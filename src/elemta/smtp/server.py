@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -194,6 +194,7 @@ class ElemtaSMTP(SMTP):
         self.in_data = False
         self._decoder: DataDecoder | None = None
         self._in_helo = False
+        self._batch: list[str] | None = None
         super().__init__(
             Handler(ctx),
             data_size_limit=cfg.max_message_size,
@@ -266,7 +267,21 @@ class ElemtaSMTP(SMTP):
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = self._with_enhanced_code(status)
         self.ctx.observer.reply(status)
+        if self._batch is not None:
+            self._batch.append(status)
+            return
         await super().push(status)
+
+    async def _push_batched(self, command: Callable[[], Awaitable[None]]) -> None:
+        """Run `command`, sending all its reply lines in one write (one syscall, one segment)."""
+        self._batch = []
+        try:
+            await command()
+        finally:
+            lines, self._batch = self._batch, None
+        if lines:
+            self._writer.write("".join(f"{line}\r\n" for line in lines).encode("ascii", "replace"))
+            await self._writer.drain()
 
     def _with_enhanced_code(self, status: str) -> str:
         session = self.session
@@ -284,7 +299,7 @@ class ElemtaSMTP(SMTP):
             return
         self._in_helo = True
         try:
-            await super().smtp_EHLO(hostname)
+            await self._push_batched(lambda: super(ElemtaSMTP, self).smtp_EHLO(hostname))
         finally:
             self._in_helo = False
 
