@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, ListenAddress, tls_context
+from .memory.governor import Governor
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -57,6 +58,7 @@ class Daemon:
     config: Config
     inherited_smtp: list[socket.socket] = field(default_factory=list)
     ctx: SmtpContext = field(init=False)
+    governor: Governor = field(init=False)
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,6 +66,10 @@ class Daemon:
     def __post_init__(self) -> None:
         store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
         self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls))
+        ctx = self.ctx
+        self.governor = Governor(self.config, sessions=lambda: len(ctx.sessions),
+                                 session_bytes=lambda: ctx.session_bytes)
+        ctx.admission = self.governor
 
     async def start(self) -> None:
         raise_fd_limit()
@@ -71,6 +77,7 @@ class Daemon:
         if removed:
             log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",
                         removed)
+        self.governor.start()  # first sample (and its log line) before serving
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
         factory = session_factory(self.ctx)
@@ -115,5 +122,6 @@ class Daemon:
                         "acknowledged for them)", left)
         for server in self.servers:
             await server.wait_closed()
+        await self.governor.stop()
         await asyncio.sleep(0)
         log.info("stopped")
