@@ -236,6 +236,7 @@ class Governor:
         self._refusals: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._psi: tuple[int, select.epoll] | None = None
         self.psi_wakeups = 0
 
@@ -276,9 +277,11 @@ class Governor:
             os.close(fd)
             self._psi = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A flag, not cancel(): asyncio.wait_for in 3.11 can swallow a cancellation that
+            # races with the wake-up event, which would leave stop() waiting forever.
+            self._stopped = True
+            self._wake.set()
+            await self._task
             self._task = None
 
     def close(self) -> None:
@@ -486,13 +489,15 @@ class Governor:
 
     async def _monitor(self) -> None:
         interval = self.memory.monitoring_interval
-        while True:
+        while not self._stopped:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             wait = MIN_TICK_SPACING - (time.monotonic() - self._last_tick)
             if wait > 0:
                 await asyncio.sleep(wait)
+            if self._stopped:
+                break
             try:
                 self.tick()
             except Exception:  # the monitor must outlive any one bad sample

@@ -58,7 +58,9 @@ class LeakDetector:
     def observe(self, tasks: int, sessions: int) -> bool:
         self.points.append(Point(tasks, sessions))
         if suspect(list(self.points), self._floor, self.window):
+            # A leak that goes on warns again only after a whole new window of growth.
             self._floor = self.points[-1].excess + MIN_GROWTH
+            self.points.clear()
             return True
         if self._floor and self.points[-1].excess < self._floor - 2 * MIN_GROWTH:
             self._floor = 0  # the excess fell well below the warned level: a new leak warns again

@@ -1,0 +1,332 @@
+"""The governor's pure decisions (table-driven) and the Governor over a fake cgroup tree."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from fakecgroup import MOUNTS_V1, V1_SENTINEL, proc, v1_group, write
+
+from elemta import config
+from elemta.memory import governor as gov
+from elemta.memory.governor import (
+    Breaker,
+    Governor,
+    GovernorEvent,
+    breaker_step,
+    command_refusal,
+    connection_refusal,
+    effective,
+    next_state,
+    transition_events,
+)
+from elemta.memory.sampler import Sample, Sampler
+from elemta.memory.snapshot import BreakerState, CgroupFigures, LimitSource, MemoryState
+from elemta.smtp.server import REPLY_STORAGE, REPLY_TOO_BIG
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+N, W, C = MemoryState.NORMAL, MemoryState.WARNING, MemoryState.CRITICAL
+CLOSED, OPEN, HALF = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
+def sample(rss: int, cg: tuple[int, int, int | None] | None = None, total: int = 16 * GiB,
+           available: int = 12 * GiB) -> Sample:
+    figures = None
+    if cg is not None:
+        version, ws, limit = cg
+        figures = CgroupFigures(version, "/x", ws, limit, ws, 0)
+    return Sample(0.0, 0.0, rss, total, available, figures, None)
+
+
+# -- which limit binds -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s, max_usage, limit, source, utilization, usage", [
+    # config binds; host term (4 GiB of 16 used = 0.25) dominates over rss 100 MiB / 2 GiB
+    (sample(100 * MiB), 2 * GiB, 2 * GiB, LimitSource.CONFIG, 0.25, 4 * GiB),
+    # cgroup v1 lower than config: its working set term counts, the host term does not
+    (sample(50 * MiB, (1, 230 * MiB, 256 * MiB)), 2 * GiB, 256 * MiB, LimitSource.CGROUP_V1,
+     230 / 256, 230 * MiB),
+    (sample(50 * MiB, (2, 128 * MiB, 512 * MiB)), 2 * GiB, 512 * MiB, LimitSource.CGROUP_V2,
+     0.25, 128 * MiB),
+    # config lower than the cgroup: config is the limit, process RSS its term
+    (sample(900 * MiB, (2, 950 * MiB, 4 * GiB)), 1 * GiB, 1 * GiB, LimitSource.CONFIG,
+     900 / 1024, 900 * MiB),
+    # a 2 GiB budget on a 1 GiB host without cgroup limit: the host binds and is the container
+    (sample(100 * MiB, (1, 100 * MiB, None), total=1 * GiB, available=80 * MiB), 2 * GiB,
+     1 * GiB, LimitSource.HOST, (1024 - 80) / 1024, 944 * MiB),
+    # a cgroup limit above RAM contains nothing: the host term applies, the host binds
+    (sample(100 * MiB, (1, 100 * MiB, 64 * GiB), total=8 * GiB, available=1 * GiB), 16 * GiB,
+     8 * GiB, LimitSource.HOST, 7 / 8, 7 * GiB),
+])
+def test_effective(s: Sample, max_usage: int, limit: int, source: LimitSource,
+                   utilization: float, usage: int) -> None:
+    eff = effective(s, max_usage)
+    assert (eff.limit, eff.source, eff.usage) == (limit, source, usage)
+    assert eff.utilization == pytest.approx(utilization)
+
+
+# -- states with hysteresis ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("state, util, expected", [
+    (N, 0.50, N), (N, 0.75, W), (N, 0.89, W), (N, 0.90, C), (N, 1.20, C),
+    (W, 0.74, W), (W, 0.701, W), (W, 0.699, N), (W, 0.90, C),
+    (C, 0.89, C), (C, 0.851, C), (C, 0.849, W), (C, 0.71, W), (C, 0.69, N),
+])
+def test_next_state(state: MemoryState, util: float, expected: MemoryState) -> None:
+    assert next_state(state, util, 0.75, 0.90) is expected
+
+
+def test_hovering_at_critical_does_not_flap() -> None:
+    state, seen = N, []
+    for util in [0.899, 0.901, 0.899, 0.902, 0.88, 0.905, 0.87, 0.90]:
+        state = next_state(state, util, 0.75, 0.90)
+        seen.append(state)
+    assert seen == [W, C, C, C, C, C, C, C]
+
+
+@pytest.mark.parametrize("old, new, events", [
+    (N, N, []), (N, W, ["memory_warning"]), (N, C, ["memory_warning", "memory_critical"]),
+    (W, C, ["memory_critical"]), (C, W, ["memory_warning"]), (C, N, ["memory_recovered"]),
+    (W, N, ["memory_recovered"]),
+])
+def test_transition_events(old: MemoryState, new: MemoryState, events: list[str]) -> None:
+    assert transition_events(old, new) == events
+
+
+# -- circuit breaker ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("utils, states", [
+    # three critical samples open it; one calm sample in between resets the count
+    ([0.95, 0.95, 0.95], [CLOSED, CLOSED, OPEN]),
+    ([0.95, 0.95, 0.80, 0.95, 0.95], [CLOSED] * 5),
+    # open -> calm x3 -> half-open -> calm x3 -> closed
+    ([0.95] * 3 + [0.5] * 6, [CLOSED, CLOSED, OPEN, OPEN, OPEN, HALF, HALF, HALF, CLOSED]),
+    # the margin band (below critical, above critical - margin) is not calm
+    ([0.95] * 3 + [0.87] * 4, [CLOSED, CLOSED, OPEN, OPEN, OPEN, OPEN, OPEN]),
+    # critical again while half-open re-opens at once
+    ([0.95] * 3 + [0.5] * 3 + [0.91], [CLOSED, CLOSED, OPEN, OPEN, OPEN, HALF, OPEN]),
+])
+def test_breaker(utils: list[float], states: list[BreakerState]) -> None:
+    b, seen = Breaker(), []
+    for u in utils:
+        b = breaker_step(b, u, 0.90)
+        seen.append(b.state)
+    assert seen == states
+
+
+@pytest.mark.parametrize("state, breaker, tasks, half_left, reason", [
+    (N, CLOSED, 10, 0, None),
+    (W, CLOSED, 10, 0, None),
+    (C, CLOSED, 10, 0, "memory-critical"),
+    (N, OPEN, 10, 0, "breaker-open"),
+    (N, HALF, 10, 2, None),
+    (N, HALF, 10, 0, "breaker-half-open"),
+    (N, CLOSED, 101, 0, "task-cap"),
+    (N, CLOSED, 100, 0, None),
+])
+def test_connection_refusal(state: MemoryState, breaker: BreakerState, tasks: int, half_left: int,
+                            reason: str | None) -> None:
+    assert connection_refusal(state, breaker, tasks, 100, half_left) == reason
+
+
+@pytest.mark.parametrize("state, breaker, held, reason", [
+    (N, CLOSED, 0, None), (W, CLOSED, 0, None), (C, CLOSED, 0, "memory-critical"),
+    (N, OPEN, 0, "breaker-open"), (N, HALF, 0, None), (N, CLOSED, 2000, "session-memory"),
+])
+def test_command_refusal(state: MemoryState, breaker: BreakerState, held: int,
+                         reason: str | None) -> None:
+    assert command_refusal(state, breaker, held, 1000) == reason
+
+
+# -- the Governor over a fake v1 cgroup -----------------------------------------------------------
+
+def fake_v1(root: Path, usage: int) -> Path:
+    proc(root, "4:memory:/svc\n", MOUNTS_V1, rss=20 * MiB)
+    base = root / "sys/fs/cgroup/memory"
+    write(base / "memory.limit_in_bytes", V1_SENTINEL)
+    v1_group(base / "svc", usage=usage, limit=str(100 * MiB), inactive=0)
+    return base / "svc/memory.usage_in_bytes"
+
+
+def make_governor(root: Path, protection: bool = True, **memory: object) -> Governor:
+    cfg = config.build({"memory": {"memory_exhaustion_protection": protection,
+                                   "per_connection_memory_limit": 65536, **memory}})
+    return Governor(cfg, Sampler(root), tasks=lambda: 5)
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gov, "REFRESH_AFTER", 0.0)  # every admission question re-samples
+
+
+def test_governor_answers_follow_the_cgroup(tmp_path: Path, fresh: None,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    usage = fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+    events: list[GovernorEvent] = []
+    g.subscribe(events.append)
+    snap = g.snapshot
+    assert (snap.limit, snap.limit_source, snap.state) == (100 * MiB, LimitSource.CGROUP_V1, N)
+    assert g.connection(0) is None
+    with caplog.at_level(logging.INFO, logger="elemta.memory"):
+        usage.write_text(str(80 * MiB))
+        assert g.connection(0) is None  # warning: logged, not refused
+        usage.write_text(str(95 * MiB))
+        assert g.connection(0) == REPLY_STORAGE
+        assert g.command("MAIL", 0) == REPLY_STORAGE
+        assert g.command("RCPT", 0) == REPLY_STORAGE
+        assert g.data(1000) is None  # DATA streams on at critical
+        usage.write_text(str(87 * MiB))  # inside the hysteresis band: still critical
+        assert g.connection(0) == REPLY_STORAGE
+        usage.write_text(str(30 * MiB))
+        assert g.connection(0) is None
+        assert g.command("MAIL", 0) is None
+    assert [e.name for e in events] == ["memory_warning", "memory_critical", "memory_recovered"]
+    assert events[1].snapshot.utilization == pytest.approx(0.95)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Memory warning threshold exceeded") for m in messages)
+    assert any(m.startswith("Memory critical threshold exceeded: 95.0%") for m in messages)
+    critical = next(r for r in caplog.records if r.getMessage().startswith("Memory critical"))
+    fields = critical.__dict__["elemta_fields"]
+    assert fields == {"current_usage": 95 * MiB, "max_usage": 100 * MiB,
+                      "utilization_percent": 95.0, "threshold": 0.9, "limit_source": "cgroup-v1"}
+
+
+def test_per_session_budget(tmp_path: Path, fresh: None) -> None:
+    fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+    assert g.data(65536) is None
+    assert g.data(65537) == REPLY_TOO_BIG
+    assert g.command("MAIL", 65537) == REPLY_STORAGE
+
+
+def test_protection_off_logs_but_never_refuses(tmp_path: Path, fresh: None,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    usage = fake_v1(tmp_path, 99 * MiB)
+    g = make_governor(tmp_path, protection=False)
+    with caplog.at_level(logging.INFO, logger="elemta.memory"):
+        assert g.snapshot.state is C
+        assert g.connection(0) is None
+        assert g.command("MAIL", 0) is None
+        assert g.data(10 * MiB) is None
+        for _ in range(3):
+            g.tick()
+        assert g.snapshot.breaker is OPEN
+        assert g.connection(0) is None
+    usage.write_text(str(MiB))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Would refuse CONNECT (breaker-open)" in m for m in messages)
+    assert any("Circuit breaker opened" in m for m in messages)
+
+
+def test_breaker_holds_after_memory_falls_then_half_opens(tmp_path: Path, fresh: None) -> None:
+    usage = fake_v1(tmp_path, 95 * MiB)
+    g = make_governor(tmp_path)
+    events: list[str] = []
+    g.subscribe(lambda e: events.append(e.name))
+    for _ in range(3):
+        g.tick()
+    assert g.snapshot.breaker is OPEN
+    usage.write_text(str(10 * MiB))
+    assert g.connection(0) == REPLY_STORAGE  # memory is fine, the breaker is not
+    assert g.snapshot.state is N
+    for _ in range(3):
+        g.tick()
+    assert g.snapshot.breaker is HALF
+    admitted = [g.connection(0) for _ in range(gov.HALF_OPEN_ADMITS + 2)]
+    assert admitted.count(None) == gov.HALF_OPEN_ADMITS
+    for _ in range(3):
+        g.tick()
+    assert g.snapshot.breaker is CLOSED
+    assert g.connection(0) is None
+    assert "breaker_open" in events and "breaker_half_open" in events and "breaker_closed" in events
+
+
+def test_gc_runs_at_threshold_rate_limited_and_counted(tmp_path: Path, fresh: None,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    usage = fake_v1(tmp_path, 50 * MiB)
+    g = make_governor(tmp_path, monitoring_interval="1h")
+    g.tick()
+    assert g.gc_runs == 0
+    usage.write_text(str(82 * MiB))
+    with caplog.at_level(logging.INFO, logger="elemta.memory"):
+        g.tick()
+        g.tick()  # within the same interval: no second run
+    assert g.gc_runs == 1
+    snap = g.snapshot
+    assert snap.gc_runs == 1 and snap.last_gc_at is not None and snap.last_gc_freed >= 0
+    gc_lines = [r for r in caplog.records if r.getMessage().startswith("Forced garbage collection")]
+    assert len(gc_lines) == 1
+    fields = gc_lines[0].__dict__["elemta_fields"]
+    assert fields["rss_before"] - fields["rss_after"] <= fields["freed_bytes"] or fields[
+        "freed_bytes"] == 0
+    assert fields["threshold"] == 0.8
+
+
+def test_task_cap(tmp_path: Path, fresh: None) -> None:
+    fake_v1(tmp_path, 10 * MiB)
+    cfg = config.build({"memory": {"max_goroutines": 10}})
+    count = [10]
+    g = Governor(cfg, Sampler(tmp_path), tasks=lambda: count[0])
+    assert g.connection(0) is None
+    count[0] = 11
+    assert g.connection(0) == REPLY_STORAGE
+
+
+def test_limit_change_is_an_event(tmp_path: Path, fresh: None) -> None:
+    fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+    seen: list[GovernorEvent] = []
+    g.subscribe(seen.append)
+    assert g.snapshot.limit == 100 * MiB
+    write(tmp_path / "sys/fs/cgroup/memory/svc/memory.limit_in_bytes", str(200 * MiB))
+    write(tmp_path / "sys/fs/cgroup/memory/svc/memory.stat",
+          f"hierarchical_memory_limit {200 * MiB}\ntotal_inactive_file 0\n")
+    g.tick()
+    assert [e.name for e in seen] == ["cgroup_limit_changed"]
+    assert seen[0].previous is not None and seen[0].previous.limit == 100 * MiB
+    assert seen[0].snapshot.limit == 200 * MiB
+
+
+def test_snapshot_fills_every_field(tmp_path: Path) -> None:
+    fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+    snap = g.tick()
+    assert snap.cgroup is not None and snap.cgroup.limit == 100 * MiB
+    assert snap.pressure is not None and snap.pressure.some_avg10 == 1.5
+    assert snap.tasks == 5 and snap.max_tasks == 2000 and snap.max_sessions == 1000
+    assert snap.host_total == 16 * GiB and snap.process_rss == 20 * MiB
+    assert snap.utilization_percent == 10.0
+
+
+def test_subscriber_errors_do_not_break_the_governor(tmp_path: Path, fresh: None) -> None:
+    usage = fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+
+    def broken(event: GovernorEvent) -> None:
+        raise RuntimeError("boom")
+
+    g.subscribe(broken)
+    usage.write_text(str(99 * MiB))
+    assert g.connection(0) == REPLY_STORAGE
+
+
+def test_monitor_task_runs_and_stops(tmp_path: Path) -> None:
+    usage = fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path, monitoring_interval="50ms")
+
+    async def run() -> int:
+        g.start()
+        usage.write_text(str(99 * MiB))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if g.snapshot.breaker is OPEN:
+                break
+        await g.stop()
+        return g.gc_runs
+
+    assert asyncio.run(run()) >= 1
+    assert g.snapshot.breaker is OPEN
