@@ -50,7 +50,7 @@ HALF_OPEN_ADMITS = 5  # new connections let through per monitor sample while hal
 # without CAP_SYS_RESOURCE the kernel accepts only windows that are multiples of 2 s.
 PSI_TRIGGERS = (b"some 100000 1000000\0", b"some 200000 2000000\0")
 MIN_TICK_SPACING = 0.1  # pressure wake-ups do not re-run the monitor more often than this
-REFUSAL_LOG_EVERY = 1.0  # at most one session_rejected line per reason and second
+REFUSAL_LOG_EVERY = 1.0  # at most one session_rejected line per reason, command and second
 
 
 # -- pure decisions ---------------------------------------------------------------------------
@@ -233,7 +233,8 @@ class Governor:
         self._snapshot: Snapshot | None = None
         self._leaks = LeakDetector() if self.memory.goroutine_leak_detection else None
         self._malloc_trim = _load_malloc_trim()
-        self._refusals: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed)
+        # (reason, command) -> (last logged, refusals not logged since)
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -313,7 +314,8 @@ class Governor:
         if reason is None:
             return None
         now = time.monotonic()
-        last, suppressed = self._refusals.get(reason, (float("-inf"), 0))
+        key = (reason, command)
+        last, suppressed = self._refusals.get(key, (float("-inf"), 0))
         if now - last >= REFUSAL_LOG_EVERY:
             more = f" ({suppressed} more since the last line)" if suppressed else ""
             if self.memory.memory_exhaustion_protection:
@@ -322,9 +324,9 @@ class Governor:
                 msg = f"Would refuse {command} ({reason}) but memory_exhaustion_protection = false{more}"
             emit(log, "session_rejected", msg, smtp_code=int(reply[:3]), reason=reason,
                  command=command)
-            self._refusals[reason] = (now, 0)
+            self._refusals[key] = (now, 0)
         else:
-            self._refusals[reason] = (last, suppressed + 1)
+            self._refusals[key] = (last, suppressed + 1)
         return reply if self.memory.memory_exhaustion_protection else None
 
     # -- sampling and state -------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""The memory governor in a real daemon: a real v1 memory cgroup with a ballast process, and
+real SMTP traffic pushing a small max_memory_usage over each threshold."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import Daemon, rss_of, running
+
+MiB = 1024 * 1024
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+STORAGE = b"452 4.3.1 Insufficient system storage"
+
+# Allocates (and touches) memory in the cgroup given as argv[1] until its working set passes
+# argv[2] (a fraction of the limit), prints "ready", holds until stdin closes.
+BALLAST = r"""
+import sys
+from pathlib import Path
+cg, target = Path(sys.argv[1]), float(sys.argv[2])
+limit = int((cg / "memory.limit_in_bytes").read_text())
+def ws():
+    usage = int((cg / "memory.usage_in_bytes").read_text())
+    stat = dict(l.split() for l in (cg / "memory.stat").read_text().splitlines())
+    return usage - int(stat["total_inactive_file"])
+held = []
+while ws() < target * limit:
+    held.append(b"\x01" * (2 << 20))
+print("ready", ws(), flush=True)
+sys.stdin.read()
+"""
+
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.makefile("rb").readline()
+
+
+class Session:
+    """A raw SMTP session: one command, one (last) reply line."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.file = self.sock.makefile("rb")
+        self.banner = self.file.readline()
+
+    def cmd(self, line: str) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        while True:
+            reply = self.file.readline()
+            if reply[3:4] != b"-":
+                return reply
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def own_v1_memory_cgroup() -> Path | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            d = V1_MEMORY / path.lstrip("/")
+            return d if d.is_dir() else None
+    return None
+
+
+@pytest.fixture
+def v1_cgroup() -> Iterator[Path]:
+    """A fresh v1 memory cgroup limited to 256 MiB under our own; removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a memory cgroup")
+    parent = own_v1_memory_cgroup()
+    if parent is None:
+        pytest.skip("no cgroup v1 memory controller here (pure v2 hosts: see the VM tests)")
+    cg = parent / f"elemta-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(256 * MiB))
+        yield cg
+    finally:
+        for _ in range(50):
+            pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def join(cg: Path) -> Callable[[], None]:
+    def preexec() -> None:
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+    return preexec
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Path) -> None:
+    cg = v1_cgroup
+    oom_kills_before = _oom_kills(cg)
+    with running(tmp_path / "d", preexec_fn=join(cg)) as d:
+        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
+        assert str(d.proc.pid) in (cg / "cgroup.procs").read_text().split()
+        assert d.send("a@example.test") == {}
+        idle = Session(d.port)
+        assert idle.cmd("EHLO client.test").startswith(b"250")
+
+        ballast = subprocess.Popen([sys.executable, "-c", BALLAST, str(cg), "0.93"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   preexec_fn=join(cg))
+        try:
+            assert ballast.stdout is not None
+            ready = ballast.stdout.readline()
+            assert ready.startswith("ready"), ready
+            assert int(ready.split()[1]) > 0.9 * 256 * MiB
+            assert greeting(d.port).startswith(STORAGE)
+            assert idle.cmd("MAIL FROM:<s@example.org>").startswith(b"452 4.3.1")
+            d.wait_for_log("Memory critical threshold exceeded")
+            assert "(cgroup-v1)" in _lines(d, "Memory critical threshold exceeded")[0]
+            assert d.proc.poll() is None
+        finally:
+            assert ballast.stdin is not None
+            ballast.stdin.close()
+            ballast.wait(20)
+
+        # The ballast is gone: the next sample sees it; mail flows again (the breaker, if
+        # it opened, closes after its calm samples: bounded wait).
+        deadline = time.monotonic() + 60
+        while not greeting(d.port).startswith(b"220"):
+            assert time.monotonic() < deadline, "still refusing after the ballast exited"
+            time.sleep(0.2)
+        assert idle.cmd("MAIL FROM:<s@example.org>").startswith(b"250")
+        idle.close()
+        assert d.send("b@example.test") == {}
+        assert len(d.delivered("b@example.test")) == 1
+        assert d.proc.poll() is None
+        assert _oom_kills(cg) == oom_kills_before
+        d.wait_for_log("Memory back to normal")
+
+
+def _oom_kills(cg: Path) -> int:
+    for line in (cg / "memory.oom_control").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
+def _lines(d: Daemon, text: str) -> list[str]:
+    return [line for line in d.log.splitlines() if text in line]
+
+
+@pytest.mark.slow
+def test_real_traffic_crosses_each_threshold(tmp_path: Path) -> None:
+    # Calibrate: this daemon's resting RSS after one message, on this machine.
+    with running(tmp_path / "calibrate", '[memory]\nmax_memory_usage = "1GiB"\n') as d:
+        assert d.send("a@example.test") == {}
+        resting = rss_of(d.proc.pid)
+    # A budget the resting daemon fills to ~68%: every concurrent session (a few KiB each)
+    # pushes it further, past warning (75%), gc (80%) and critical (90%).
+    budget = int(resting / 0.68)
+    extra = (f"[memory]\nmax_memory_usage = {budget}\nmonitoring_interval = \"200ms\"\n"
+             "max_goroutines = 20000\nper_connection_memory_limit = \"1MiB\"\n"
+             "[server]\nmax_connections = 5000\n")
+    sessions: list[Session] = []
+    with running(tmp_path / "d", extra) as d:
+        d.wait_for_log(f"memory limit {budget / MiB:.1f} MiB (config)")
+        early = Session(d.port)
+        assert early.cmd("EHLO client.test").startswith(b"250")
+        refused = None
+        try:
+            for _ in range(6000):
+                s = Session(d.port)
+                if s.banner.startswith(STORAGE):
+                    refused = s.banner
+                    s.close()
+                    break
+                assert s.banner.startswith(b"220"), s.banner
+                sessions.append(s)
+            assert refused is not None, f"never refused after {len(sessions)} sessions"
+            # a session opened before the crossing may go on, but MAIL is refused now
+            assert early.cmd("MAIL FROM:<s@example.org>").startswith(b"452 4.3.1")
+            d.wait_for_log("Forced garbage collection")
+        finally:
+            for s in [early, *sessions]:
+                s.close()
+        log = d.log
+    order = [log.find(t) for t in ("Memory warning threshold exceeded",
+                                   "Memory critical threshold exceeded")]
+    assert -1 not in order and order == sorted(order), log[-3000:]
+    gc_line = _lines_in(log, "Forced garbage collection")[0]
+    assert re.search(r"freed [\d.]+ MiB \(RSS [\d.]+ MiB -> [\d.]+ MiB\)", gc_line)
+    warning = _lines_in(log, "Memory warning threshold exceeded")[0]
+    assert re.search(r": 7\d\.\d+% of [\d.]+ MiB \(config\)", warning), warning
+    assert "Refused CONNECT with 452 4.3.1: memory-critical" in log
+    assert "Refused MAIL with 452 4.3.1: memory-critical" in log
+
+
+def _lines_in(log: str, text: str) -> list[str]:
+    return [line for line in log.splitlines() if text in line]
