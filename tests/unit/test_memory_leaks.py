@@ -57,6 +57,7 @@ def test_real_tasks_steady_churn_no_alarm_then_leak_alarm() -> None:
             await asyncio.sleep(0.01)
             steady.append(detector.observe(count_tasks(), len(sessions)))
         await asyncio.gather(*sessions)
+        detector = LeakDetector()  # the leak phase on its own window
         leaking, leaked = [], []
         for _ in range(WINDOW + 1):
             leaked += [asyncio.create_task(_leaked()) for _ in range(MIN_GROWTH)]

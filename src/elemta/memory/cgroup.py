@@ -93,17 +93,12 @@ def parse_limit(text: str) -> int | None:
     return None if n >= UNLIMITED_FROM else n
 
 
+_KEYED = re.compile(r"^([\w()]+):?[ \t]+(\d+)", re.MULTILINE)
+
+
 def parse_keyed(text: str) -> dict[str, int]:
     """`key value` lines (memory.stat, memory.events, memory.oom_control, /proc/meminfo)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.replace(":", " ").split()
-        if len(parts) >= 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
+    return {k: int(v) for k, v in _KEYED.findall(text)}
 
 
 def parse_pressure(text: str) -> Pressure:

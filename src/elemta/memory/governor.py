@@ -290,7 +290,7 @@ class Governor:
 
     # -- Admission ----------------------------------------------------------------------------
     def connection(self, sessions: int) -> str | None:
-        snap = self._fresh()
+        snap = self._current()
         reason = connection_refusal(snap.state, snap.breaker, self._tasks(), self.memory.max_goroutines,
                                     self._half_open_left)
         if reason is None and snap.breaker is BreakerState.HALF_OPEN:
@@ -298,7 +298,7 @@ class Governor:
         return self._refuse(reason, REPLY_STORAGE, "CONNECT")
 
     def command(self, verb: str, session_bytes: int) -> str | None:
-        snap = self._fresh()
+        snap = self._current()
         reason = command_refusal(snap.state, snap.breaker, session_bytes,
                                  self.memory.per_connection_memory_limit)
         return self._refuse(reason, REPLY_STORAGE, verb)
@@ -330,9 +330,14 @@ class Governor:
         return reply if self.memory.memory_exhaustion_protection else None
 
     # -- sampling and state -------------------------------------------------------------------
-    def _fresh(self) -> Snapshot:
+    def _current(self) -> Snapshot:
+        """The snapshot an admission answer rests on: re-sampled when older than REFRESH_AFTER.
+
+        With protection off nothing is refused, so the monitor's samples are enough for the
+        log-only answers and admission costs nothing extra.
+        """
         snap = self.snapshot
-        if time.monotonic() - snap.taken_at > REFRESH_AFTER:
+        if self.memory.memory_exhaustion_protection and time.monotonic() - snap.taken_at > REFRESH_AFTER:
             self._observe(self.sampler.sample(), monitor=False)
             snap = self.snapshot
         return snap
