@@ -28,6 +28,7 @@ stress: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/governor.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var

@@ -330,3 +330,17 @@ def test_monitor_task_runs_and_stops(tmp_path: Path) -> None:
 
     assert asyncio.run(run()) >= 1
     assert g.snapshot.breaker is OPEN
+
+
+def test_reconfigure_applies_new_limit_at_once(tmp_path: Path, fresh: None) -> None:
+    fake_v1(tmp_path, 10 * MiB)  # cgroup limit 100 MiB
+    g = make_governor(tmp_path)
+    seen: list[str] = []
+    g.subscribe(lambda e: seen.append(e.name))
+    assert g.snapshot.limit_source is LimitSource.CGROUP_V1
+    # RSS is 20 MiB: a 21 MiB budget puts the process term above critical
+    snap = g.reconfigure(config.build({"memory": {"max_memory_usage": 21 * MiB,
+                                                  "per_connection_memory_limit": MiB}}))
+    assert (snap.limit, snap.limit_source, snap.state) == (21 * MiB, LimitSource.CONFIG, C)
+    assert seen == ["memory_warning", "memory_critical", "cgroup_limit_changed"]
+    assert g.connection(0) == REPLY_STORAGE

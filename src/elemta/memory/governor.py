@@ -288,6 +288,19 @@ class Governor:
     def close(self) -> None:
         self.sampler.close()
 
+    def reconfigure(self, config: Config) -> Snapshot:
+        """Apply a reloaded configuration (SIGHUP): new limits and thresholds take effect at
+        once; the state, breaker and GC counters carry over. A new monitoring_interval applies
+        from the monitor's next wait."""
+        self.config = config
+        self.memory = config.memory
+        if not self.memory.goroutine_leak_detection:
+            self._leaks = None
+        elif self._leaks is None:
+            self._leaks = LeakDetector()
+        self._observe(self.sampler.sample(), monitor=False)
+        return self.snapshot
+
     # -- Admission ----------------------------------------------------------------------------
     def connection(self, sessions: int) -> str | None:
         snap = self._current()
@@ -495,10 +508,9 @@ class Governor:
         return freed
 
     async def _monitor(self) -> None:
-        interval = self.memory.monitoring_interval
         while not self._stopped:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), self.memory.monitoring_interval)
             self._wake.clear()
             wait = MIN_TICK_SPACING - (time.monotonic() - self._last_tick)
             if wait > 0:
