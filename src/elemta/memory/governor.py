@@ -367,6 +367,12 @@ class Governor:
             self._breaker = breaker_step(self._breaker, eff.utilization, m.memory_critical_threshold)
             if self._breaker.state is BreakerState.HALF_OPEN:
                 self._half_open_left = HALF_OPEN_ADMITS
+        # Counting tasks and summing session buffers walks every session: done by the monitor;
+        # the samples admission questions take in between carry the last counts over.
+        if monitor or previous is None:
+            tasks, session_bytes = self._tasks(), self._session_bytes()
+        else:
+            tasks, session_bytes = previous.tasks, previous.session_bytes
         snap = Snapshot(
             taken_at=sample.taken_at,
             wall_time=sample.wall_time,
@@ -383,8 +389,8 @@ class Governor:
             critical_threshold=m.memory_critical_threshold,
             sessions=self._sessions(),
             max_sessions=self.config.server.max_connections,
-            session_bytes=self._session_bytes(),
-            tasks=self._tasks(),
+            session_bytes=session_bytes,
+            tasks=tasks,
             max_tasks=m.max_goroutines,
             gc_runs=self.gc_runs,
             last_gc_at=self._last_gc_at,
