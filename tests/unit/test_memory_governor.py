@@ -344,3 +344,14 @@ def test_reconfigure_applies_new_limit_at_once(tmp_path: Path, fresh: None) -> N
     assert (snap.limit, snap.limit_source, snap.state) == (21 * MiB, LimitSource.CONFIG, C)
     assert seen == ["memory_warning", "memory_critical", "cgroup_limit_changed"]
     assert g.connection(0) == REPLY_STORAGE
+
+
+def test_effective_names_the_dominating_ceiling() -> None:
+    # the configured budget is the lowest limit, but the host is nearly full: the host term
+    # dominates, and events report usage against the host's RAM (their quotient is the utilization)
+    eff = effective(sample(100 * MiB, total=16 * GiB, available=1 * GiB), 2 * GiB)
+    assert (eff.limit, eff.source) == (2 * GiB, LimitSource.CONFIG)
+    assert (eff.usage, eff.bound, eff.bound_source) == (15 * GiB, 16 * GiB, LimitSource.HOST)
+    assert eff.utilization == pytest.approx(eff.usage / eff.bound)
+    cg = effective(sample(50 * MiB, (1, 230 * MiB, 256 * MiB)), 2 * GiB)
+    assert (cg.bound, cg.bound_source) == (cg.limit, cg.source)

@@ -60,7 +60,9 @@ class Effective:
     usage: int  # bytes of the term that dominates utilization
     limit: int  # min(max_memory_usage, cgroup limit, host RAM)
     source: LimitSource  # which of them is that minimum
-    utilization: float  # max of the terms
+    utilization: float  # max of the terms: usage / bound
+    bound: int  # the dominating term's ceiling (usually == limit; differs e.g. when the
+    bound_source: LimitSource  # host is full while the configured budget is the lowest)
 
 
 def effective(sample: Sample, max_memory_usage: int) -> Effective:
@@ -73,21 +75,25 @@ def effective(sample: Sample, max_memory_usage: int) -> Effective:
     cg = sample.cgroup
     host_total = max(sample.host_total, 1)
     limits: list[tuple[int, LimitSource]] = []
-    terms: list[tuple[float, int]] = [(sample.process_rss / max_memory_usage, sample.process_rss)]
+    terms: list[tuple[float, int, int, LimitSource]] = [
+        (sample.process_rss / max_memory_usage, sample.process_rss, max_memory_usage,
+         LimitSource.CONFIG)
+    ]
     cgroup_binds = cg is not None and cg.limit is not None and cg.limit < host_total
     if cg is not None and cg.limit is not None:
         source = LimitSource.CGROUP_V2 if cg.version == 2 else LimitSource.CGROUP_V1
         limits.append((cg.limit, source))
         if cgroup_binds:
-            terms.append((cg.working_set / cg.limit, cg.working_set))
+            terms.append((cg.working_set / cg.limit, cg.working_set, cg.limit, source))
     limits.append((max_memory_usage, LimitSource.CONFIG))
     limits.append((host_total, LimitSource.HOST))
     if not cgroup_binds:
         used = max(0, host_total - sample.host_available)
-        terms.append((used / host_total, used))
+        terms.append((used / host_total, used, host_total, LimitSource.HOST))
     limit, source = min(limits, key=lambda x: x[0])  # first wins a tie: cgroup, config, host
-    utilization, usage = max(terms, key=lambda t: t[0])
-    return Effective(usage=usage, limit=limit, source=source, utilization=utilization)
+    utilization, usage, bound, bound_source = max(terms, key=lambda t: t[0])
+    return Effective(usage=usage, limit=limit, source=source, utilization=utilization,
+                     bound=bound, bound_source=bound_source)
 
 
 def next_state(state: MemoryState, utilization: float, warning: float, critical: float,
@@ -231,6 +237,7 @@ class Governor:
         self._last_gc_freed = 0
         self._last_tick = float("-inf")
         self._snapshot: Snapshot | None = None
+        self._effective: Effective | None = None
         self._leaks = LeakDetector() if self.memory.goroutine_leak_detection else None
         self._malloc_trim = _load_malloc_trim()
         # (reason, command) -> (last logged, refusals not logged since)
@@ -249,6 +256,13 @@ class Governor:
         assert self._snapshot is not None
         return self._snapshot
 
+    @property
+    def effective(self) -> Effective:
+        """The effective picture behind the snapshot, with the dominating term's ceiling."""
+        self.snapshot  # noqa: B018 - takes the first sample if none yet
+        assert self._effective is not None
+        return self._effective
+
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback` on every state change; returns a function that unsubscribes."""
         self._subscribers.append(callback)
@@ -261,9 +275,9 @@ class Governor:
         cg = snap.cgroup
         where = f"cgroup v{cg.version} {cg.path}" if cg is not None else "no cgroup figures"
         log.info(
-            "memory limit %s (%s), usage %s (%.1f%%), state %s; %s; protection %s",
+            "memory limit %s (%s), usage %s (%s), state %s; %s; protection %s",
             format_mib(snap.limit), snap.limit_source.value, format_mib(snap.usage),
-            snap.utilization_percent, snap.state.value, where,
+            self._of(snap), snap.state.value, where,
             "on" if snap.protection else "off (log only)",
         )
         self._arm_psi()
@@ -282,7 +296,8 @@ class Governor:
             # races with the wake-up event, which would leave stop() waiting forever.
             self._stopped = True
             self._wake.set()
-            await self._task
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
             self._task = None
 
     def close(self) -> None:
@@ -358,7 +373,7 @@ class Governor:
     def _observe(self, sample: Sample, monitor: bool) -> None:
         """Weigh one sample: state (every sample), breaker (monitor samples), events."""
         m = self.memory
-        eff = effective(sample, m.max_memory_usage)
+        eff = self._effective = effective(sample, m.max_memory_usage)
         previous = self._snapshot
         old_state, old_breaker = self._state, self._breaker.state
         self._state = next_state(old_state, eff.utilization, m.memory_warning_threshold,
@@ -421,30 +436,35 @@ class Governor:
             self._wake.set()  # the monitor runs GC and the breaker now, not at its next tick
 
     def _mem_fields(self, snap: Snapshot, threshold: float) -> dict[str, Any]:
+        # current_usage / max_usage is the utilization, as in the memory guide's example.
+        eff = self.effective
         return {
             "current_usage": snap.usage,
-            "max_usage": snap.limit,
+            "max_usage": eff.bound,
             "utilization_percent": snap.utilization_percent,
             "threshold": threshold,
-            "limit_source": snap.limit_source.value,
+            "limit_source": eff.bound_source.value,
         }
+
+    def _of(self, snap: Snapshot) -> str:
+        """"95.0% of 256.0 MiB (cgroup-v1)": the utilization and the ceiling it is measured on."""
+        eff = self.effective
+        return f"{snap.utilization_percent}% of {format_mib(eff.bound)} ({eff.bound_source.value})"
 
     def _log_state(self, name: str, snap: Snapshot, old: MemoryState) -> None:
         m = self.memory
         if name == "memory_critical":
             suffix = ("new connections and MAIL/RCPT get 452 4.3.1" if m.memory_exhaustion_protection
                       else "memory_exhaustion_protection = false: not refusing")
-            emit(log, name, f"Memory critical threshold exceeded: {snap.utilization_percent}% of "
-                 f"{format_mib(snap.limit)} ({snap.limit_source.value}); {suffix}",
+            emit(log, name, f"Memory critical threshold exceeded: {self._of(snap)}; {suffix}",
                  **self._mem_fields(snap, m.memory_critical_threshold))
         elif name == "memory_warning":
             text = ("Memory back below the critical threshold (still above warning)"
                     if old is MemoryState.CRITICAL else "Memory warning threshold exceeded")
-            emit(log, name, f"{text}: {snap.utilization_percent}% of {format_mib(snap.limit)} "
-                 f"({snap.limit_source.value})", **self._mem_fields(snap, m.memory_warning_threshold))
+            emit(log, name, f"{text}: {self._of(snap)}",
+                 **self._mem_fields(snap, m.memory_warning_threshold))
         else:
-            emit(log, name, f"Memory back to normal: {snap.utilization_percent}% of "
-                 f"{format_mib(snap.limit)} ({snap.limit_source.value})",
+            emit(log, name, f"Memory back to normal: {self._of(snap)}",
                  **self._mem_fields(snap, m.memory_warning_threshold))
 
     def _log_breaker(self, old: BreakerState, snap: Snapshot) -> str:
@@ -507,7 +527,7 @@ class Governor:
         snap = self.snapshot
         emit(log, "memory_gc",
              f"Forced garbage collection: freed {format_mib(freed)} (RSS {format_mib(before)} -> "
-             f"{format_mib(after)}); now {snap.utilization_percent}% of {format_mib(snap.limit)}",
+             f"{format_mib(after)}); now {self._of(snap)}",
              freed_bytes=freed, rss_before=before, rss_after=after,
              **self._mem_fields(snap, self.memory.gc_threshold))
         self._publish("memory_gc", snap, snap)
