@@ -122,23 +122,13 @@ def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Pa
         idle = Session(d.port)
         assert idle.cmd("EHLO client.test").startswith(b"250")
 
-        ballast = subprocess.Popen([sys.executable, "-c", BALLAST, str(cg), "0.93"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                   preexec_fn=join(cg))
-        try:
-            assert ballast.stdout is not None
-            ready = ballast.stdout.readline()
-            assert ready.startswith("ready"), ready
-            assert int(ready.split()[1]) > 0.9 * 256 * MiB
+        with ballast(cg) as working_set:
+            assert working_set > 0.9 * 256 * MiB
             assert greeting(d.port).startswith(STORAGE)
             assert idle.cmd("MAIL FROM:<s@example.org>").startswith(b"452 4.3.1")
             d.wait_for_log("Memory critical threshold exceeded")
             assert "(cgroup-v1)" in _lines(d, "Memory critical threshold exceeded")[0]
             assert d.proc.poll() is None
-        finally:
-            assert ballast.stdin is not None
-            ballast.stdin.close()
-            ballast.wait(20)
 
         # The ballast is gone: the next sample sees it; mail flows again (the breaker, if
         # it opened, closes after its calm samples: bounded wait).
@@ -153,6 +143,58 @@ def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Pa
         assert d.proc.poll() is None
         assert _oom_kills(cg) == oom_kills_before
         d.wait_for_log("Memory back to normal")
+
+
+@contextlib.contextmanager
+def ballast(cg: Path, fraction: float = 0.93) -> Iterator[int]:
+    """A process in `cg` holding memory until the working set passes `fraction` of the limit."""
+    proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(cg), str(fraction)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=join(cg))
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready = proc.stdout.readline()
+        assert ready.startswith("ready"), ready
+        yield int(ready.split()[1])
+    finally:
+        proc.stdin.close()
+        proc.wait(20)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_real_cgroup_breaker_opens_holds_and_closes(tmp_path: Path, v1_cgroup: Path) -> None:
+    extra = '[memory]\nmonitoring_interval = "100ms"\n'
+    with running(tmp_path / "d", extra, preexec_fn=join(v1_cgroup)) as d:
+        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
+        with ballast(v1_cgroup):
+            d.wait_for_log("Circuit breaker opened")
+            assert greeting(d.port).startswith(STORAGE)
+        # Memory is back at once, the breaker is not: it waits for calm samples, lets a few
+        # connections through half-open, then closes.
+        d.wait_for_log("Memory back to normal")
+        d.wait_for_log("Circuit breaker closed", timeout=30)
+        log = d.log
+        assert log.index("Circuit breaker opened") < log.index("circuit breaker half-open") < log.index(
+            "Circuit breaker closed")
+        assert greeting(d.port).startswith(b"220")
+        assert d.send("c@example.test") == {}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_real_cgroup_protection_off_logs_but_accepts(tmp_path: Path, v1_cgroup: Path) -> None:
+    extra = "[memory]\nmemory_exhaustion_protection = false\n"
+    with running(tmp_path / "d", extra, preexec_fn=join(v1_cgroup)) as d:
+        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
+        d.wait_for_log("protection off (log only)")
+        with ballast(v1_cgroup):
+            # The monitor (5 s interval) logs the crossing; admission never refuses.
+            d.wait_for_log("Memory critical threshold exceeded", timeout=15)
+            assert greeting(d.port).startswith(b"220")
+            assert d.send("d@example.test") == {}
+        assert "memory_exhaustion_protection = false: not refusing" in d.log
+        assert "Would refuse" in d.log
 
 
 def _oom_kills(cg: Path) -> int:
