@@ -48,8 +48,8 @@ class Location:
 
 # -- pure parsers -------------------------------------------------------------------------------
 
-def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
-    """(v1 memory cgroup path, v2 cgroup path) from /proc/self/cgroup; None when absent."""
+def parse_proc_cgroup(text: str, controller: str = "memory") -> tuple[str | None, str | None]:
+    """(v1 `controller` cgroup path, v2 cgroup path) from /proc/self/cgroup; None when absent."""
     v1: str | None = None
     v2: str | None = None
     for line in text.splitlines():
@@ -59,7 +59,7 @@ def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
         hid, controllers, path = parts
         if hid == "0" and controllers == "":
             v2 = path
-        elif "memory" in controllers.split(","):
+        elif controller in controllers.split(","):
             v1 = path
     return v1, v2
 
@@ -127,31 +127,31 @@ def _relative(path: str, mount_root: str) -> str:
     return path
 
 
-def locate(root: Path = Path("/")) -> Location:
-    """Find this process's memory cgroup; raises CgroupUnavailable saying why not."""
+def locate(root: Path = Path("/"), controller: str = "memory") -> Location:
+    """Find this process's cgroup for `controller`; raises CgroupUnavailable saying why not."""
     try:
         cg_text = (root / "proc/self/cgroup").read_text()
         mi_text = (root / "proc/self/mountinfo").read_text()
     except OSError as exc:
         raise CgroupUnavailable(f"cannot read /proc/self/cgroup or mountinfo: {exc.strerror}") from None
-    v1_path, v2_path = parse_proc_cgroup(cg_text)
+    v1_path, v2_path = parse_proc_cgroup(cg_text, controller)
     mounts = parse_mountinfo(mi_text)
     if v1_path is not None:
         for m in mounts:
-            if m.fstype == "cgroup" and "memory" in m.super_options:
+            if m.fstype == "cgroup" and controller in m.super_options:
                 top = _under(root, m.mountpoint)
                 return Location(1, v1_path, _join(top, _relative(v1_path, m.root)), top)
-        raise CgroupUnavailable("/proc/self/cgroup names a v1 memory cgroup but none is mounted")
+        raise CgroupUnavailable(f"/proc/self/cgroup names a v1 {controller} cgroup but none is mounted")
     if v2_path is not None:
         for m in mounts:
             if m.fstype == "cgroup2":
                 top = _under(root, m.mountpoint)
                 directory = _join(top, _relative(v2_path, m.root))
-                if "memory" not in _controllers(top):
+                if controller not in _controllers(top):
                     continue
                 return Location(2, v2_path, directory, top)
-        raise CgroupUnavailable("no cgroup v2 mount with the memory controller")
-    raise CgroupUnavailable("/proc/self/cgroup names no memory cgroup")
+        raise CgroupUnavailable(f"no cgroup v2 mount with the {controller} controller")
+    raise CgroupUnavailable(f"/proc/self/cgroup names no {controller} cgroup")
 
 
 def _join(top: Path, relative: str) -> Path:
