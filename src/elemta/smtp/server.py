@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .. import __version__
 from ..config import Config
+from ..events import emit
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .dataparse import DataDecoder, DataState
 from .policy import classify_recipient
@@ -415,14 +416,10 @@ class ElemtaSMTP(SMTP):
         envelope = self._envelope()
         rcpts = len(envelope.mailboxes)
         self.ctx.observer.message_accepted(spool.size, rcpts)
-        log.info(
-            "queued %s from=<%s> rcpts=%d size=%d",
-            spool.queue_id,
-            envelope.mail_from if envelope.mail_from != "<>" else "",
-            rcpts,
-            spool.size,
-            extra={"QUEUE_ID": spool.queue_id},
-        )
+        sender = envelope.mail_from if envelope.mail_from != "<>" else ""
+        emit(log, "message_accepted",
+             f"queued {spool.queue_id} from=<{sender}> rcpts={rcpts} size={spool.size}",
+             queue_id=spool.queue_id, sender=sender, recipients=rcpts, size=spool.size)
 
     def _trace_headers(self, envelope: ElemtaEnvelope, qid: str) -> bytes:
         session = self._session()

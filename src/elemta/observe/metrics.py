@@ -1,0 +1,310 @@
+"""The Prometheus registry of one daemon: the guide's metric names plus SMTP counters.
+
+Memory figures are read from the governor's latest Snapshot at scrape time (a custom
+collector); nothing here measures memory. SMTP counters live in `SmtpStats`, which the SMTP
+layer drives through the `SmtpObserver` hooks and which /api/stats reads too, so /metrics and
+/api/stats always show the same numbers.
+
+Every label has a bounded set of values: reply codes and enhanced codes elemta itself
+generates, fixed rejection reasons, kernel event names, limit sources. No peer addresses.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from .. import __version__
+from ..memory.snapshot import BreakerState, MemoryState, Snapshot
+
+
+class SnapshotSource(Protocol):
+    """What the reporting surfaces need from the governor: its latest Snapshot."""
+
+    @property
+    def snapshot(self) -> Snapshot | None: ...
+
+
+# Message sizes: 1 KiB .. 64 MiB in powers of four (max_message_size defaults to 50 MiB).
+SIZE_BUCKETS: tuple[float, ...] = tuple(float(1024 * 4**i) for i in range(9))
+
+_STATUS = re.compile(r"([2345]\d\d)(?:$| (?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?)")
+
+# Connection refusals, by the enhanced code of the reply the SMTP layer sent.
+REJECT_REASONS = {"4.3.2": "shutting_down", "4.7.0": "max_connections", "4.3.1": "memory"}
+
+
+def parse_status(status: str) -> tuple[str, str]:
+    """('452', '4.3.1') from '452 4.3.1 Insufficient system storage'; ('', '') if unparsable.
+
+    Continuation lines of a multi-line reply ('250-PIPELINING') give ('', ''), so a reply
+    counts once, by its last line.
+    """
+    m = _STATUS.match(status)
+    if m is None:
+        return "", ""
+    return m.group(1), m.group(2) or ""
+
+
+@dataclass
+class SmtpCounts:
+    """A consistent copy of the SMTP counters."""
+
+    replies: dict[tuple[str, str], int]  # (code, enhanced) -> count
+    connections_accepted: int
+    connections_rejected: dict[str, int]  # reason -> count
+    messages_accepted: int
+    recipients_accepted: int
+    bytes_accepted: int
+    size_buckets: list[int]  # cumulative counts per SIZE_BUCKETS bound, then +Inf
+
+    def replies_by_class(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (code, _), n in self.replies.items():
+            key = f"{code[0]}xx"
+            out[key] = out.get(key, 0) + n
+        return out
+
+
+@dataclass
+class SmtpStats:
+    """The SmtpObserver the daemon attaches to SmtpContext.observer.
+
+    Written from the event loop, read from the HTTP thread: a lock keeps reads consistent.
+    """
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _replies: dict[tuple[str, str], int] = field(default_factory=dict)
+    _accepted: int = 0
+    _rejected: dict[str, int] = field(default_factory=dict)
+    _messages: int = 0
+    _recipients: int = 0
+    _bytes: int = 0
+    _size_counts: list[int] = field(default_factory=lambda: [0] * (len(SIZE_BUCKETS) + 1))
+
+    # -- SmtpObserver --------------------------------------------------------------------
+    def reply(self, status: str) -> None:
+        key = parse_status(status)
+        if not key[0]:
+            return
+        with self._lock:
+            self._replies[key] = self._replies.get(key, 0) + 1
+
+    def message_accepted(self, size: int, recipients: int) -> None:
+        slot = next((i for i, b in enumerate(SIZE_BUCKETS) if size <= b), len(SIZE_BUCKETS))
+        with self._lock:
+            self._messages += 1
+            self._recipients += recipients
+            self._bytes += size
+            self._size_counts[slot] += 1
+
+    def connection(self, outcome: str) -> None:
+        with self._lock:
+            if outcome == "accepted":
+                self._accepted += 1
+            else:
+                reason = REJECT_REASONS.get(outcome, "other")
+                self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    # -- readers ---------------------------------------------------------------------------
+    def counts(self) -> SmtpCounts:
+        with self._lock:
+            cumulative, total = [], 0
+            for n in self._size_counts:
+                total += n
+                cumulative.append(total)
+            return SmtpCounts(
+                replies=dict(self._replies),
+                connections_accepted=self._accepted,
+                connections_rejected=dict(self._rejected),
+                messages_accepted=self._messages,
+                recipients_accepted=self._recipients,
+                bytes_accepted=self._bytes,
+                size_buckets=cumulative,
+            )
+
+
+def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=list(labels))
+    g.add_metric(list(labels.values()), value)
+    return g
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+class MemoryCollector:
+    """Renders the governor's latest Snapshot; absent metrics mean no snapshot yet."""
+
+    def __init__(self, source: Callable[[], Snapshot | None]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Any]:
+        return []  # families depend on the snapshot (cgroup, PSI); skip the registry's check
+
+    def collect(self) -> Iterator[Any]:
+        snap = self._source()
+        if snap is None:
+            return
+        yield _gauge("elemta_memory_usage_bytes",
+                     "Memory in use by the binding term (RSS, cgroup working set or host)",
+                     snap.usage)
+        yield _gauge("elemta_memory_utilization_percent",
+                     "Memory usage as percent of the effective limit", snap.utilization_percent)
+        limit = GaugeMetricFamily("elemta_memory_limit_bytes",
+                                  "Effective memory limit; source says which ceiling binds",
+                                  labels=["source"])
+        limit.add_metric([snap.limit_source.value], snap.limit)
+        yield limit
+        state = GaugeMetricFamily("elemta_memory_state",
+                                  "Memory state: 1 for the current one", labels=["state"])
+        for s in MemoryState:
+            state.add_metric([s.value], 1.0 if s is snap.state else 0.0)
+        yield state
+        thresholds = GaugeMetricFamily("elemta_memory_threshold_ratio",
+                                       "Configured utilization thresholds (0-1)",
+                                       labels=["threshold"])
+        thresholds.add_metric(["warning"], snap.warning_threshold)
+        thresholds.add_metric(["gc"], snap.gc_threshold)
+        thresholds.add_metric(["critical"], snap.critical_threshold)
+        yield thresholds
+        yield _gauge("elemta_circuit_breaker_open", "1 while the circuit breaker refuses connections",
+                     0.0 if snap.breaker is BreakerState.CLOSED else 1.0)
+        yield _gauge("elemta_memory_protection_enabled",
+                     "memory_exhaustion_protection (0: log only, never refuse)",
+                     1.0 if snap.protection else 0.0)
+        yield _gauge("elemta_memory_snapshot_age_seconds", "Seconds since the governor's last sample",
+                     max(0.0, time.monotonic() - snap.taken_at))
+        yield _gauge("elemta_process_memory_rss_bytes", "RSS of the daemon and its worker threads",
+                     snap.process_rss)
+        yield _gauge("elemta_session_memory_bytes", "In-memory bytes held by all SMTP sessions",
+                     snap.session_bytes)
+        yield _gauge("elemta_host_memory_total_bytes", "Host RAM", snap.host_total)
+        yield _gauge("elemta_host_memory_available_bytes", "Host RAM available (MemAvailable)",
+                     snap.host_available)
+        yield _counter("elemta_gc_runs", "Forced garbage collections (gc.collect + malloc_trim)",
+                       snap.gc_runs)
+        yield _gauge("elemta_gc_last_freed_bytes", "Bytes RSS fell by in the last forced collection",
+                     snap.last_gc_freed)
+        if snap.last_gc_at is not None:
+            yield _gauge("elemta_gc_last_run_timestamp_seconds",
+                         "Unix time of the last forced collection", snap.last_gc_at)
+        yield _gauge("elemta_goroutines_current", "asyncio tasks plus threads", snap.tasks)
+        yield _gauge("elemta_goroutines_max", "max_goroutines: cap on tasks plus threads",
+                     snap.max_tasks)
+        yield _gauge("elemta_sessions_active", "SMTP sessions open now", snap.sessions)
+        yield _gauge("elemta_sessions_max", "max_connections: cap on SMTP sessions",
+                     snap.max_sessions)
+        cg = snap.cgroup
+        if cg is not None:
+            yield _gauge("elemta_cgroup_info", "The daemon's memory cgroup (value 1)", 1.0,
+                         version=str(cg.version), path=cg.path)
+            yield _gauge("elemta_cgroup_memory_current_bytes",
+                         "cgroup memory.current (v1: memory.usage_in_bytes)", cg.current)
+            yield _gauge("elemta_cgroup_memory_working_set_bytes",
+                         "cgroup usage minus inactive file cache", cg.working_set)
+            if cg.limit is not None:
+                yield _gauge("elemta_cgroup_memory_max_bytes",
+                             "Lowest cgroup memory limit up to the root", cg.limit)
+            events = CounterMetricFamily("elemta_cgroup_memory_events",
+                                         "cgroup memory.events counts (v1: failcnt, oom_kill)",
+                                         labels=["event"])
+            for name, n in sorted(cg.events.items()):
+                events.add_metric([name], n)
+            yield events
+        psi = snap.pressure
+        if psi is not None:
+            yield _gauge("elemta_memory_pressure_some_avg10",
+                         "PSI memory 'some' avg10 (percent of time stalled)", psi.some_avg10)
+            yield _gauge("elemta_memory_pressure_full_avg10",
+                         "PSI memory 'full' avg10 (percent of time stalled)", psi.full_avg10)
+            yield _counter("elemta_memory_pressure_some_stall_seconds",
+                           "PSI memory 'some' total stall time", psi.some_total_us / 1e6)
+            yield _counter("elemta_memory_pressure_full_stall_seconds",
+                           "PSI memory 'full' total stall time", psi.full_total_us / 1e6)
+
+
+class SmtpCollector:
+    def __init__(self, stats: SmtpStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        c = self._stats.counts()
+        replies = CounterMetricFamily("elemta_smtp_replies",
+                                      "SMTP replies sent, by code class, code and enhanced code",
+                                      labels=["class", "code", "enhanced"])
+        for (code, enhanced), n in sorted(c.replies.items()):
+            replies.add_metric([f"{code[0]}xx", code, enhanced], n)
+        yield replies
+        yield _counter("elemta_connections_accepted", "SMTP connections greeted with 220",
+                       c.connections_accepted)
+        rejected = CounterMetricFamily("elemta_connections_rejected",
+                                       "SMTP connections refused at the greeting, by reason",
+                                       labels=["reason"])
+        for reason in sorted({*REJECT_REASONS.values(), "other", *c.connections_rejected}):
+            rejected.add_metric([reason], c.connections_rejected.get(reason, 0))
+        yield rejected
+        yield _counter("elemta_messages_accepted", "Messages stored durably and answered 250",
+                       c.messages_accepted)
+        yield _counter("elemta_message_recipients_accepted",
+                       "Recipients of messages answered 250", c.recipients_accepted)
+        sizes = HistogramMetricFamily("elemta_message_size_bytes", "Size of accepted messages")
+        bounds = [*(str(b) for b in SIZE_BUCKETS), "+Inf"]
+        sizes.add_metric([], list(zip(bounds, (float(n) for n in c.size_buckets), strict=True)),
+                         float(c.bytes_accepted))
+        yield sizes
+
+
+class BuildInfoCollector:
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        yield _gauge("elemta_build_info", "elemta version (value 1)", 1.0,
+                     version=__version__, python=platform.python_version())
+
+
+class LoopCollector:
+    def __init__(self, heartbeat_age: Callable[[], float]) -> None:
+        self._age = heartbeat_age
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        yield _gauge("elemta_event_loop_heartbeat_age_seconds",
+                     "Seconds since the event loop last ran its heartbeat", self._age())
+
+
+def build_registry(
+    snapshot: Callable[[], Snapshot | None],
+    stats: SmtpStats,
+    heartbeat_age: Callable[[], float],
+) -> CollectorRegistry:
+    """A fresh registry for one daemon: elemta's collectors plus process_* and python_gc_*."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    for collector in (MemoryCollector(snapshot), SmtpCollector(stats), BuildInfoCollector(),
+                      LoopCollector(heartbeat_age)):
+        registry.register(collector)
+    return registry
+

@@ -1,0 +1,76 @@
+"""What the daemon starts for observability: SMTP counters, loop heartbeat, admin HTTP server.
+
+    obs = Observability(config)              # before sessions: ctx.observer = obs.smtp
+    obs.start(snapshot_source, draining)     # on the event loop, after the SMTP sockets
+    await obs.stop()                         # last, so /health answers while draining
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from ..config import Config
+from ..memory.snapshot import Snapshot
+from . import report
+from .heap import HeapProfiler
+from .heartbeat import Heartbeat, install_test_block
+from .http import AdminApp, AdminServer
+from .metrics import SmtpStats, SnapshotSource, build_registry
+
+log = logging.getLogger("elemta.observe")
+
+
+class Observability:
+    def __init__(self, config: Config, started: float | None = None) -> None:
+        self.config = config
+        self.started = time.time() if started is None else started
+        self.smtp = SmtpStats()
+        self.heartbeat = Heartbeat()
+        self.source: SnapshotSource | None = None
+        self._draining: Callable[[], bool] = lambda: False
+        self.registry = build_registry(self._snapshot, self.smtp, self.heartbeat.age)
+        self.profiler = HeapProfiler() if config.api.enable_profiling else None
+        self.server: AdminServer | None = None
+        self._beat: asyncio.Task[None] | None = None
+
+    def _snapshot(self) -> Snapshot | None:
+        return self.source.snapshot if self.source is not None else None
+
+    def inputs(self) -> report.Inputs:
+        return report.Inputs(
+            snapshot=self._snapshot(),
+            smtp=self.smtp.counts(),
+            heartbeat_age=self.heartbeat.age(),
+            draining=self._draining(),
+            started=self.started,
+            profiling=self.profiler is not None,
+        )
+
+    def start(self, source: SnapshotSource | None, draining: Callable[[], bool]) -> None:
+        """Bind the admin endpoint (OSError if it cannot) and start the heartbeat."""
+        self.source = source
+        self._draining = draining
+        if self.profiler is not None:
+            self.profiler.start()
+            log.warning("heap profiling on: tracemalloc traces every allocation "
+                        "([api] enable_profiling)")
+        loop = asyncio.get_running_loop()
+        self.heartbeat.beat()
+        self._beat = loop.create_task(self.heartbeat.run(), name="elemta-heartbeat")
+        install_test_block(loop)
+        self.server = AdminServer(self.config.api.listen, AdminApp(self.inputs, self.registry,
+                                                                    self.profiler))
+        self.server.start()
+        log.info("admin HTTP listening on %s (/metrics, /health, /api/stats%s)",
+                 self.server.address, ", /debug/pprof/heap" if self.profiler else "")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+            self.server = None
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
