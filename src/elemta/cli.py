@@ -1,9 +1,11 @@
-"""Command line: elemta serve | check-config | --version."""
+"""Command line: elemta serve | check-config | stats | --version."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +33,33 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    stats = sub.add_parser("stats", help="print the running daemon's /api/stats")
+    stats.add_argument("--api", metavar="URL",
+                       help="admin endpoint base URL (default: from [api] listen in the config)")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON document")
+    stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     return p
+
+
+def stats(api: str | None, path: str | None, as_json: bool) -> int:
+    from .observe import statsview
+
+    if api is None:
+        cfg = _load(path)
+        if cfg is None:
+            return EXIT_CONFIG
+        api = statsview.default_url(cfg.api.listen)
+    try:
+        doc = statsview.fetch(api)
+    except statsview.StatsError as exc:
+        print(f"elemta: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n" if as_json else statsview.render(doc))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `elemta stats | head`: as the Python docs advise, no second
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # error at exit
+    return EXIT_OK
 
 
 def _load(path: str | None) -> config.Config | None:
@@ -78,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "stats":
+        return stats(args.api, args.config, args.json)
     return serve(args.config)
 
 

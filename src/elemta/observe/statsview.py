@@ -1,0 +1,118 @@
+"""`elemta stats`: fetch /api/stats and render it for a human (aligned table, sizes in MiB)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ..config import ListenAddress
+
+TIMEOUT = 5.0
+
+
+class StatsError(Exception):
+    pass
+
+
+def default_url(listen: ListenAddress) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+    return f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
+
+
+def fetch(base: str) -> dict[str, Any]:
+    url = base.rstrip("/") + "/api/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        raise StatsError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatsError(f"cannot reach {url}: {reason}") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise StatsError(f"{url}: answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise StatsError(f"{url}: answer is not a JSON object")
+    return doc
+
+
+def mib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1048576:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = [
+        ("version", str(doc.get("version", "?"))),
+        ("uptime", _duration(float(doc.get("uptime_seconds", 0)))),
+    ]
+    mem = doc.get("memory")
+    if mem is None:
+        out.append(("memory", "no governor sample yet"))
+    else:
+        t = mem["thresholds"]
+        out += [
+            ("memory state", f"{mem['state']} (breaker {doc.get('breaker')})"),
+            ("memory usage", f"{mib(mem['usage_bytes'])} of {mib(mem['limit_bytes'])} "
+                             f"({mem['utilization_percent']:.2f}%)"),
+            ("limit source", str(mem["limit_source"])),
+            ("thresholds", f"warning {t['warning']:.2f}, gc {t['gc']:.2f}, "
+                           f"critical {t['critical']:.2f}"),
+            ("process RSS", mib(mem["process_rss_bytes"])),
+            ("session buffers", mib(mem["session_bytes"])),
+            ("host RAM", f"{mib(mem['host']['available_bytes'])} available of "
+                         f"{mib(mem['host']['total_bytes'])}"),
+        ]
+        cg = mem.get("cgroup")
+        if cg is not None:
+            out += [
+                ("cgroup", f"v{cg['version']} {cg['path']}"),
+                ("cgroup usage", f"{mib(cg['current_bytes'])} (working set "
+                                 f"{mib(cg['working_set_bytes'])}), limit "
+                                 f"{mib(cg['limit_bytes']) if cg['limit_bytes'] else 'none'}"),
+            ]
+            if cg.get("events"):
+                out.append(("cgroup events", ", ".join(f"{k} {v}" for k, v in cg["events"].items())))
+        psi = mem.get("pressure")
+        if psi is not None:
+            out.append(("pressure avg10", f"some {psi['some_avg10']:.2f}%, full {psi['full_avg10']:.2f}%"))
+        gc = mem["gc"]
+        last = "never" if gc["last_at"] is None else f"freed {mib(gc['last_freed_bytes'])} last time"
+        out.append(("forced GC", f"{gc['runs']} runs, {last}"))
+    for key in ("sessions", "tasks"):
+        v = doc.get(key)
+        out.append((key, "-" if v is None else f"{v['current']} of {v['max']}"))
+    smtp = doc.get("smtp", {})
+    conns = smtp.get("connections", {})
+    rejected = conns.get("rejected", {})
+    out += [
+        ("connections", f"{conns.get('accepted', 0)} accepted, {sum(rejected.values())} rejected"
+                        + (f" ({', '.join(f'{k} {v}' for k, v in rejected.items())})"
+                           if rejected else "")),
+        ("messages", f"{smtp.get('messages_accepted', 0)} accepted, "
+                     f"{smtp.get('recipients_accepted', 0)} recipients, "
+                     f"{mib(smtp.get('bytes_accepted', 0))}"),
+    ]
+    replies = smtp.get("replies", {})
+    if replies:
+        out.append(("replies", ", ".join(f"{k}: {v}" for k, v in replies.items())))
+    loop = doc.get("event_loop", {})
+    out.append(("event loop", f"heartbeat {loop.get('heartbeat_age_seconds', 0):.1f}s ago"))
+    return out
+
+
+def render(doc: dict[str, Any]) -> str:
+    table = rows(doc)
+    width = max(len(k) for k, _ in table)
+    return "".join(f"{k:<{width}}  {v}\n" for k, v in table)
