@@ -82,6 +82,9 @@ class Daemon:
             log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",
                         removed)
         self.governor.start()  # first sample (and its log line) before serving
+        # Admin endpoint first: once "SMTP listening" is logged, /health answers too.
+        # No governor yet: /metrics and /api/stats omit memory figures until one is attached.
+        self.observe.start(None, lambda: self.ctx.draining)
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
         factory = session_factory(self.ctx)
@@ -89,8 +92,6 @@ class Daemon:
             server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
             self.servers.append(server)
             log.info("SMTP listening on %s", _describe(sock))
-        # No governor yet: /metrics and /api/stats omit memory figures until one is attached.
-        self.observe.start(None, lambda: self.ctx.draining)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
 

@@ -13,7 +13,7 @@ import pytest
 from elemta.events import EVENTS
 from elemta.observe import catalog
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "packaging" / "journal" / "elemta.catalog"
 
 
