@@ -10,39 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import Daemon, free_port, running, start, write_config
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def get(d: Daemon, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-        timeout: float = 10.0) -> Response:
-    req = urllib.request.Request(f"http://127.0.0.1:{d.api_port}{path}", method=method,
-                                 headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                            resp.read())
-    except urllib.error.HTTPError as exc:
-        return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+from httpclient import get, metric_values
 
 
 def api(d: Daemon) -> str:
@@ -54,14 +29,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     """The shared fixture's daemon, with a 4 KiB message size limit to provoke 552."""
     with running(tmp_path, "[server]\nmax_message_size = 4096\n") as d:
         yield d
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def test_endpoints_and_content_types(daemon: Daemon) -> None:
