@@ -37,7 +37,8 @@ def snapshot(**kw: object) -> Snapshot:
         host_available=5 << 30,
         cgroup=CgroupFigures(version=1, path="/system.slice/elemta.service",
                              current=950 << 20, limit=1 << 30, working_set=900 << 20,
-                             inactive_file=50 << 20, events={"failcnt": 2, "oom_kill": 0}),
+                             inactive_file=50 << 20, events={"failcnt": 2, "oom_kill": 0, "under_oom": 1,
+                                                     "oom_kill_disable": 0}),
         pressure=Pressure(some_avg10=1.5, full_avg10=0.25, some_total_us=2_000_000,
                           full_total_us=500_000),
     )
@@ -72,6 +73,10 @@ def test_guide_names_and_values_from_the_snapshot() -> None:
     assert m[("elemta_cgroup_memory_max_bytes", ())] == 1 << 30
     assert m[("elemta_cgroup_memory_working_set_bytes", ())] == 900 << 20
     assert m[("elemta_cgroup_memory_events_total", (("event", "failcnt"),))] == 2
+    # v1 oom_control flags are states, not counters
+    assert ("elemta_cgroup_memory_events_total", (("event", "under_oom"),)) not in m
+    assert ("elemta_cgroup_memory_events_total", (("event", "oom_kill_disable"),)) not in m
+    assert m[("elemta_cgroup_memory_under_oom", ())] == 1
     assert m[("elemta_memory_pressure_some_avg10", ())] == 1.5
     assert m[("elemta_memory_pressure_full_avg10", ())] == 0.25
     assert m[("elemta_memory_threshold_ratio", (("threshold", "critical"),))] == 0.9
@@ -156,7 +161,8 @@ def test_stats_document_mirrors_the_snapshot() -> None:
         snap.usage, snap.limit, "cgroup-v1", "warning")
     assert mem["utilization_percent"] == snap.utilization_percent
     assert mem["thresholds"] == {"warning": 0.75, "gc": 0.8, "critical": 0.9}
-    assert mem["cgroup"]["events"] == {"failcnt": 2, "oom_kill": 0}
+    assert mem["cgroup"]["events"] == {"failcnt": 2, "oom_kill": 0, "under_oom": 1,
+                                       "oom_kill_disable": 0}
     assert mem["pressure"]["full_avg10"] == 0.25
     assert mem["gc"] == {"runs": 3, "last_at": snap.last_gc_at, "last_freed_bytes": 5 << 20}
     assert doc["sessions"] == {"current": 12, "max": 1000}

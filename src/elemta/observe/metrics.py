@@ -42,6 +42,9 @@ SIZE_BUCKETS: tuple[float, ...] = tuple(float(1024 * 4**i) for i in range(9))
 
 _STATUS = re.compile(r"([2345]\d\d)(?:$| (?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?)")
 
+# cgroup v1 memory.oom_control reports these flags beside the oom_kill count: states, not counts.
+_V1_OOM_FLAGS = frozenset({"under_oom", "oom_kill_disable"})
+
 # Connection refusals, by the enhanced code of the reply the SMTP layer sent.
 REJECT_REASONS = {"4.3.2": "shutting_down", "4.7.0": "max_connections", "4.3.1": "memory"}
 
@@ -225,8 +228,13 @@ class MemoryCollector:
                                          "cgroup memory.events counts (v1: failcnt, oom_kill)",
                                          labels=["event"])
             for name, n in sorted(cg.events.items()):
-                events.add_metric([name], n)
+                if name not in _V1_OOM_FLAGS:
+                    events.add_metric([name], n)
             yield events
+            if "under_oom" in cg.events:
+                yield _gauge("elemta_cgroup_memory_under_oom",
+                             "cgroup v1 memory.oom_control under_oom (1: the OOM killer is busy)",
+                             cg.events["under_oom"])
         psi = snap.pressure
         if psi is not None:
             yield _gauge("elemta_memory_pressure_some_avg10",
