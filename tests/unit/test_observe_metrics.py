@@ -125,6 +125,8 @@ def test_message_size_histogram_buckets() -> None:
     ("220 mx.example.test ESMTP elemta", ("220", "")),
     ("354 End data with <CR><LF>.<CR><LF>", ("354", "")),
     ("2500 nonsense", ("", "")),
+    ("250-mx.example.test\r\n250-PIPELINING\r\n250 HELP\r\n", ("250", "")),
+    ("250-first\n452 4.3.1 last", ("452", "4.3.1")),
 ])
 def test_parse_status(status: str, parsed: tuple[str, str]) -> None:
     assert parse_status(status) == parsed

@@ -53,9 +53,9 @@ def parse_status(status: str) -> tuple[str, str]:
     """('452', '4.3.1') from '452 4.3.1 Insufficient system storage'; ('', '') if unparsable.
 
     Continuation lines of a multi-line reply ('250-PIPELINING') give ('', ''), so a reply
-    counts once, by its last line.
+    counts once, by its last line (also when the whole reply comes as one string).
     """
-    m = _STATUS.match(status)
+    m = _STATUS.match(status.rstrip("\r\n").rsplit("\n", 1)[-1].lstrip("\r"))
     if m is None:
         return "", ""
     return m.group(1), m.group(2) or ""
