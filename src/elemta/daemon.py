@@ -82,9 +82,8 @@ class Daemon:
             log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",
                         removed)
         self.governor.start()  # first sample (and its log line) before serving
-        # Admin endpoint first: once "SMTP listening" is logged, /health answers too.
-        # No governor yet: /metrics and /api/stats omit memory figures until one is attached.
-        self.observe.start(None, lambda: self.ctx.draining)
+        # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
+        self.observe.start(self.governor, lambda: self.ctx.draining)
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
         factory = session_factory(self.ctx)

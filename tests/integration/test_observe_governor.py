@@ -6,12 +6,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from daemon import Daemon, running
 from httpclient import Sample, get, metric_values
-
-pytest.importorskip("elemta.memory.governor")
 
 GUIDE_NAMES = ("elemta_memory_usage_bytes", "elemta_memory_utilization_percent",
                "elemta_gc_runs_total", "elemta_goroutines_current")
