@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml scripts/bootstrap
 stress: $(STAMP)
 	ELEMTA_STRESS=1 $(BIN)/pytest -q -s tests/resilience
 
+# Side by side with aiosmtpd, Postfix and smtp-sink (~5 min); make bench BENCH_ARGS=--quick for ~1 min.
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/governor.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)  # also runs bench/governor.py's measurements
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var

@@ -175,8 +175,9 @@ def sink() -> Server:
     """Postfix's smtp-sink: one process, accepts everything, discards it in memory."""
     port = free_port()
     # -u is required when run as root (it drops privileges after binding); -c/-p/-v off;
-    # backlog 2048 so 1,000 idle sessions connect without SYN retries.
-    cmd = [SMTP_SINK, *(["-u", "nobody"] if os.geteuid() == 0 else []), f"127.0.0.1:{port}", "2048"]
+    # -m: its default cap is 256 concurrent sessions; backlog 2048 for 1,000 idle sessions.
+    cmd = [SMTP_SINK, *(["-u", "nobody"] if os.geteuid() == 0 else []), "-m", "2048",
+           f"127.0.0.1:{port}", "2048"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return popen_server("smtp-sink", port, proc)

@@ -130,15 +130,18 @@ def governor_rows(rounds: int, quick: bool) -> list[tuple[str, str]]:
 
 
 def ratio(e: float, other: float) -> str:
-    return f"{e / other:.2f}x" if other > 0 and e == e and other == other else "-"
+    if not other > 0 or e != e:  # no baseline figure, or a zero one (nothing to divide by)
+        return "-"
+    r = e / other
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, --quick 2)")
     ap.add_argument("--quick", action="store_true", help="smaller counts: a rough table in about 3 minutes")
-    ap.add_argument("--messages", type=int, help="messages per 10 KiB workload (default 2000)")
-    ap.add_argument("--mib-messages", type=int, help="messages in the 1 MiB workload (default 200)")
+    ap.add_argument("--messages", type=int, help="messages per 10 KiB workload (default 5000)")
+    ap.add_argument("--mib-messages", type=int, help="messages in the 1 MiB workload (default 300)")
     ap.add_argument("--idle", type=int, help="idle sessions held open (default 1000)")
     ap.add_argument("--big-mib", type=int, default=50, help="size of the one big message (MiB)")
     ap.add_argument("--elemta-variant", action="append", default=[], metavar="SNIPPET",
@@ -165,11 +168,15 @@ def main() -> None:
             t0 = time.monotonic()
             server = factories[name]()
             try:
-                for key, value in measure(server, sizes).items():
-                    figures.setdefault((name, key), []).append(value)
+                got = measure(server, sizes)
             finally:
                 server.stop()
-            print(f"round {rnd + 1}/{rounds}: {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+            for key, value in got.items():
+                figures.setdefault((name, key), []).append(value)
+            # Every round's own figures too, so the spread behind each median is visible.
+            print(f"round {rnd + 1}/{rounds} {name} ({time.monotonic() - t0:.0f} s): "
+                  f"{got['small_1_rate']:.0f} / {got['small_100_rate']:.0f} / {got['mib_rate']:.1f} msg/s, "
+                  f"big +{got['big_rss_mib']:.1f} MiB, idle {got['idle_pss_kib']:.1f} KiB PSS", flush=True)
 
     gov = [] if args.no_governor else governor_rows(rounds, args.quick)
 

@@ -35,8 +35,8 @@ KiB = 1024
 
 @dataclass(frozen=True)
 class Sizes:
-    messages: int = 2000  # per 10 KiB workload
-    big_messages: int = 200  # for the 1 MiB workload
+    messages: int = 5000  # per 10 KiB workload: several seconds each, so noise averages out
+    big_messages: int = 300  # for the 1 MiB workload
     sessions: int = 20
     big_sessions: int = 4
     big_mib: int = 50
