@@ -91,7 +91,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
 def elemta(extra: str = "", name: str = "elemta") -> Server:
     work = spool_dir()
     # Default logging (info: one line per message), as in production.
-    d = start_elemta(work, extra)
+    try:
+        d = start_elemta(work, extra)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
 
 

@@ -166,11 +166,15 @@ def main() -> None:
         order = list(factories) if rnd % 2 == 0 else list(reversed(factories))
         for name in order:
             t0 = time.monotonic()
-            server = factories[name]()
             try:
-                got = measure(server, sizes)
-            finally:
-                server.stop()
+                server = factories[name]()
+                try:
+                    got = measure(server, sizes)
+                finally:
+                    server.stop()
+            except Exception as exc:  # one broken server must not cost the others' figures
+                print(f"round {rnd + 1}/{rounds} {name}: failed: {exc}"[:600], flush=True)
+                continue
             for key, value in got.items():
                 figures.setdefault((name, key), []).append(value)
             # Every round's own figures too, so the spread behind each median is visible.
@@ -191,7 +195,8 @@ def main() -> None:
     rows = [header]
     for key, label, fmt in ROWS:
         med = {n: median(figures.get((n, key), [])) for n in names}
-        row = [label.format(big=sizes.big_mib, idle=sizes.idle), *(fmt.format(med[n]) for n in names)]
+        row = [label.format(big=sizes.big_mib, idle=sizes.idle),
+               *(fmt.format(med[n]) if med[n] == med[n] else "-" for n in names)]
         for e in elemtas:
             for other in (BASELINE, POSTFIX):
                 if other in names:
