@@ -55,6 +55,9 @@ class Server:
     # Called after each workload: returns once mail accepted so far is fully handled
     # (Postfix: its queue is empty), so CPU figures include the delivery work too.
     settle: Callable[[], None] = field(default=lambda: None)
+    # Called before the idle-session figure: drops processes left idle by earlier workloads
+    # (Postfix keeps an smtpd per recent session), which new sessions would otherwise reuse.
+    shed_idle: Callable[[], None] = field(default=lambda: None)
 
     def stop(self) -> None:
         self.stop_fn()

@@ -157,7 +157,22 @@ def durable(processes: int = 1200, max_size: int = 200 * MiB) -> Server:
         while _queued(queue) and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    return Server("postfix", port, pid, stop, settle)
+    def shed_idle(timeout: float = 20) -> None:
+        # reload: every idle service process exits and is forked again on demand.
+        _postfix(confdir, "reload")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_comm(p) == "smtpd" for p in tree_pids(pid)):
+            time.sleep(0.05)
+
+    return Server("postfix", port, pid, stop, settle, shed_idle)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

@@ -45,19 +45,19 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Workload:
-    key: str
-    label: str
+    key: str  # prefix of the figures' keys
     size: int
-    sessions_attr: str
-    messages_attr: str
-    keep_connection: bool
+    messages: int
+    sessions: int
+    keep_connection: bool  # smtp-source -d: all of a session's messages over one connection
 
 
-WORKLOADS = (
-    Workload("small_1", "10 KiB 1/conn", 10 * KiB, "sessions", "messages", False),
-    Workload("small_100", "10 KiB 100/conn", 10 * KiB, "sessions", "messages", True),
-    Workload("mib", "1 MiB", MiB, "big_sessions", "big_messages", False),
-)
+def workloads(s: Sizes) -> tuple[Workload, ...]:
+    return (
+        Workload("small_1", 10 * KiB, s.messages, s.sessions, False),
+        Workload("small_100", 10 * KiB, s.messages, s.sessions, True),
+        Workload("mib", MiB, s.big_messages, s.big_sessions, False),
+    )
 
 
 def measure(server: Server, sizes: Sizes) -> dict[str, float]:
@@ -73,18 +73,17 @@ def measure(server: Server, sizes: Sizes) -> dict[str, float]:
     out["big_rss_mib"] = (r[1] - r[0]) / MiB
     server.settle()
 
-    for w in WORKLOADS:
-        msgs = getattr(sizes, w.messages_attr)
+    for w in workloads(sizes):
         cpu0 = tree_cpu(server.pid)
-        elapsed = smtp_source(server.port, msgs, getattr(sizes, w.sessions_attr), w.size,
-                              w.keep_connection)
+        elapsed = smtp_source(server.port, w.messages, w.sessions, w.size, w.keep_connection)
         server.settle()
         cpu = tree_cpu(server.pid) - cpu0
-        out[f"{w.key}_rate"] = msgs / elapsed
-        out[f"{w.key}_cpu_msg_ms"] = cpu / msgs * 1000
-        out[f"{w.key}_cpu_mib_ms"] = cpu / (msgs * w.size / MiB) * 1000
+        out[f"{w.key}_rate"] = w.messages / elapsed
+        out[f"{w.key}_cpu_msg_ms"] = cpu / w.messages * 1000
+        out[f"{w.key}_cpu_mib_ms"] = cpu / (w.messages * w.size / MiB) * 1000
 
     # Last: Postfix leaves one smtpd per idle session behind for a while.
+    server.shed_idle()
     time.sleep(0.2)
     rss0, pss0 = tree_rss(server.pid), tree_pss(server.pid)
     with idle_sessions(server.port, sizes.idle):
