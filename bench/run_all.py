@@ -17,9 +17,11 @@ variant whose keys the installed elemta's `check-config` refuses is skipped and 
 Without --elemta-variant: plain elemta, or `workers=1` and `workers="auto"` once
 check-config accepts [server] workers.
 
-Governor rows come from bench/governor.py when it exists: it must define
+Governor rows come from bench/governor.py when it exists: it should define
     bench_rows(rounds: int, quick: bool) -> list[tuple[str, str]]
-returning (row label, printed figure) pairs; they are added under the elemta columns.
+returning (row label, printed figure) pairs; they are added under the first elemta column.
+Until it does, its reaction(runs) and overhead(rounds, messages, sessions) are called and
+print their own tables before the main one.
 """
 
 from __future__ import annotations
@@ -122,11 +124,26 @@ def governor_rows(rounds: int, quick: bool) -> list[tuple[str, str]]:
         print("governor: not available yet")
         return []
     bench_rows = getattr(governor, "bench_rows", None)
-    if bench_rows is None:
+    if callable(bench_rows):
+        rows: list[tuple[str, str]] = bench_rows(rounds, quick)
+        return rows
+    # Before it offers bench_rows: its own measurements, printing their own tables here.
+    calls: tuple[tuple[str, Callable[[Callable[..., None]], None]], ...] = (
+        ("reaction", lambda f: f(3 if quick else 5)),
+        ("overhead", lambda f: f(rounds, 500 if quick else 1000, 10)),
+    )
+    ran = False
+    for name, call in calls:
+        fn = getattr(governor, name, None)
+        if callable(fn):
+            ran = True
+            try:
+                call(fn)
+            except Exception as exc:
+                print(f"governor: {name} failed: {exc}"[:600])
+    if not ran:
         print("governor: bench/governor.py has no bench_rows(rounds, quick), skipped")
-        return []
-    rows: list[tuple[str, str]] = bench_rows(rounds, quick)
-    return rows
+    return []
 
 
 def ratio(e: float, other: float) -> str:
