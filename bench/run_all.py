@@ -20,8 +20,8 @@ check-config accepts [server] workers.
 Governor rows come from bench/governor.py when it exists: it should define
     bench_rows(rounds: int, quick: bool) -> list[tuple[str, str]]
 returning (row label, printed figure) pairs; they are added under the first elemta column.
-Until it does, its reaction(runs) and overhead(rounds, messages, sessions) are called and
-print their own tables before the main one.
+Until it does, its admission_cost(calls), reaction(runs) and overhead(rounds, messages,
+sessions) are called (with its own defaults) and print their own tables before the main one.
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def governor_rows(rounds: int, quick: bool) -> list[tuple[str, str]]:
         return rows
     # Before it offers bench_rows: its own measurements, printing their own tables here.
     calls: tuple[tuple[str, Callable[[Callable[..., None]], None]], ...] = (
+        ("admission_cost", lambda f: f(2000 if quick else 20000)),
         ("reaction", lambda f: f(3 if quick else 5)),
-        ("overhead", lambda f: f(rounds, 500 if quick else 1000, 10)),
+        ("overhead", lambda f: f(2 if quick else 4, 500 if quick else 1000, 10)),
     )
     ran = False
     for name, call in calls:
