@@ -26,9 +26,10 @@ $(STAMP): pyproject.toml scripts/bootstrap
 stress: $(STAMP)
 	ELEMTA_STRESS=1 $(BIN)/pytest -q -s tests/resilience
 
+# elemta beside aiosmtpd, Postfix and smtp-sink, then the governor figures (bench/governor.py);
+# one table. make bench BENCH_ARGS=--quick for a rough one.
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/governor.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var

@@ -6,7 +6,9 @@ as medians, because this machine is shared and noisy.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,26 +42,45 @@ def spool_dir() -> Path:
 
 @dataclass
 class Server:
+    """A server under test: the root of its process tree, and how to stop it.
+
+    Figures (RSS, CPU) are summed over the whole tree, because Postfix is a dozen
+    processes and elemta may fork workers.
+    """
+
     name: str
     port: int
-    proc: subprocess.Popen[bytes]
-    cleanup: Callable[[], None] = field(default=lambda: None)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    pid: int
+    stop_fn: Callable[[], None]
+    # Called after each workload: returns once mail accepted so far is fully handled
+    # (Postfix: its queue is empty), so CPU figures include the delivery work too.
+    settle: Callable[[], None] = field(default=lambda: None)
+    # Called before the idle-session figure: drops processes left idle by earlier workloads
+    # (Postfix keeps an smtpd per recent session), which new sessions would otherwise reuse.
+    shed_idle: Callable[[], None] = field(default=lambda: None)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.cleanup()
+        self.stop_fn()
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def popen_server(name: str, port: int, proc: subprocess.Popen[bytes],
+                 cleanup: Callable[[], None] = lambda: None) -> Server:
+    def stop() -> None:
+        # Children first known, then the root killed: workers must not outlive the bench.
+        pids = tree_pids(proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        cleanup()
+
+    return Server(name, port, proc.pid, stop)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -72,8 +94,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 def elemta(extra: str = "", name: str = "elemta") -> Server:
     work = spool_dir()
     # Default logging (info: one line per message), as in production.
-    d = start_elemta(work, extra)
-    return Server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
+    try:
+        d = start_elemta(work, extra)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
 
 
 def aiosmtpd_sink() -> Server:
@@ -85,21 +111,97 @@ def aiosmtpd_sink() -> Server:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_port(port, proc)
-    return Server("aiosmtpd-sink", port, proc)
+    return popen_server("aiosmtpd-sink", port, proc)
+
+
+def _ppids() -> dict[int, int]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            out[int(name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    return out
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (from /proc: this kernel has no task/*/children)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _ppids().items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _sum_over(pids: list[int], read: Callable[[int], int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += read(pid)
+    return total
+
+
+def tree_rss(root: int) -> int:
+    """Sum of RSS over the process tree (shared pages counted once per process, like ps)."""
+    return _sum_over(tree_pids(root), rss_of)
+
+
+def pss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_pss(root: int) -> int:
+    """Sum of PSS over the tree: shared pages split between their users, so it adds up."""
+    return _sum_over(tree_pids(root), pss_of)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # utime stime cutime cstime: fields 14-17. cutime/cstime hold the children this process
+    # has reaped (Postfix's master reaps its smtpd/cleanup processes), and live children
+    # are not in them yet, so summing all four over the live tree counts everything once.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return sum(int(x) for x in fields[11:15])
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by the tree, including reaped children."""
+    return _sum_over(tree_pids(root), _cpu_ticks) / TICK
 
 
 @contextmanager
-def peak_rss(pid: int) -> Iterator[list[int]]:
-    """Samples RSS every 5 ms while the block runs; yields [baseline, peak] after it."""
-    samples = [rss_of(pid)]
+def peak_rss(root: int) -> Iterator[list[int]]:
+    """Samples the tree's summed RSS every 5 ms while the block runs; yields [baseline, peak].
+
+    Membership of the tree is refreshed every 50 ms (Postfix forks smtpd and cleanup on demand).
+    """
+    pids = tree_pids(root)
+    samples = [_sum_over(pids, rss_of)]
     stop = threading.Event()
 
     def run() -> None:
+        nonlocal pids
+        n = 0
         while not stop.is_set():
-            try:
-                samples.append(rss_of(pid))
-            except OSError:
-                return
+            n += 1
+            if n % 10 == 0:
+                pids = tree_pids(root)
+            samples.append(_sum_over(pids, rss_of))
             time.sleep(0.005)
 
     t = threading.Thread(target=run, daemon=True)
@@ -157,6 +259,57 @@ def send_one_big(port: int, size: int) -> float:
         expect(b"250")
         s.sendall(b"QUIT\r\n")
     return time.perf_counter() - t0
+
+
+def _read_reply(s: socket.socket, buf: bytearray) -> bytes:
+    """Reads one complete (possibly multi-line) reply; returns its last line."""
+    while True:
+        while b"\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise RuntimeError("connection closed by server")
+            buf += chunk
+        line, _, rest = bytes(buf).partition(b"\r\n")
+        buf[:] = rest
+        if line[3:4] != b"-":
+            return line
+
+
+def _idle_session(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        buf = bytearray()
+        for send, code in ((b"", b"220"), (b"EHLO idle.bench.test\r\n", b"250")):
+            if send:
+                s.sendall(send)
+            reply = _read_reply(s, buf)
+            if not reply.startswith(code):
+                raise RuntimeError(f"idle session: expected {code!r}, got {reply[:80]!r}")
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@contextmanager
+def idle_sessions(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """`count` sessions that got their EHLO answered and then say nothing, held open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+    socks: list[socket.socket] = []
+    try:
+        # A few at a time: Postfix forks one smtpd per session, and that is slow serially.
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(_idle_session, port) for _ in range(count)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        socks.extend(f.result() for f in futures if f.exception() is None)
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {count} idle sessions failed: {errors[0]}")
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
 
 
 def median(xs: list[float]) -> float:

@@ -1,69 +1,94 @@
-"""elemta (durable: fsync before 250) against a plain aiosmtpd sink (discards), same run.
+"""The workloads every server under test gets, and the figures taken from each.
 
-    .venv/bin/python bench/throughput.py [--rounds 3] [--messages 2000]
+Postfix's smtp-source is the client for the throughput workloads:
+  10 KiB 1/conn     20 sessions, one message per connection
+  10 KiB 100/conn   20 sessions, all of a session's messages over one connection (-d)
+  1 MiB             4 sessions, one message per connection
+CPU is the server's process tree (utime + stime, reaped children included) over each
+workload, taken after the server has finished with the mail (Postfix: queue empty).
+Then peak RSS growth of the tree while one big message is received (raw socket sender),
+and RSS/PSS per idle session (N sessions after EHLO, held open).
 
-Workloads (Postfix's smtp-source as the client, 20 sessions, 10 KiB messages):
-  1/conn    one message per connection
-  100/conn  all of a session's messages over one connection (-d)
-and one 50 MiB message (peak RSS growth of the server while it is received).
-Rounds alternate between the servers; medians and the elemta/sink ratio are printed.
+Run `bench/run_all.py` (what `make bench` runs) for the side-by-side table; this module
+only measures one server.
 """
 
 from __future__ import annotations
 
-import argparse
+import time
+from dataclasses import dataclass
 
 from common import (
     MiB,
     Server,
-    aiosmtpd_sink,
-    elemta,
-    median,
+    idle_sessions,
     peak_rss,
     send_one_big,
     smtp_source,
-    table,
+    tree_cpu,
+    tree_pss,
+    tree_rss,
 )
 
-SERVERS = {"elemta": lambda: elemta('[server]\nmax_message_size = "200MiB"'), "aiosmtpd-sink": aiosmtpd_sink}
+KiB = 1024
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--messages", type=int, default=2000)
-    ap.add_argument("--sessions", type=int, default=20)
-    ap.add_argument("--big-mib", type=int, default=50)
-    args = ap.parse_args()
-
-    rate: dict[tuple[str, str], list[float]] = {}
-    rss: dict[str, list[float]] = {}
-    for rnd in range(args.rounds):
-        order = list(SERVERS) if rnd % 2 == 0 else list(reversed(SERVERS))
-        for name in order:
-            server: Server = SERVERS[name]()
-            try:
-                for label, per_conn in (("1/conn", False), ("100/conn", True)):
-                    msgs = args.messages
-                    elapsed = smtp_source(server.port, msgs, args.sessions, 10 * 1024, per_conn)
-                    rate.setdefault((name, label), []).append(msgs / elapsed)
-                with peak_rss(server.pid) as r:
-                    send_one_big(server.port, args.big_mib * MiB)
-                rss.setdefault(name, []).append((r[1] - r[0]) / MiB)
-            finally:
-                server.stop()
-            print(f"round {rnd + 1}: {name} done", flush=True)
-
-    base = "aiosmtpd-sink"
-    rows = [["workload", "elemta", base, "ratio"]]
-    for label in ("1/conn", "100/conn"):
-        e, b = median(rate["elemta", label]), median(rate[base, label])
-        rows.append([f"10 KiB {label} (msg/s)", f"{e:.0f}", f"{b:.0f}", f"{e / b:.2f}x"])
-    e, b = median(rss["elemta"]), median(rss[base])
-    rows.append([f"RSS growth, one {args.big_mib} MiB message (MiB)", f"{e:.1f}", f"{b:.1f}", ""])
-    print(f"\n{args.rounds} alternating rounds, {args.messages} messages, {args.sessions} sessions; medians")
-    print(table(rows))
+@dataclass(frozen=True)
+class Sizes:
+    messages: int = 5000  # per 10 KiB workload: several seconds each, so noise averages out
+    big_messages: int = 300  # for the 1 MiB workload
+    sessions: int = 20
+    big_sessions: int = 4
+    big_mib: int = 50
+    idle: int = 1000
 
 
-if __name__ == "__main__":
-    main()
+@dataclass(frozen=True)
+class Workload:
+    key: str  # prefix of the figures' keys
+    size: int
+    messages: int
+    sessions: int
+    keep_connection: bool  # smtp-source -d: all of a session's messages over one connection
+
+
+def workloads(s: Sizes) -> tuple[Workload, ...]:
+    return (
+        Workload("small_1", 10 * KiB, s.messages, s.sessions, False),
+        Workload("small_100", 10 * KiB, s.messages, s.sessions, True),
+        Workload("mib", MiB, s.big_messages, s.big_sessions, False),
+    )
+
+
+def measure(server: Server, sizes: Sizes) -> dict[str, float]:
+    """Every figure for one server in one round; keys are the row keys of run_all's table."""
+    out: dict[str, float] = {}
+    # Warm-up: imports, first forks and caches happen here, not in the first figure.
+    smtp_source(server.port, 20, 2, 10 * KiB, False)
+    server.settle()
+
+    # Big message first, while the server holds as little as it ever will.
+    with peak_rss(server.pid) as r:
+        send_one_big(server.port, sizes.big_mib * MiB)
+    out["big_rss_mib"] = (r[1] - r[0]) / MiB
+    server.settle()
+
+    for w in workloads(sizes):
+        cpu0 = tree_cpu(server.pid)
+        elapsed = smtp_source(server.port, w.messages, w.sessions, w.size, w.keep_connection)
+        server.settle()
+        cpu = tree_cpu(server.pid) - cpu0
+        out[f"{w.key}_rate"] = w.messages / elapsed
+        out[f"{w.key}_cpu_msg_ms"] = cpu / w.messages * 1000
+        out[f"{w.key}_cpu_mib_ms"] = cpu / (w.messages * w.size / MiB) * 1000
+
+    # Last: Postfix leaves one smtpd per idle session behind for a while.
+    server.shed_idle()
+    time.sleep(0.2)
+    rss0, pss0 = tree_rss(server.pid), tree_pss(server.pid)
+    with idle_sessions(server.port, sizes.idle):
+        time.sleep(0.5)  # let every session settle into its idle wait
+        rss1, pss1 = tree_rss(server.pid), tree_pss(server.pid)
+    out["idle_rss_kib"] = (rss1 - rss0) / sizes.idle / KiB
+    out["idle_pss_kib"] = (pss1 - pss0) / sizes.idle / KiB
+    return out
