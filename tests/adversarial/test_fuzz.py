@@ -67,6 +67,7 @@ def test_every_reply_is_well_formed_and_the_daemon_keeps_serving(live: Daemon, s
             if code == b"354":
                 s.sendall(body + b"\r\n.\r\n")
                 assert read_reply(f), "no reply after DATA"
+            # 221 and 421 close the session (421 also after too many unknown commands).
             if code in (b"221", b"421") or (verb == b"STARTTLS" and code == b"220"):
                 break
     assert live.proc.poll() is None
