@@ -121,6 +121,10 @@ class SmtpContext:
     sessions: set[ElemtaSMTP] = field(default_factory=set)
     draining: bool = False
     tls: ssl.SSLContext | None = None
+    handler: Handler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.handler = Handler(self)  # stateless: one for all sessions, not one each
 
     @property
     def session_bytes(self) -> int:
@@ -199,7 +203,7 @@ class ElemtaSMTP(SMTP):
         self._in_helo = False
         self._batch: list[str] | None = None
         super().__init__(
-            Handler(ctx),
+            ctx.handler,
             data_size_limit=cfg.max_message_size,
             hostname=ctx.config.hostname,
             ident="ESMTP elemta",
