@@ -83,6 +83,7 @@ def check_config(path: str | None) -> int:
 
 def serve(path: str | None) -> int:
     from .daemon import Daemon
+    from .observe.systemd import inherited_sockets
 
     cfg = _load(path)
     if cfg is None:
@@ -94,8 +95,12 @@ def serve(path: str | None) -> int:
     log.info("elemta %s starting (config: %s)", __version__, cfg.source)
     for warning in config.warnings(cfg):
         log.warning("%s", warning)
+    inherited = inherited_sockets()  # systemd socket activation (elemta.socket); else bind [server] listen
+    if inherited.smtp:
+        log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
+                 len(inherited.smtp))
     try:
-        asyncio.run(Daemon(cfg).run())
+        asyncio.run(Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api).run())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE

@@ -10,10 +10,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+from . import debug_freeze
 from .config import Config, ListenAddress, tls_context
+from .events import emit
 from .memory.governor import Governor
 from .observe.service import Observability
+from .observe.systemd import SnapshotSource, SystemdNotifier
+from .reload import reload_config
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -58,8 +63,10 @@ def _describe(sock: socket.socket) -> str:
 class Daemon:
     config: Config
     inherited_smtp: list[socket.socket] = field(default_factory=list)
+    inherited_api: list[socket.socket] = field(default_factory=list)  # systemd FileDescriptorName=api
     ctx: SmtpContext = field(init=False)
     governor: Governor = field(init=False)
+    systemd: SystemdNotifier = field(init=False)
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,6 +81,15 @@ class Daemon:
         self.governor = Governor(self.config, sessions=lambda: len(ctx.sessions),
                                  session_bytes=lambda: ctx.session_bytes)
         ctx.admission = self.governor
+        self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
+                                       self.config.memory.monitoring_interval)
+
+    def _snapshot_source(self) -> SnapshotSource | None:
+        """The governor, once one is attached as the admission policy."""
+        admission: object = self.ctx.admission
+        if hasattr(admission, "snapshot") and hasattr(admission, "subscribe"):
+            return cast(SnapshotSource, admission)
+        return None
 
     async def start(self) -> None:
         raise_fd_limit()
@@ -93,6 +109,32 @@ class Daemon:
             log.info("SMTP listening on %s", _describe(sock))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        debug_freeze.install(loop)
+        await self.systemd.ready(self._snapshot_source())
+
+    def reload(self) -> None:
+        """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
+        self.systemd.reloading()
+        outcome = reload_config(self.config)
+        if outcome.config is None:
+            emit(log, "config_reloaded",
+                 f"configuration reload rejected, old configuration stays in force: "
+                 f"{'; '.join(outcome.problems)}",
+                 config_path=outcome.path, result="rejected")
+        else:
+            self.config = self.ctx.config = outcome.config
+            reconfigure = getattr(self.ctx.admission, "reconfigure", None)
+            if callable(reconfigure):
+                reconfigure(outcome.config)
+            logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
+            changed = ", ".join(outcome.changed) or "nothing changed"
+            emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",
+                 config_path=outcome.path, result="applied")
+            if outcome.needs_restart:
+                log.warning("changed keys that take effect only after a restart: %s",
+                            ", ".join(outcome.needs_restart))
+        self.systemd.reloaded(self._snapshot_source())
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self._stop.is_set():
@@ -100,6 +142,7 @@ class Daemon:
             log.info("%s received: stopping (drain up to %.0fs)", name,
                      self.config.server.drain_timeout)
             self._stop.set()
+            self.systemd.stopping(self.config.server.drain_timeout)
 
     async def run(self) -> None:
         await self.start()
@@ -129,6 +172,7 @@ class Daemon:
         for server in self.servers:
             await server.wait_closed()
         await self.governor.stop()
+        await self.systemd.close()
         await asyncio.sleep(0)
         await self.observe.stop()
         log.info("stopped")

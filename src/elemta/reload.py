@@ -1,0 +1,63 @@
+"""SIGHUP: re-read the configuration file; decide what applies live and what needs a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import config
+
+# Keys bound into objects built at start-up (sockets, the store, the log handler): a change is
+# reported as "needs a restart" and the running value stays in force until then.
+RESTART_ONLY = (
+    ("server", "listen"),
+    ("server", "hostname"),
+    ("delivery", "maildir_root"),
+    ("api", "listen"),
+    ("api", "enable_profiling"),
+    ("logging", "format"),
+)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    path: str
+    config: config.Config | None  # the config to run with from now on; None: rejected, keep the old
+    problems: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()  # "section.key" that now take effect
+    needs_restart: tuple[str, ...] = ()  # "section.key" changed in the file but not applied
+
+
+def _path_of(current: config.Config) -> str | None:
+    return None if current.source == config.Config().source else current.source
+
+
+def diff(old: config.Config, new: config.Config) -> list[str]:
+    """Every "section.key" whose value differs."""
+    out = []
+    for section, f in config.iter_keys():
+        if getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name):
+            out.append(f"{section}.{f.name}")
+    return out
+
+
+def merge(old: config.Config, new: config.Config) -> config.Config:
+    """`new`, except that restart-only keys keep their running value from `old`."""
+    sections = {}
+    for section in config.SECTIONS:
+        keep = {k: getattr(getattr(old, section), k) for s, k in RESTART_ONLY if s == section}
+        sections[section] = dataclasses.replace(getattr(new, section), **keep)
+    return config.Config(**sections, source=new.source)
+
+
+def reload_config(current: config.Config) -> ReloadOutcome:
+    path = _path_of(current)
+    shown = path or str(config.DEFAULT_CONFIG_PATH)
+    try:
+        new = config.load(path)
+    except config.ConfigError as exc:
+        return ReloadOutcome(shown, None, tuple(exc.problems))
+    changes = diff(current, new)
+    restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
+    live = tuple(c for c in changes if c not in restart)
+    return ReloadOutcome(new.source, merge(current, new), (), live, restart)
