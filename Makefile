@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup bench stress clean
+.PHONY: run test lint setup bench stress clean deb system-test
 
 run: $(STAMP)
 	$(BIN)/elemta serve
@@ -30,6 +30,15 @@ stress: $(STAMP)
 # one table. make bench BENCH_ARGS=--quick for a rough one.
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# Debian package: dist/elemta_<version>_all.deb (+ dist/lintian.txt). See packaging/build-deb.sh.
+deb:
+	./packaging/build-deb.sh
+
+# Boots a Debian bookworm VM (qemu, systemd as PID 1, cgroup v2), installs the .deb and checks the
+# service end to end. The VM base image is cached in /var/cache/elemta-vm. See tests/system/.
+system-test: deb
+	./tests/system/run.sh dist/elemta_$$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')_all.deb
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var
