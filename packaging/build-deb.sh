@@ -23,7 +23,8 @@ rm -rf "$SRC/debian"
 cp -r packaging/debian "$SRC/debian"
 cp packaging/systemd/elemta.service packaging/systemd/elemta.socket "$SRC/debian/"
 python3 packaging/gen-conffile.py >"$SRC/debian/elemta.toml"
-(cd "$SRC" && dpkg-buildpackage -us -uc -b) >"$STAGE/build.log" 2>&1 || {
+# Debian's own Python, not whatever python3 comes first in PATH (pyenv, a venv).
+(cd "$SRC" && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b) >"$STAGE/build.log" 2>&1 || {
     tail -40 "$STAGE/build.log" >&2
     echo "build-deb: dpkg-buildpackage failed (full log above, last 40 lines)" >&2
     exit 1
