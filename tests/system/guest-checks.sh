@@ -33,10 +33,12 @@ echo "guest: $(uname -r), systemd $(systemctl --version | head -1 | cut -d' ' -f
 # ---- install
 cp "$IO"/elemta_*_all.deb /tmp/
 t0=$(date +%s)
-if apt-get install -y --no-download /tmp/elemta_*_all.deb >"$IO/apt-install.log" 2>&1; then
+# The guest has no network: everything the package depends on must already be in the image.
+if (cd /tmp && apt-get install -y ./elemta_*_all.deb) >"$IO/apt-install.log" 2>&1; then
     pass install "apt-get install ./$(basename /tmp/elemta_*_all.deb) in $(( $(date +%s) - t0 ))s"
 else
-    fail install "apt-get install failed (exit $?): $(tail -1 "$IO/apt-install.log")"
+    fail install "apt-get install failed: $(grep -E '^E:' "$IO/apt-install.log" | head -2 | tr '\n' ' ')"
+    exit 1
 fi
 
 # ---- units
@@ -203,7 +205,7 @@ getent group elemta >/dev/null && left="$left group"
 [ -e /var/lib/elemta ] && left="$left /var/lib/elemta"
 [ -e /etc/elemta ] && left="$left /etc/elemta"
 [ -e /lib/systemd/system/elemta.service ] && left="$left unit"
-systemctl list-units --all --no-legend 'elemta*' | grep -q . && left="$left loaded-units"
+systemctl list-units --all --no-legend 'elemta.*' | grep -q . && left="$left loaded-units"
 if [ -z "$left" ] && ! dpkg -s elemta >/dev/null 2>&1; then
     pass purge "apt-get purge: package, user, group, /var/lib/elemta, /etc/elemta gone"
 else
