@@ -16,6 +16,9 @@ RESTART_ONLY = (
     ("api", "listen"),
     ("api", "enable_profiling"),
     ("logging", "format"),
+    ("tls", "certificate"),
+    ("tls", "key"),
+    ("tls", "required"),
 )
 
 

@@ -1,0 +1,182 @@
+"""The systemd protocol against a real daemon: a real NOTIFY_SOCKET datagram socket, real signals,
+a really frozen event loop, and real socket activation through systemd-socket-activate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import free_port, start, write_config
+
+
+class NotifySocket:
+    """What systemd's end of NOTIFY_SOCKET sees: one datagram per sd_notify() call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, timeout: float = 20, value: str | None = None) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            msg = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            self.messages.append(msg)
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
+
+    def count(self, key: str, seconds: float) -> int:
+        """How many messages carrying `key` arrive within `seconds`."""
+        n = 0
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            n += any(line.startswith(key + "=") for line in data.splitlines())
+        return n
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    yield ns
+    ns.sock.close()
+
+
+def test_ready_status_watchdog_reload_and_stop(tmp_path: Path, notify: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
+    d = start(tmp_path / "d", env=env)
+    try:
+        ready = notify.wait_for("READY")
+        assert ready["READY"] == "1"
+        assert ready["STATUS"].startswith("accepting; ")
+        assert ready["MAINPID"] == str(d.proc.pid)
+        assert notify.count("WATCHDOG", 2.5) >= 2  # every 0.5 s while the loop turns
+
+        # SIGHUP with a changed, valid file: RELOADING=1 then READY=1, same process.
+        d.config_path.write_text(d.config_path.read_text().replace(
+            'domains = ["example.test", "localhost"]', 'domains = ["example.test", "other.test"]'))
+        d.proc.send_signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING")["RELOADING"] == "1"
+        notify.wait_for("READY")
+        d.wait_for_log("configuration reloaded")
+        assert "delivery.domains" in d.log
+        assert d.send("someone@other.test") == {}  # the new domain is live
+
+        # A broken file: rejected with the reason, old config stays in force, still READY.
+        good = d.config_path.read_text()
+        d.config_path.write_text(good + '\n[memory]\nmax_memory_usage = "lots"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING")
+        notify.wait_for("READY")
+        d.wait_for_log("reload rejected")
+        assert "old configuration stays in force" in d.log
+        assert d.send("someone@other.test") == {}
+        assert d.proc.poll() is None
+
+        # SIGTERM: STOPPING=1 with a timeout extension covering drain_timeout (30 s) + margin.
+        d.proc.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for("STOPPING")
+        assert int(stopping["EXTEND_TIMEOUT_USEC"]) >= 30_000_000
+        assert stopping["STATUS"].startswith("draining")
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_frozen_event_loop_stops_the_watchdog_pings(tmp_path: Path, notify: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000",
+           "ELEMTA_DEBUG_FREEZE": "1"}
+    d = start(tmp_path / "d", env=env)
+    try:
+        notify.wait_for("READY")
+        assert notify.count("WATCHDOG", 2.0) >= 2
+        d.proc.send_signal(signal.SIGUSR2)
+        d.wait_for_log("blocking the event loop")
+        time.sleep(0.6)  # a ping already in flight may still arrive
+        notify.count("WATCHDOG", 0.01)
+        assert notify.count("WATCHDOG", 3.0) == 0  # six intervals without a ping: systemd would kill
+        assert d.proc.poll() is None
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_sigusr2_is_not_a_freeze_without_the_debug_variable(tmp_path: Path) -> None:
+    d = start(tmp_path / "d")
+    try:
+        d.proc.send_signal(signal.SIGUSR2)  # default action: terminate
+        assert d.proc.wait(15) == -signal.SIGUSR2
+        assert "blocking the event loop" not in d.log
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_outside_systemd_nothing_is_said_about_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    d = start(tmp_path / "d", env=env)
+    try:
+        assert d.send("postmaster@example.test") == {}
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("configuration reloaded")
+        assert "watchdog" not in d.log
+        assert "passed by systemd" not in d.log
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (package systemd)")
+def test_socket_activation_uses_the_passed_listener(tmp_path: Path) -> None:
+    port, unused, api_port = free_port(), free_port(), free_port()
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    config = write_config(workdir, unused, api_port)  # [server] listen must NOT be used
+    log = workdir / "daemon.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=smtp",
+             "-E", "PYTHONUNBUFFERED=1", "-E", f"PYTHONPATH={os.pathsep.join(sys.path)}",
+             sys.executable, "-m", "elemta.cli", "serve", "--config", str(config)],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+    try:
+        # systemd-socket-activate listens at once and starts elemta on the first connection.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    code, _ = s.ehlo()
+                    assert code == 250
+                    assert s.sendmail("a@example.org", ["postmaster@example.test"], b"x\r\n") == {}
+                break
+            except (ConnectionRefusedError, smtplib.SMTPServerDisconnected):
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        text = log.read_text()
+        assert "1 SMTP socket(s) passed by systemd" in text
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", unused), timeout=2).close()
+        assert list((workdir / "mail/example.test/postmaster/new").iterdir())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
