@@ -22,7 +22,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="elemta",
         description="SMTP daemon that knows its memory ceiling and answers 4xx instead of "
         "being OOM-killed.",
-        epilog="Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
+        epilog="Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the config file. "
+        "Under systemd: Type=notify (READY/STATUS/RELOADING/STOPPING), watchdog, socket "
+        "activation (FileDescriptorName=smtp|api). "
+        "Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
     )
     p.add_argument("--version", action="version", version=f"elemta {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -13,10 +13,11 @@ set -eu
 CACHE=${ELEMTA_VM_CACHE:-/var/cache/elemta-vm}
 SUITE=bookworm
 # Everything the elemta .deb depends on must already be here: the guest has no network.
-# swaks and curl are the in-guest SMTP and HTTP clients of the checks.
+# swaks and curl are the in-guest SMTP and HTTP clients of the checks; man-db lets
+# `systemd-analyze verify` resolve Documentation=man:elemta(8).
 PACKAGES="systemd,systemd-sysv,udev,dbus,iproute2,procps,netbase,adduser,ca-certificates,\
 linux-image-cloud-amd64,init-system-helpers,python3,python3-systemd,python3-psutil,\
-python3-prometheus-client,python3-aiosmtpd,swaks,curl"
+python3-prometheus-client,python3-aiosmtpd,swaks,curl,man-db"
 
 mirror() {
     # The mirror apt already uses here (deb822 "URIs:" or one-line "deb URL suite").
@@ -100,4 +101,8 @@ mv "$WORK/base.raw" "$WORK/vmlinuz" "$DIR/"
 echo "$PACKAGES" >"$DIR/packages"
 echo "$(( $(date +%s) - start ))" >"$DIR/build-seconds"
 echo "build-image: built $DIR in $(cat "$DIR/build-seconds") s" >&2
+# Older images (another package list) are of no further use.
+for old in "$CACHE/$SUITE"-*; do
+    [ "$old" = "$DIR" ] || rm -rf "$old"
+done
 echo "$DIR"

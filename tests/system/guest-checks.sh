@@ -66,7 +66,7 @@ if [ "$(systemctl is-active elemta.socket)" = active ] \
         && journalctl -u elemta -o cat | grep -q "passed by systemd"; then
     pass socket "elemta.socket active; daemon uses the inherited listener ($(systemctl show -p Listen --value elemta.socket))"
 else
-    fail socket "elemta.socket $(systemctl is-active elemta.socket); inherited listener not reported in the journal"
+    fail socket "elemta.socket $(systemctl is-active elemta.socket); inherited listener not reported in the journal: $(journalctl -b -u elemta.socket -o cat --no-pager | tail -3 | tr '\n' ' ')"
 fi
 if wait_for 20 has_status "sessions"; then
     pass status "StatusText=$(prop StatusText)"
@@ -165,7 +165,7 @@ else
     fail reload "after systemctl reload: $(systemctl is-active elemta), MainPID $(prop MainPID) (was $pid)"
 fi
 cp /etc/elemta/elemta.toml /tmp/elemta.toml.good
-printf '[memory]\nmax_memory_usage = "lots"\n' >>/etc/elemta/elemta.toml
+sed -i 's/^#max_memory_usage = .*/max_memory_usage = "lots"/' /etc/elemta/elemta.toml
 systemctl reload elemta.service
 sleep 2
 if is_active && [ "$(prop MainPID)" = "$pid" ] \
@@ -196,6 +196,7 @@ else
     fail stop "systemctl stop: Result=$(prop Result), exit status $(prop ExecMainStatus)"
 fi
 journalctl -u elemta -o json --no-pager >"$IO/journal.json" 2>/dev/null
+journalctl -b --no-pager >"$IO/journal-boot.log" 2>/dev/null
 
 # ---- purge
 apt-get purge -y elemta >"$IO/apt-purge.log" 2>&1

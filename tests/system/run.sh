@@ -16,7 +16,10 @@ for tool in qemu-system-x86_64 qemu-img mkfs.ext4 debugfs; do
 done
 
 t_image=$(date +%s)
-IMAGE=$("$HERE/build-image.sh")
+if ! IMAGE=$("$HERE/build-image.sh"); then
+    echo "system-test: SKIP: cannot build the VM base image (needs root and a Debian mirror; see above)"
+    exit 77
+fi
 echo "system-test: base image $IMAGE (ready in $(( $(date +%s) - t_image ))s; built once in $(cat "$IMAGE/build-seconds")s)"
 
 WORK=$(mktemp -d /tmp/elemta-vm.XXXXXX)
