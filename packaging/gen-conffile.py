@@ -18,7 +18,7 @@ from elemta.config import _toml_value  # noqa: E402
 PACKAGE_VALUES = {
     ("server", "listen"): (
         '["127.0.0.1:25"]',
-        "the SMTP port; used only when elemta.socket is disabled (CAP_NET_BIND_SERVICE)",
+        "the SMTP port; used only when elemta.socket is masked (CAP_NET_BIND_SERVICE)",
     ),
     ("delivery", "maildir_root"): (
         '"/var/lib/elemta/mail"',
