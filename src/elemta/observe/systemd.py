@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..memory.snapshot import BreakerState, MemoryState, Snapshot
 from ..units import format_size
@@ -132,7 +132,9 @@ class SnapshotSource(Protocol):
     @property
     def snapshot(self) -> Snapshot | None: ...
 
-    def subscribe(self, callback: Callable[[Snapshot], None]) -> None: ...
+    def subscribe(self, callback: Callable[[Any], None]) -> object:
+        """`callback(event)` on every state change (the event is only a trigger here)."""
+        ...
 
 
 def _notify_function() -> Callable[[str], object] | None:
@@ -174,7 +176,7 @@ class SystemdNotifier:
         text = "reloading configuration" if self._reloading else phase(snap, draining=self._draining)
         return status_text(text, self._sessions(), snap)
 
-    def refresh_status(self, _snap: Snapshot | None = None) -> None:
+    def refresh_status(self, _event: object = None) -> None:
         text = self.status()
         if text != self._last_status:
             self._last_status = text
