@@ -108,6 +108,21 @@ else
     skip journal "$n_all entries for the unit but no structured ELEMTA_EVENT fields: this build has no journal handler (observability branch not merged)"
 fi
 
+# ---- journal catalog (journalctl -x explanations)
+CATALOG=/usr/lib/systemd/catalog/elemta.catalog
+if [ -f "$CATALOG" ]; then
+    ids=$(grep -c '^-- [0-9a-f]\{32\}' "$CATALOG")
+    grep -o '^-- [0-9a-f]\{32\}' "$CATALOG" | cut -c4- >/tmp/catalog-ids
+    known=$(journalctl --list-catalog --no-pager 2>/dev/null | grep -c -F -f /tmp/catalog-ids)
+    if [ "$ids" -gt 0 ] && [ "$known" -ge "$ids" ]; then
+        pass catalog "$CATALOG: journalctl --list-catalog knows all $ids MESSAGE_IDs"
+    else
+        fail catalog "$CATALOG has $ids entries, journalctl --list-catalog knows $known"
+    fi
+else
+    skip catalog "no journal catalog in this build (packaging/journal/elemta.catalog not generated yet)"
+fi
+
 # ---- metrics
 code=$(curl -s -o "$IO/metrics.txt" -w '%{http_code}' http://127.0.0.1:8080/metrics)
 if [ "$code" = 200 ] && grep -q '^elemta_memory_usage_bytes' "$IO/metrics.txt"; then
