@@ -1,9 +1,11 @@
-"""Test-only: freeze the event loop on SIGUSR2 when ELEMTA_DEBUG_FREEZE=1 is in the environment.
+"""Test-only: SIGUSR2 blocks the event loop when ELEMTA_TEST_BLOCK_LOOP_SECONDS is set.
 
 This is the honest trigger for "a hung event loop gets the service restarted" (the systemd
-watchdog) and "a hung loop is not reported healthy" (/health): the loop really blocks in
-time.sleep(), exactly as a stuck synchronous call would. Without the variable, SIGUSR2 keeps its
-default meaning and nothing is installed.
+watchdog): the loop really blocks in time.sleep(), exactly as a stuck synchronous call would.
+Without the variable, SIGUSR2 keeps its default action and nothing is installed.
+
+Same variable, meaning and log line as observe/heartbeat.py's install_test_block (the
+observability branch), so the two are interchangeable: keep one when both are merged.
 """
 
 from __future__ import annotations
@@ -14,19 +16,24 @@ import os
 import signal
 import time
 
-ENV = "ELEMTA_DEBUG_FREEZE"
-FREEZE_SECONDS = 3600.0
+ENV = "ELEMTA_TEST_BLOCK_LOOP_SECONDS"
+log = logging.getLogger("elemta.heartbeat")
 
 
 def install(loop: asyncio.AbstractEventLoop) -> bool:
-    if os.environ.get(ENV) != "1":
+    value = os.environ.get(ENV)
+    if not value:
+        return False
+    try:
+        seconds = float(value)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds: ignored", ENV, value)
         return False
 
-    def freeze() -> None:
-        logging.getLogger("elemta.debug").warning(
-            "SIGUSR2 with %s=1: blocking the event loop for %.0fs (test only)", ENV, FREEZE_SECONDS
-        )
-        time.sleep(FREEZE_SECONDS)
+    def block() -> None:
+        log.warning("test hook: blocking the event loop for %.1fs", seconds)
+        time.sleep(seconds)
 
-    loop.add_signal_handler(signal.SIGUSR2, freeze)
+    loop.add_signal_handler(signal.SIGUSR2, block)
+    log.warning("test hook armed: SIGUSR2 blocks the event loop for %.1fs (%s)", seconds, ENV)
     return True

@@ -139,7 +139,7 @@ cat >/etc/systemd/system/elemta.service.d/50-system-test.conf <<'CONF'
 [Service]
 MemoryHigh=infinity
 MemoryMax=256M
-Environment=ELEMTA_DEBUG_FREEZE=1
+Environment=ELEMTA_TEST_BLOCK_LOOP_SECONDS=3600
 WatchdogSec=8s
 CONF
 systemctl daemon-reload
@@ -198,7 +198,7 @@ t0=$(date +%s)
 systemctl kill --kill-whom=main --signal=SIGUSR2 elemta.service
 restarted() { [ "$(prop NRestarts)" -gt "$restarts" ] && is_active && [ "$(prop MainPID)" != "$pid" ]; }
 if wait_for 120 restarted; then
-    pass watchdog "loop frozen (SIGUSR2, ELEMTA_DEBUG_FREEZE=1, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID); $(journalctl -u elemta -o cat --no-pager | grep -i 'watchdog timeout' | tail -1)"
+    pass watchdog "loop frozen (SIGUSR2, ELEMTA_TEST_BLOCK_LOOP_SECONDS=3600, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID); $(journalctl -u elemta -o cat --no-pager | grep -i 'watchdog timeout' | tail -1)"
 else
     fail watchdog "NRestarts $(prop NRestarts) (was $restarts), $(systemctl is-active elemta)"
 fi
