@@ -211,6 +211,19 @@ else
     fail stop "systemctl stop: Result=$(prop Result), exit status $(prop ExecMainStatus)"
 fi
 journalctl -u elemta -o json --no-pager >"$IO/journal.json" 2>/dev/null
+# The reloads above, as structured journal entries (ELEMTA_EVENT=config_reloaded, RESULT=...).
+results=$(python3 -c '
+import json, sys
+print(" ".join(sorted({e.get("RESULT", "?") for e in map(json.loads, open(sys.argv[1]))
+                       if e.get("ELEMTA_EVENT") == "config_reloaded" and e.get("CONFIG_PATH")})))
+' "$IO/journal.json")
+if [ "$results" = "applied rejected" ]; then
+    pass journal-reload "ELEMTA_EVENT=config_reloaded with CONFIG_PATH and RESULT=applied, RESULT=rejected"
+elif grep -rqs JournalHandler "$PKGDIR"; then
+    fail journal-reload "config_reloaded entries with RESULT: '$results' (want applied and rejected)"
+else
+    skip journal-reload "no journal handler in this build (observability branch not merged)"
+fi
 journalctl -b --no-pager >"$IO/journal-boot.log" 2>/dev/null
 
 # ---- purge
