@@ -10,14 +10,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 from . import debug_freeze
 from .config import Config, ListenAddress, tls_context
 from .events import emit
 from .memory.governor import Governor
 from .observe.service import Observability
-from .observe.systemd import SnapshotSource, SystemdNotifier
+from .observe.systemd import SystemdNotifier
 from .reload import reload_config
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -84,13 +83,6 @@ class Daemon:
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
 
-    def _snapshot_source(self) -> SnapshotSource | None:
-        """The governor, once one is attached as the admission policy."""
-        admission: object = self.ctx.admission
-        if hasattr(admission, "snapshot") and hasattr(admission, "subscribe"):
-            return cast(SnapshotSource, admission)
-        return None
-
     async def start(self) -> None:
         raise_fd_limit()
         removed = self.ctx.store.clean_tmp()
@@ -111,7 +103,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         debug_freeze.install(loop)
-        await self.systemd.ready(self._snapshot_source())
+        await self.systemd.ready(self.governor)
 
     def reload(self) -> None:
         """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
@@ -124,9 +116,7 @@ class Daemon:
                  config_path=outcome.path, result="rejected")
         else:
             self.config = self.ctx.config = outcome.config
-            reconfigure = getattr(self.ctx.admission, "reconfigure", None)
-            if callable(reconfigure):
-                reconfigure(outcome.config)
+            self.governor.reconfigure(outcome.config)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",
@@ -134,7 +124,7 @@ class Daemon:
             if outcome.needs_restart:
                 log.warning("changed keys that take effect only after a restart: %s",
                             ", ".join(outcome.needs_restart))
-        self.systemd.reloaded(self._snapshot_source())
+        self.systemd.reloaded()
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self._stop.is_set():
