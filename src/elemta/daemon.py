@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import debug_freeze
 from .config import Config, ListenAddress, tls_context
 from .events import emit
 from .memory.governor import Governor
@@ -102,7 +101,6 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        debug_freeze.install(loop)
         await self.systemd.ready(self.governor)
 
     def reload(self) -> None:
