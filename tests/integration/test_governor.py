@@ -3,45 +3,19 @@ real SMTP traffic pushing a small max_memory_usage over each threshold."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon import Daemon, rss_of, running
+from realcgroup import ballast, join, oom_kills
 
 MiB = 1024 * 1024
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
 STORAGE = b"452 4.3.1 Insufficient system storage"
-
-# Allocates (and touches) memory in the cgroup given as argv[1] until its working set passes
-# argv[2] (a fraction of the limit), prints "ready", holds until stdin closes.
-BALLAST = r"""
-import sys
-from pathlib import Path
-cg, target = Path(sys.argv[1]), float(sys.argv[2])
-limit = int((cg / "memory.limit_in_bytes").read_text())
-def ws():
-    usage = int((cg / "memory.usage_in_bytes").read_text())
-    stat = dict(l.split() for l in (cg / "memory.stat").read_text().splitlines())
-    return usage - int(stat["total_inactive_file"])
-held = []
-while ws() < target * limit:
-    held.append(b"\x01" * (2 << 20))
-print("ready", ws(), flush=True)
-sys.stdin.read()
-"""
-
 
 def greeting(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -68,53 +42,11 @@ class Session:
         self.sock.close()
 
 
-def own_v1_memory_cgroup() -> Path | None:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            d = V1_MEMORY / path.lstrip("/")
-            return d if d.is_dir() else None
-    return None
-
-
-@pytest.fixture
-def v1_cgroup() -> Iterator[Path]:
-    """A fresh v1 memory cgroup limited to 256 MiB under our own; removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a memory cgroup")
-    parent = own_v1_memory_cgroup()
-    if parent is None:
-        pytest.skip("no cgroup v1 memory controller here (pure v2 hosts: see the VM tests)")
-    cg = parent / f"elemta-test-{uuid.uuid4().hex[:8]}"
-    cg.mkdir()
-    try:
-        (cg / "memory.limit_in_bytes").write_text(str(256 * MiB))
-        yield cg
-    finally:
-        for _ in range(50):
-            pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
-def join(cg: Path) -> Callable[[], None]:
-    def preexec() -> None:
-        (cg / "cgroup.procs").write_text(str(os.getpid()))
-
-    return preexec
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Path) -> None:
     cg = v1_cgroup
-    oom_kills_before = _oom_kills(cg)
+    oom_kills_before = oom_kills(cg)
     with running(tmp_path / "d", preexec_fn=join(cg)) as d:
         d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
         assert str(d.proc.pid) in (cg / "cgroup.procs").read_text().split()
@@ -141,24 +73,8 @@ def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Pa
         assert d.send("b@example.test") == {}
         assert len(d.delivered("b@example.test")) == 1
         assert d.proc.poll() is None
-        assert _oom_kills(cg) == oom_kills_before
+        assert oom_kills(cg) == oom_kills_before
         d.wait_for_log("Memory back to normal")
-
-
-@contextlib.contextmanager
-def ballast(cg: Path, fraction: float = 0.93) -> Iterator[int]:
-    """A process in `cg` holding memory until the working set passes `fraction` of the limit."""
-    proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(cg), str(fraction)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=join(cg))
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        ready = proc.stdout.readline()
-        assert ready.startswith("ready"), ready
-        yield int(ready.split()[1])
-    finally:
-        proc.stdin.close()
-        proc.wait(20)
 
 
 @pytest.mark.root
@@ -195,14 +111,6 @@ def test_real_cgroup_protection_off_logs_but_accepts(tmp_path: Path, v1_cgroup: 
             assert d.send("d@example.test") == {}
         assert "memory_exhaustion_protection = false: not refusing" in d.log
         assert "Would refuse" in d.log
-
-
-def _oom_kills(cg: Path) -> int:
-    for line in (cg / "memory.oom_control").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return 0
 
 
 def _lines(d: Daemon, text: str) -> list[str]:
