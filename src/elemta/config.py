@@ -8,6 +8,7 @@ read that one declaration.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import socket
@@ -157,8 +158,9 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     source: str = field(default="<built-in defaults>", compare=False)
 
-    @property
+    @functools.cached_property
     def hostname(self) -> str:
+        # Resolved once per Config: getfqdn() asks the resolver, far too slow per connection.
         return self.server.hostname or socket.getfqdn()
 
 

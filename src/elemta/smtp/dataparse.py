@@ -23,6 +23,20 @@ class DataState(enum.Enum):
     TOO_MUCH = "too_much"  # over the size limit: 552 5.3.4 at the end
 
 
+def _lines_fit(portion: bytes) -> bool:
+    """True when no CRLF-delimited line of `portion` (which starts with CRLF) is too long.
+
+    Hops from CRLF to the last CRLF within reach of a full-length line, so a chunk of short
+    lines costs one rfind per ~1000 bytes instead of one Python step per line.
+    """
+    pos, end = 0, len(portion)
+    while end - pos - 2 > _MAX_CONTENT:
+        pos = portion.rfind(CRLF, pos + 2, pos + 2 + _MAX_CONTENT + 2)
+        if pos < 0:
+            return False
+    return True
+
+
 class DataDecoder:
     """Feed raw DATA chunks; get unstuffed message bytes and, at the end, the bytes after it.
 
@@ -75,7 +89,7 @@ class DataDecoder:
 
     def _take(self, portion: bytes) -> bytes:
         """Unstuffed bytes of complete lines; `portion` starts with the CRLF ending the last."""
-        if len(portion) - 2 > _MAX_CONTENT:
+        if not _lines_fit(portion):
             offset = 0
             for line in portion.split(CRLF):
                 if len(line) > _MAX_CONTENT:

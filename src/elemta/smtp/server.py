@@ -200,6 +200,7 @@ class ElemtaSMTP(SMTP):
         self.ctx = ctx
         self.in_data = False
         self._decoder: DataDecoder | None = None
+        self._spool: Spool | None = None
         self._in_helo = False
         self._batch: list[str] | None = None
         super().__init__(
@@ -223,6 +224,8 @@ class ElemtaSMTP(SMTP):
             held += len(reader._buffer)
         if self._decoder is not None:
             held += self._decoder.held
+        if self._spool is not None:
+            held += self._spool.buffered
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             held += transport.get_write_buffer_size()
@@ -340,15 +343,17 @@ class ElemtaSMTP(SMTP):
         try:
             spool = self.ctx.store.open(envelope.mailboxes, self._trace_headers(envelope, qid), qid)
         except OSError as exc:
-            log.warning("cannot open spool file: %s", exc.strerror or exc)
+            log.warning("cannot prepare the mailboxes: %s", exc.strerror or exc)
             await self.push(REPLY_STORAGE)
             return
         self.in_data = True
+        self._spool = spool
         try:
             status = await self._receive(spool)
         finally:
             self.in_data = False
             self._decoder = None
+            self._spool = None
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
         if self.ctx.draining:

@@ -24,6 +24,7 @@ log = logging.getLogger("elemta.store")
 _counter = itertools.count(1)
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+SPOOL_BUFFER = 64 * 1024
 
 
 def new_queue_id() -> str:
@@ -98,13 +99,8 @@ class Maildir:
             f".{self.hostname}"
         )
         tmp = bases[0] / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-        spool = Spool(qid, fd, tmp, [b / "new" / name for b in bases])
-        try:
-            spool.write(header)
-        except OSError:
-            spool.abort()
-            raise
+        spool = Spool(qid, tmp, [b / "new" / name for b in bases])
+        spool.write(header)
         return spool
 
     def clean_tmp(self) -> int:
@@ -125,30 +121,54 @@ class Maildir:
 
 @dataclass
 class Spool:
-    """One message on its way to disk. Not thread-safe: one session owns it."""
+    """One message on its way to disk. Not thread-safe: one session owns it.
+
+    The first SPOOL_BUFFER bytes are kept in memory (and counted in the session's ledger), so a
+    typical small message is created, written, fsynced and linked in one call on the commit
+    thread instead of costing the event loop an open(); a larger one goes to its tmp/ file as
+    soon as it passes the buffer and is streamed from then on.
+    """
 
     queue_id: str
-    fd: int
     tmp: Path
     targets: list[Path]
     size: int = 0
+    fd: int = -1
+    _pending: list[bytes] = field(default_factory=list)
+    _pending_len: int = 0
     _closed: bool = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of this message held in memory right now."""
+        return self._pending_len
+
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_len += len(data)
+        if self._pending_len >= SPOOL_BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.fd < 0:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        view = memoryview(b"".join(self._pending))
+        self._pending, self._pending_len = [], 0
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        self.size += len(data)
 
     def commit(self) -> None:
-        """fsync the file, link it into every new/, fsync those dirs. Blocking: run in a thread.
+        """Write what is buffered, fsync the file, link it into every new/, fsync those dirs.
+        Blocking: run in a thread.
 
         On any failure every link made is removed again and OSError propagates: the caller
         answers 452 4.3.1 and nothing is left behind.
         """
         linked: list[Path] = []
         try:
+            self._flush()
             os.fsync(self.fd)
             os.close(self.fd)
             self._closed = True
@@ -165,6 +185,9 @@ class Spool:
         _unlink_quietly(self.tmp)
 
     def abort(self) -> None:
+        self._pending, self._pending_len = [], 0
+        if self.fd < 0:
+            return  # never reached the disk
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):
