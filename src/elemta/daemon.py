@@ -146,7 +146,9 @@ class Daemon:
                 os.write(fd, line.encode() + b"\n")
             except BlockingIOError:  # the supervisor is behind: it gets the next one
                 pass
-            except OSError:  # the supervisor is gone
+            except OSError:  # the supervisor is gone: nobody serves /health, stop
+                log.error("supervisor gone (report pipe closed): stopping")
+                self.request_stop()
                 return
             await asyncio.sleep(REPORT_EVERY)
 

@@ -223,6 +223,7 @@ class Supervisor:
                 s.fd = -1
         if self.observe.server is not None:
             os.close(self.observe.server.fileno())
+        _die_with_parent()
         for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(var, None)  # only the supervisor talks to systemd
         tag_logs(index)
@@ -359,6 +360,17 @@ class Supervisor:
             await asyncio.sleep(0.05)
         for slot in self.slots:
             self._close_reader(slot)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a worker gets SIGTERM (and drains) if the supervisor is killed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
 
 
 def _stall_after() -> float:
