@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the config file. "
         "Under systemd: Type=notify (READY/STATUS/RELOADING/STOPPING), watchdog, socket "
         "activation (FileDescriptorName=smtp|api). "
+        "[server] workers = N|\"auto\": a supervisor forks N worker processes on the SMTP "
+        "sockets (restarts dead or hung ones; serves the admin endpoint and talks to systemd "
+        "for all of them). "
         "Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
     )
     p.add_argument("--version", action="version", version=f"elemta {__version__}")
