@@ -39,7 +39,7 @@ log = logging.getLogger("elemta.supervisor")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WATCH_EVERY = 0.2  # seconds between reaping / stall checks
-KILL_MARGIN = 1.0  # a stalled worker is reported (503) this long before it is killed
+KILL_MARGIN = 2.0  # a stalled worker is reported (503, no watchdog) this long before it is killed
 QUICK_DEATH = 10.0  # a worker dying sooner than this after its start backs off the restart
 MAX_BACKOFF = 30.0
 STOP_MARGIN = 5.0  # after drain_timeout, workers get this long before SIGKILL

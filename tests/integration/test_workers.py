@@ -176,3 +176,40 @@ def test_a_frozen_worker_gives_503_and_is_replaced(tmp_path: Path) -> None:
         wait_until("/health 200 again", lambda: get(d, "/health").status == 200)
         d.send("f@example.test")
         assert len(d.delivered("f@example.test")) == 1
+
+
+def test_systemd_hears_only_the_supervisor(tmp_path: Path) -> None:
+    from test_systemd import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000",
+           "ELEMTA_TEST_BLOCK_LOOP_SECONDS": "60"}
+    try:
+        with running(tmp_path / "d", WORKERS, env=env) as d:
+            ready = notify.wait_for("READY")
+            assert ready["MAINPID"] == str(d.proc.pid)
+            assert "all 2 workers ready" in d.log  # READY=1 only once every worker serves
+            assert notify.count("WATCHDOG", 2.0) >= 2
+            assert sum("READY" in m for m in notify.messages) == 1  # workers never notify
+
+            # SIGHUP: the supervisor validates, every worker reloads itself.
+            d.proc.send_signal(signal.SIGHUP)
+            notify.wait_for("RELOADING")
+            notify.wait_for("READY")
+            for index in (1, 2):
+                d.wait_for_log(f"worker {index}: configuration reloaded")
+
+            # A frozen worker stops the watchdog pings until it is replaced.
+            frozen = worker_pids(d)[1]
+            os.kill(frozen, signal.SIGUSR2)
+            d.wait_for_log("worker 1: test hook: blocking the event loop")
+            # Reports stop at most 0.5 s before the freeze: from 5.2 s on the worker is past
+            # the stall bound (5 s), and it is killed only 2 s after that bound.
+            time.sleep(5.2)
+            notify.count("WATCHDOG", 0.01)
+            assert notify.count("WATCHDOG", 1.0) == 0  # two ping intervals without a ping
+            d.wait_for_log(f"worker 1 (pid {frozen}) was killed by SIGKILL", timeout=10)
+            wait_until("a new worker 1", lambda: worker_pids(d)[1] != frozen)
+            assert notify.count("WATCHDOG", 2.0) >= 2
+    finally:
+        notify.sock.close()
