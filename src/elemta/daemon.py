@@ -21,6 +21,7 @@ from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
 from .reload import reload_config
+from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -78,6 +79,7 @@ class WorkerRole:
     supervisor_pid: int
     report_fd: int  # write end of the pipe the supervisor reads reports from
     shape: Callable[[Config], Config]  # the worker's share of the caps, also after a reload
+    board: SessionBoard  # every worker's open sessions: max_connections is daemon-wide
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Daemon:
         self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls),
                                observer=self.observe.smtp)
         ctx = self.ctx
+        if self.worker is not None:
+            ctx.board, ctx.board_slot = self.worker.board, self.worker.index
         # A worker weighs the memory of the whole process tree, as its siblings do.
         sampler = Sampler(tree_root=self.worker.supervisor_pid) if self.worker else None
         self.governor = Governor(self.config, sampler, sessions=lambda: len(ctx.sessions),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, worker_count
+from .sessionboard import SessionBoard
 
 log = logging.getLogger("elemta.supervisor")
 
@@ -68,11 +69,11 @@ def remove_metrics_dir(path: Path) -> None:
 
 
 def share(cfg: Config, n: int) -> Config:
-    """One worker's config: max_connections and max_goroutines divided by n, rounded up."""
-    server = dataclasses.replace(cfg.server,
-                                 max_connections=math.ceil(cfg.server.max_connections / n))
+    """One worker's config: max_goroutines divided by n, rounded up (tasks and threads are per
+    process). max_connections stays whole: the SessionBoard makes it a daemon-wide count,
+    because a split cap refuses early when the kernel spreads connections unevenly."""
     memory = dataclasses.replace(cfg.memory, max_goroutines=math.ceil(cfg.memory.max_goroutines / n))
-    return dataclasses.replace(cfg, server=server, memory=memory)
+    return dataclasses.replace(cfg, memory=memory)
 
 
 def backoff(failures: int) -> float:
@@ -123,16 +124,17 @@ class Supervisor:
         self.n = worker_count(config.server)
         self.socks = smtp
         self.slots = [Slot(i) for i in range(1, self.n + 1)]
+        self.board = SessionBoard(self.n + 1)  # before any fork: the mapping is inherited
         self.started = time.time()
         self.stopping = False
         self._stop = asyncio.Event()
         collector = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
         self.observe = Observability(config, self.started, smtp_source=collector,
                                      stalled=self.stalled)
-        self.governor = Governor(config, sessions=lambda: self._sum("sessions"),
+        self.governor = Governor(config, sessions=self.board.total,
                                  session_bytes=lambda: self._sum("session_bytes"),
                                  tasks=lambda: self._sum("tasks") + count_tasks())
-        self.systemd = SystemdNotifier(lambda: self._sum("sessions"),
+        self.systemd = SystemdNotifier(self.board.total,
                                        config.memory.monitoring_interval,
                                        healthy=lambda: not self.stalled())
 
@@ -194,7 +196,8 @@ class Supervisor:
                 os.close(r)
                 self._become_worker(slot.index)
                 n = self.n
-                role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n))
+                role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n),
+                                  self.board)
                 asyncio.run(Daemon(share(self.config, n), inherited_smtp=self.socks,
                                    worker=role).run())
                 code = 0
@@ -283,6 +286,7 @@ class Supervisor:
                 continue
             how = _describe_status(status)
             slot.pid, slot.ready, slot.report = 0, False, {}
+            self.board.set(slot.index, 0)  # its sessions died with it
             if self.stopping:
                 log.info("worker %d (pid %d) %s", slot.index, pid, how)
                 continue

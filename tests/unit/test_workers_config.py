@@ -51,10 +51,10 @@ def test_uvloop_when_not_installed_is_a_config_error(monkeypatch: pytest.MonkeyP
     assert "not installed" in err.value.problems[0]
 
 
-def test_share_divides_caps_rounding_up() -> None:
+def test_share_divides_the_task_cap_rounding_up() -> None:
     cfg = build("max_connections = 1001\n")
     one = share(cfg, 2)
-    assert one.server.max_connections == 501
+    assert one.server.max_connections == 1001  # daemon-wide through the SessionBoard
     assert one.memory.max_goroutines == 1000
     assert share(cfg, 3).memory.max_goroutines == 667
     assert one.server.listen == cfg.server.listen
