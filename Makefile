@@ -12,6 +12,8 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	@# Crash safety, memory flood and hostile input again with [server] workers = 2 (about 55 s).
+	ELEMTA_TEST_WORKERS=2 $(BIN)/pytest -q tests/resilience tests/adversarial/test_hostile_input.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

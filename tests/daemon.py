@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 READY_LINE = "SMTP listening on"
+WORKERS_READY_LINE = "workers ready"  # the supervisor's line once every worker serves
+# ELEMTA_TEST_WORKERS=N runs every daemon these helpers start with [server] workers = N
+# (unless the test's own config names workers): `make test` runs some suites that way.
+WORKERS_ENV = "ELEMTA_TEST_WORKERS"
+
+
+def ready_line(config_text: str) -> str:
+    m = re.search(r"^workers\s*=\s*(\S+)", config_text, re.M)
+    return READY_LINE if m is None or m.group(1) == "1" else WORKERS_READY_LINE
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,6 +46,10 @@ class Daemon:
     maildir: Path
     host: str = "127.0.0.1"
     _log_fh: Any = field(default=None, repr=False)
+
+    @property
+    def ready_line(self) -> str:
+        return ready_line(self.config_path.read_text())
 
     @property
     def log(self) -> str:
@@ -76,7 +90,7 @@ class Daemon:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         deadline = time.monotonic() + 15
-        while READY_LINE not in self.log[mark:]:
+        while self.ready_line not in self.log[mark:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"restart failed:\n{self.log[mark:]}")
             time.sleep(0.02)
@@ -107,6 +121,8 @@ def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
         "delivery": [f'maildir_root = "{workdir / "mail"}"', 'domains = ["example.test", "localhost"]'],
         "api": [f'listen = "127.0.0.1:{api_port}"'],
     }
+    if os.environ.get(WORKERS_ENV):
+        sections["server"].append(f"workers = {int(os.environ[WORKERS_ENV])}")
     current = None
     for line in extra.strip().splitlines():
         s = line.strip()
@@ -133,6 +149,7 @@ def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
     fh = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("JOURNAL_STREAM", None)
+    full_env.setdefault("RUNTIME_DIRECTORY", str(workdir))  # workers' metrics dir: cleaned with it
     proc = subprocess.Popen(
         [sys.executable, "-m", "elemta.cli", "serve", "--config", str(config_path), *args],
         stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=full_env,
@@ -141,7 +158,7 @@ def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
     d = Daemon(proc, port, api_port, workdir, config_path, log_path, workdir / "mail", host, fh)
     if wait:
         try:
-            d.wait_for_log(READY_LINE)
+            d.wait_for_log(d.ready_line)
         except BaseException:
             d.stop(signal.SIGKILL)
             raise

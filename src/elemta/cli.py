@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the config file. "
         "Under systemd: Type=notify (READY/STATUS/RELOADING/STOPPING), watchdog, socket "
         "activation (FileDescriptorName=smtp|api). "
+        "[server] workers = N|\"auto\": a supervisor forks N worker processes on the SMTP "
+        "sockets (restarts dead or hung ones; serves the admin endpoint and talks to systemd "
+        "for all of them). "
         "Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
     )
     p.add_argument("--version", action="version", version=f"elemta {__version__}")
@@ -84,14 +87,26 @@ def check_config(path: str | None) -> int:
     return EXIT_OK
 
 
-def serve(path: str | None) -> int:
-    from .daemon import Daemon
-    from .observe.systemd import inherited_sockets
+def _event_loop(name: str) -> None:
+    """[server] event_loop: "auto" means asyncio (uvloop measured no faster; see elemta.toml(5))."""
+    if name == "uvloop":
+        import importlib
 
+        uvloop = importlib.import_module("uvloop")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(path: str | None) -> int:
     cfg = _load(path)
     if cfg is None:
         return EXIT_CONFIG
+    if config.worker_count(cfg.server) > 1:
+        return serve_workers(cfg)
+    from .daemon import Daemon
+    from .observe.systemd import inherited_sockets
+
     elemta_logging.setup(cfg.logging)
+    _event_loop(cfg.server.event_loop)
     import logging
 
     log = logging.getLogger("elemta")
@@ -108,6 +123,42 @@ def serve(path: str | None) -> int:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def serve_workers(cfg: config.Config) -> int:
+    """[server] workers > 1: the supervisor (supervisor.py)."""
+    from . import supervisor  # imports no prometheus_client at module level
+
+    metrics_dir = supervisor.prepare_metrics_dir()  # before anything loads prometheus_client
+    try:
+        import logging
+
+        from .daemon import bind
+        from .observe.systemd import inherited_sockets
+
+        elemta_logging.setup(cfg.logging)
+        _event_loop(cfg.server.event_loop)
+        log = logging.getLogger("elemta")
+        log.info("elemta %s starting (config: %s) with %d workers", __version__, cfg.source,
+                 config.worker_count(cfg.server))
+        for warning in config.warnings(cfg):
+            log.warning("%s", warning)
+        inherited = inherited_sockets()
+        if inherited.smtp:
+            log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
+                     len(inherited.smtp))
+        try:
+            socks = inherited.smtp or [bind(a) for a in cfg.server.listen]
+
+            async def run() -> int:
+                return await supervisor.Supervisor(cfg, socks).run()
+
+            return asyncio.run(run())
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILURE
+    finally:
+        supervisor.remove_metrics_dir(metrics_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

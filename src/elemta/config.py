@@ -113,6 +113,14 @@ class ServerConfig:
     drain_timeout: float = _f(
         30.0, "duration", "On SIGTERM/SIGINT: time sessions in DATA get to finish", maximum=3600
     )
+    workers: int | str = _f(
+        1, "workers", "Worker processes: 1 (one process), 2..64, or \"auto\" (usable CPUs)",
+        minimum=1, maximum=64,
+    )
+    event_loop: str = _f(
+        "auto", "choice", "asyncio or uvloop (auto: asyncio; uvloop measured no faster)",
+        choices=("auto", "asyncio", "uvloop"),
+    )
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,31 @@ def _strict(kind: type | tuple[type, ...], name: str) -> Callable[[object], Any]
     return parse
 
 
+def _workers(value: object) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer 1-64 or \"auto\", got {value!r}")
+    return value
+
+
+def worker_count(server: ServerConfig) -> int:
+    """[server] workers as a number: "auto" is the CPUs this process may really use."""
+    if server.workers == "auto":
+        from .cpus import usable_cpus
+
+        return max(1, min(64, int(usable_cpus())))
+    return int(server.workers)
+
+
+def uvloop_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
+
+
 _PARSERS: dict[str, Callable[[object], Any]] = {
+    "workers": _workers,
     "size": parse_size,
     "duration": parse_duration,
     "int": _strict(int, "an integer"),
@@ -235,7 +267,9 @@ def _parse_value(meta: Mapping[str, Any], raw: object) -> Any:
     value = _PARSERS[meta["kind"]](raw)
     if meta["kind"] == "fraction" and not 0.0 < value <= 1.0:
         raise ValueError(f"must be between 0.0 and 1.0, got {value}")
-    if meta["kind"] in ("size", "duration", "int"):
+    if meta["kind"] in ("size", "duration", "int") or (
+        meta["kind"] == "workers" and isinstance(value, int)
+    ):
         _check_number(value, meta)
     if meta["choices"] and value not in meta["choices"]:
         raise ValueError(f"must be one of {', '.join(meta['choices'])}, got {value!r}")
@@ -311,6 +345,9 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 f"{where('memory', 'per_connection_memory_limit')}: larger than max_memory_usage"
             )
         problems.extend(_tls_problems(cfg.tls, where))
+        if cfg.server.event_loop == "uvloop" and not uvloop_available():
+            problems.append(f"{where('server', 'event_loop')}: \"uvloop\" but the uvloop module "
+                            "is not installed (apt install python3-uvloop, or use \"auto\")")
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, ListenAddress, tls_context
 from .events import emit
-from .memory.governor import Governor
+from .memory.governor import Governor, count_tasks
+from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
 from .reload import reload_config
+from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -52,9 +57,29 @@ def raise_fd_limit() -> None:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
 
 
+def clean_tmp(store: Maildir) -> None:
+    removed = store.clean_tmp()
+    if removed:
+        log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash", removed)
+
+
 def _describe(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+REPORT_EVERY = 0.5  # seconds between a worker's reports to its supervisor
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a Daemon one worker of a supervisor (supervisor.py) instead of the daemon."""
+
+    index: int
+    supervisor_pid: int
+    report_fd: int  # write end of the pipe the supervisor reads reports from
+    shape: Callable[[Config], Config]  # the worker's share of the caps, also after a reload
+    board: SessionBoard  # every worker's open sessions: max_connections is daemon-wide
 
 
 @dataclass
@@ -62,6 +87,7 @@ class Daemon:
     config: Config
     inherited_smtp: list[socket.socket] = field(default_factory=list)
     inherited_api: list[socket.socket] = field(default_factory=list)  # systemd FileDescriptorName=api
+    worker: WorkerRole | None = None
     ctx: SmtpContext = field(init=False)
     governor: Governor = field(init=False)
     systemd: SystemdNotifier = field(init=False)
@@ -76,21 +102,26 @@ class Daemon:
         self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls),
                                observer=self.observe.smtp)
         ctx = self.ctx
-        self.governor = Governor(self.config, sessions=lambda: len(ctx.sessions),
+        if self.worker is not None:
+            ctx.board, ctx.board_slot = self.worker.board, self.worker.index
+        # A worker weighs the memory of the whole process tree, as its siblings do.
+        sampler = Sampler(tree_root=self.worker.supervisor_pid) if self.worker else None
+        self.governor = Governor(self.config, sampler, sessions=lambda: len(ctx.sessions),
                                  session_bytes=lambda: ctx.session_bytes)
+        self._ready = False
+        self._report_task: asyncio.Task[None] | None = None
         ctx.admission = self.governor
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
 
     async def start(self) -> None:
         raise_fd_limit()
-        removed = self.ctx.store.clean_tmp()
-        if removed:
-            log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash",
-                        removed)
+        if self.worker is None:  # a worker must not remove its siblings' files in progress
+            clean_tmp(self.ctx.store)
         self.governor.start()  # first sample (and its log line) before serving
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
-        self.observe.start(self.governor, lambda: self.ctx.draining)
+        self.observe.start(self.governor, lambda: self.ctx.draining,
+                           serve_http=self.worker is None)
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
         factory = session_factory(self.ctx)
@@ -102,6 +133,28 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.systemd.ready(self.governor)
+        self._ready = True
+        if self.worker is not None:
+            self._report_task = loop.create_task(self._report(self.worker.report_fd),
+                                                 name="elemta-report")
+
+    async def _report(self, fd: int) -> None:
+        """Tell the supervisor, from this loop, that it turns: heartbeat plus load figures."""
+        os.set_blocking(fd, False)
+        while True:
+            line = json.dumps({"ready": self._ready and not self.ctx.draining,
+                               "sessions": len(self.ctx.sessions),
+                               "session_bytes": self.ctx.session_bytes,
+                               "tasks": count_tasks()})
+            try:
+                os.write(fd, line.encode() + b"\n")
+            except BlockingIOError:  # the supervisor is behind: it gets the next one
+                pass
+            except OSError:  # the supervisor is gone: nobody serves /health, stop
+                log.error("supervisor gone (report pipe closed): stopping")
+                self.request_stop()
+                return
+            await asyncio.sleep(REPORT_EVERY)
 
     def reload(self) -> None:
         """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
@@ -113,8 +166,9 @@ class Daemon:
                  f"{'; '.join(outcome.problems)}",
                  config_path=outcome.path, result="rejected")
         else:
-            self.config = self.ctx.config = outcome.config
-            self.governor.reconfigure(outcome.config)
+            new = self.worker.shape(outcome.config) if self.worker else outcome.config
+            self.config = self.ctx.config = new
+            self.governor.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",
@@ -159,6 +213,8 @@ class Daemon:
                         "acknowledged for them)", left)
         for server in self.servers:
             await server.wait_closed()
+        if self._report_task is not None:
+            self._report_task.cancel()
         await self.governor.stop()
         await self.systemd.close()
         await asyncio.sleep(0)

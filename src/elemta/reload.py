@@ -12,6 +12,8 @@ from . import config
 RESTART_ONLY = (
     ("server", "listen"),
     ("server", "hostname"),
+    ("server", "workers"),
+    ("server", "event_loop"),
     ("delivery", "maildir_root"),
     ("api", "listen"),
     ("api", "enable_profiling"),

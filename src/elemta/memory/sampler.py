@@ -36,8 +36,11 @@ class Sample:
 
 
 class Sampler:
-    def __init__(self, root: Path = Path("/")):
+    def __init__(self, root: Path = Path("/"), tree_root: int | None = None):
+        """`tree_root`: the supervisor's pid in a worker, so every process of the daemon sums
+        the same tree (supervisor plus all workers); None: this process and its children."""
         self.root = root
+        self.tree_root = tree_root
         self.cgroup: CgroupReader | None = None
         self.unavailable: str | None = None  # why cgroup figures are missing, once warned
         try:
@@ -76,12 +79,19 @@ class Sampler:
 
     def update_children(self) -> None:
         """Re-scan child processes (a /proc walk: done by the monitor, not per sample)."""
+        me = os.getpid()
         try:
-            kids = psutil.Process().children(recursive=True)
+            if self.tree_root is None or self.tree_root == me:
+                kids = psutil.Process().children(recursive=True)
+            else:
+                top = psutil.Process(self.tree_root)
+                kids = [top, *top.children(recursive=True)]
         except psutil.Error:
             return
         total = 0
         for kid in kids:
+            if kid.pid == me:
+                continue
             try:
                 total += kid.memory_info().rss
             except psutil.Error:

@@ -158,6 +158,9 @@ class AdminServer:
         host, port = self._server.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def fileno(self) -> int:
+        return self._server.socket.fileno()
+
     def start(self) -> None:
         self._thread.start()
 

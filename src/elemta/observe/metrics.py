@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import platform
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from ..memory.snapshot import BreakerState, MemoryState, Snapshot
@@ -81,62 +87,87 @@ class SmtpCounts:
         return out
 
 
-@dataclass
+class SamplesSource(Protocol):
+    """Anything with prometheus_client's collect(): a registry or a MultiProcessCollector."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
 class SmtpStats:
     """The SmtpObserver the daemon attaches to SmtpContext.observer.
 
-    Written from the event loop, read from the HTTP thread: a lock keeps reads consistent.
+    The counters are prometheus_client Counter/Histogram objects in a private registry, so in
+    multiprocess mode (workers) their values live in PROMETHEUS_MULTIPROC_DIR. `counts()` is
+    derived from collected samples of `source`: this object's own registry in one process, a
+    MultiProcessCollector over every worker's files in the supervisor. /metrics renders those
+    same counts, so /metrics and /api/stats agree in both modes.
     """
 
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _replies: dict[tuple[str, str], int] = field(default_factory=dict)
-    _accepted: int = 0
-    _rejected: dict[str, int] = field(default_factory=dict)
-    _messages: int = 0
-    _recipients: int = 0
-    _bytes: int = 0
-    _size_counts: list[int] = field(default_factory=lambda: [0] * (len(SIZE_BUCKETS) + 1))
+    def __init__(self, source: SamplesSource | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self._replies = Counter("elemta_smtp_replies", "SMTP replies", ["class", "code", "enhanced"],
+                                registry=r)
+        self._accepted = Counter("elemta_connections_accepted", "greeted", registry=r)
+        self._rejected = Counter("elemta_connections_rejected", "refused", ["reason"], registry=r)
+        for reason in (*REJECT_REASONS.values(), "other"):
+            self._rejected.labels(reason)  # present (at 0) from the start
+        self._messages = Counter("elemta_messages_accepted", "messages", registry=r)
+        self._recipients = Counter("elemta_message_recipients_accepted", "recipients", registry=r)
+        self._sizes = Histogram("elemta_message_size_bytes", "sizes", buckets=SIZE_BUCKETS,
+                                registry=r)
+        self._source: SamplesSource = source if source is not None else r
 
     # -- SmtpObserver --------------------------------------------------------------------
     def reply(self, status: str) -> None:
-        key = parse_status(status)
-        if not key[0]:
-            return
-        with self._lock:
-            self._replies[key] = self._replies.get(key, 0) + 1
+        code, enhanced = parse_status(status)
+        if code:
+            self._replies.labels(f"{code[0]}xx", code, enhanced).inc()
 
     def message_accepted(self, size: int, recipients: int) -> None:
-        slot = next((i for i, b in enumerate(SIZE_BUCKETS) if size <= b), len(SIZE_BUCKETS))
-        with self._lock:
-            self._messages += 1
-            self._recipients += recipients
-            self._bytes += size
-            self._size_counts[slot] += 1
+        self._messages.inc()
+        self._recipients.inc(recipients)
+        self._sizes.observe(size)
 
     def connection(self, outcome: str) -> None:
-        with self._lock:
-            if outcome == "accepted":
-                self._accepted += 1
-            else:
-                reason = REJECT_REASONS.get(outcome, "other")
-                self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        if outcome == "accepted":
+            self._accepted.inc()
+        else:
+            self._rejected.labels(REJECT_REASONS.get(outcome, "other")).inc()
 
     # -- readers ---------------------------------------------------------------------------
     def counts(self) -> SmtpCounts:
-        with self._lock:
-            cumulative, total = [], 0
-            for n in self._size_counts:
-                total += n
-                cumulative.append(total)
-            return SmtpCounts(
-                replies=dict(self._replies),
-                connections_accepted=self._accepted,
-                connections_rejected=dict(self._rejected),
-                messages_accepted=self._messages,
-                recipients_accepted=self._recipients,
-                bytes_accepted=self._bytes,
-                size_buckets=cumulative,
-            )
+        replies: dict[tuple[str, str], int] = {}
+        rejected: dict[str, int] = {}
+        scalars: dict[str, int] = {}
+        buckets: dict[float, int] = {}
+        size_sum = 0.0
+        for family in self._source.collect():
+            for s in family.samples:
+                n = int(s.value)
+                if s.name == "elemta_smtp_replies_total":
+                    key = (s.labels["code"], s.labels["enhanced"])
+                    replies[key] = replies.get(key, 0) + n
+                elif s.name == "elemta_connections_rejected_total":
+                    reason = s.labels["reason"]
+                    rejected[reason] = rejected.get(reason, 0) + n
+                elif s.name == "elemta_message_size_bytes_bucket":
+                    le = float(s.labels["le"])
+                    buckets[le] = buckets.get(le, 0) + n
+                elif s.name == "elemta_message_size_bytes_sum":
+                    size_sum += s.value
+                elif s.name.endswith("_total"):
+                    scalars[s.name] = scalars.get(s.name, 0) + n
+        bounds = [*SIZE_BUCKETS, float("inf")]
+        return SmtpCounts(
+            replies={k: v for k, v in replies.items() if v},
+            connections_accepted=scalars.get("elemta_connections_accepted_total", 0),
+            connections_rejected={k: v for k, v in rejected.items() if v},
+            messages_accepted=scalars.get("elemta_messages_accepted_total", 0),
+            recipients_accepted=scalars.get("elemta_message_recipients_accepted_total", 0),
+            bytes_accepted=int(size_sum),
+            size_buckets=[buckets.get(b, 0) for b in bounds],
+        )
 
 
 def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:

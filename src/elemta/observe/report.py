@@ -26,6 +26,7 @@ class Inputs:
     draining: bool
     started: float  # wall time the daemon started
     profiling: bool  # [api] enable_profiling
+    stalled: tuple[str, ...] = ()  # worker processes whose loop stopped reporting
 
 
 def health(i: Inputs) -> tuple[int, dict[str, Any]]:
@@ -35,6 +36,7 @@ def health(i: Inputs) -> tuple[int, dict[str, Any]]:
     if i.heartbeat_age > STALL_AFTER:
         reasons.append(f"event loop stalled: no heartbeat for {i.heartbeat_age:.1f}s "
                        f"(bound {STALL_AFTER:.0f}s)")
+    reasons.extend(i.stalled)
     if snap is not None and snap.breaker is not BreakerState.CLOSED:
         reasons.append(f"circuit breaker {snap.breaker.value}")
     if snap is not None and snap.state is MemoryState.CRITICAL:

@@ -18,16 +18,21 @@ from . import report
 from .heap import HeapProfiler
 from .heartbeat import Heartbeat, install_test_block
 from .http import AdminApp, AdminServer
-from .metrics import SmtpStats, SnapshotSource, build_registry
+from .metrics import SamplesSource, SmtpStats, SnapshotSource, build_registry
 
 log = logging.getLogger("elemta.observe")
 
 
 class Observability:
-    def __init__(self, config: Config, started: float | None = None) -> None:
+    def __init__(self, config: Config, started: float | None = None, *,
+                 smtp_source: SamplesSource | None = None,
+                 stalled: Callable[[], tuple[str, ...]] = lambda: ()) -> None:
+        """`smtp_source`: where SMTP counts are collected from (the supervisor passes a
+        MultiProcessCollector); `stalled`: reasons why parts of the daemon (workers) are hung."""
         self.config = config
         self.started = time.time() if started is None else started
-        self.smtp = SmtpStats()
+        self.smtp = SmtpStats(smtp_source)
+        self._stalled = stalled
         self.heartbeat = Heartbeat()
         self.source: SnapshotSource | None = None
         self._draining: Callable[[], bool] = lambda: False
@@ -47,10 +52,14 @@ class Observability:
             draining=self._draining(),
             started=self.started,
             profiling=self.profiler is not None,
+            stalled=self._stalled(),
         )
 
-    def start(self, source: SnapshotSource | None, draining: Callable[[], bool]) -> None:
-        """Bind the admin endpoint (OSError if it cannot) and start the heartbeat."""
+    def start(self, source: SnapshotSource | None, draining: Callable[[], bool],
+              serve_http: bool = True) -> None:
+        """Bind the admin endpoint (OSError if it cannot) and start the heartbeat.
+
+        A worker process (serve_http=False) has no endpoint: its supervisor answers for it."""
         self.source = source
         self._draining = draining
         if self.profiler is not None:
@@ -61,6 +70,8 @@ class Observability:
         self.heartbeat.beat()
         self._beat = loop.create_task(self.heartbeat.run(), name="elemta-heartbeat")
         install_test_block(loop)
+        if not serve_http:
+            return
         self.server = AdminServer(self.config.api.listen, AdminApp(self.inputs, self.registry,
                                                                     self.profiler))
         self.server.start()

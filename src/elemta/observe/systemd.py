@@ -152,8 +152,13 @@ def _notify_function() -> Callable[[str], object] | None:
 class SystemdNotifier:
     """The daemon's conversation with systemd. All methods are no-ops outside systemd."""
 
-    def __init__(self, sessions: Callable[[], int], monitoring_interval: float) -> None:
+    def __init__(self, sessions: Callable[[], int], monitoring_interval: float,
+                 healthy: Callable[[], bool] = lambda: True) -> None:
+        """`healthy`: with workers, whether every worker reported recently; the watchdog is
+        pinged only then, so a hung worker the supervisor fails to replace still gets the
+        service restarted."""
         self._notify = _notify_function()
+        self._healthy = healthy
         self._sessions = sessions
         self._interval = monitoring_interval
         self._source: SnapshotSource | None = None
@@ -236,5 +241,6 @@ class SystemdNotifier:
         # Runs on the event loop: if the loop freezes, the pings stop and systemd restarts us.
         assert self.watchdog_every is not None
         while True:
-            self.send("WATCHDOG=1")
+            if self._healthy():
+                self.send("WATCHDOG=1")
             await asyncio.sleep(self.watchdog_every)

@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .. import __version__
 from ..config import Config
 from ..events import emit
+from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .dataparse import DataDecoder, DataState
 from .policy import classify_recipient
@@ -121,6 +122,9 @@ class SmtpContext:
     sessions: set[ElemtaSMTP] = field(default_factory=set)
     draining: bool = False
     tls: ssl.SSLContext | None = None
+    # Workers: every worker's open sessions, so max_connections caps the whole daemon.
+    board: SessionBoard | None = None
+    board_slot: int = 0
     handler: Handler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +133,14 @@ class SmtpContext:
     @property
     def session_bytes(self) -> int:
         return sum(s.held_bytes for s in self.sessions)
+
+    def sessions_changed(self) -> None:
+        if self.board is not None:
+            self.board.set(self.board_slot, len(self.sessions))
+
+    def open_sessions(self) -> int:
+        """Sessions open in the whole daemon (all workers), this one included."""
+        return self.board.total() if self.board is not None else len(self.sessions)
 
 
 class ElemtaEnvelope(Envelope):
@@ -238,10 +250,12 @@ class ElemtaSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
             self.ctx.sessions.add(self)
+            self.ctx.sessions_changed()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
+        self.ctx.sessions_changed()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -257,7 +271,7 @@ class ElemtaSMTP(SMTP):
     def _connection_refusal(self) -> str | None:
         if self.ctx.draining:
             return REPLY_SHUTDOWN
-        if len(self.ctx.sessions) > self.ctx.config.server.max_connections:
+        if self.ctx.open_sessions() > self.ctx.config.server.max_connections:
             return REPLY_TOO_MANY_CONNECTIONS
         return self.ctx.admission.connection(len(self.ctx.sessions))
 

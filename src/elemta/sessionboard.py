@@ -1,0 +1,27 @@
+"""Open SMTP sessions per worker process, on one shared memory page, so that max_connections
+caps the whole daemon exactly however unevenly the kernel spreads connections over workers.
+
+Created by the supervisor before it forks (an anonymous MAP_SHARED mapping is inherited);
+each worker writes only its own slot, anyone may read the sum. Aligned 8-byte stores are
+single instructions here, so a reader never sees a torn value.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+_SLOT = struct.Struct("q")
+
+
+class SessionBoard:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, _SLOT.size * slots)
+        self._all = struct.Struct(f"{slots}q")
+
+    def set(self, slot: int, sessions: int) -> None:
+        _SLOT.pack_into(self._map, slot * _SLOT.size, sessions)
+
+    def total(self) -> int:
+        return sum(self._all.unpack_from(self._map))

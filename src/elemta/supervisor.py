@@ -1,0 +1,394 @@
+"""[server] workers > 1: a supervisor and N forked worker processes sharing the SMTP sockets.
+
+The supervisor binds (or inherits from systemd) the listening sockets, removes stale tmp/ files
+once, serves the admin endpoint, talks to systemd and runs a Governor without admission (its
+Snapshot feeds /metrics, /api/stats and STATUS=). Each worker is a Daemon (daemon.py) on the
+inherited sockets with its share of max_connections and max_goroutines.
+
+Workers report over a pipe every REPORT_EVERY seconds from their event loop (heartbeat, sessions,
+tasks, session bytes, ready). The supervisor sends READY=1 once every worker is ready, pings the
+watchdog only while every report is fresh, kills and replaces a worker whose reports stop, and
+restarts (with back-off) a worker that dies. SMTP counters reach /metrics through
+prometheus_client's multiprocess mode: `prepare_metrics_dir` must run before anything imports
+prometheus_client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, worker_count
+from .sessionboard import SessionBoard
+
+log = logging.getLogger("elemta.supervisor")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WATCH_EVERY = 0.2  # seconds between reaping / stall checks
+KILL_MARGIN = 2.0  # a stalled worker is reported (503, no watchdog) this long before it is killed
+QUICK_DEATH = 10.0  # a worker dying sooner than this after its start backs off the restart
+MAX_BACKOFF = 30.0
+STOP_MARGIN = 5.0  # after drain_timeout, workers get this long before SIGKILL
+
+
+def prepare_metrics_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """A fresh PROMETHEUS_MULTIPROC_DIR, set in os.environ; call before prometheus_client loads.
+
+    prometheus_client picks its value class (in-process or mmap files) when it is imported,
+    so importing it first would silently give every worker private counters.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the multiprocess directory "
+                           "was set")
+    base = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if base and os.path.isdir(base):
+        path = Path(tempfile.mkdtemp(prefix="metrics-", dir=base))
+    else:
+        path = Path(tempfile.mkdtemp(prefix="elemta-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def remove_metrics_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def share(cfg: Config, n: int) -> Config:
+    """One worker's config: max_goroutines divided by n, rounded up (tasks and threads are per
+    process). max_connections stays whole: the SessionBoard makes it a daemon-wide count,
+    because a split cap refuses early when the kernel spreads connections unevenly."""
+    memory = dataclasses.replace(cfg.memory, max_goroutines=math.ceil(cfg.memory.max_goroutines / n))
+    return dataclasses.replace(cfg, memory=memory)
+
+
+def backoff(failures: int) -> float:
+    """Seconds before restarting a worker that died `failures` times in a row soon after start."""
+    return 0.0 if failures <= 0 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
+
+
+def tag_logs(index: int) -> None:
+    """Prefix every log message of this (worker) process with "worker N: "."""
+    factory = logging.getLogRecordFactory()
+    prefix = f"worker {index}: "
+
+    def tagged(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.msg = prefix + str(record.msg)
+        return record
+
+    logging.setLogRecordFactory(tagged)
+
+
+@dataclass
+class Slot:
+    """One worker position; its process changes when it is replaced."""
+
+    index: int
+    pid: int = 0
+    fd: int = -1  # read end of its report pipe
+    buf: bytes = b""
+    report: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0  # monotonic
+    last_report: float = 0.0  # monotonic
+    ready: bool = False
+    failures: int = 0
+    restart_at: float = 0.0
+    replacing_stalled: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Config, smtp: list[socket.socket]) -> None:
+        # Imported here: prometheus_client must load after prepare_metrics_dir().
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from .memory.governor import Governor, count_tasks
+        from .observe.service import Observability
+        from .observe.systemd import SystemdNotifier
+
+        self.config = config
+        self.n = worker_count(config.server)
+        self.socks = smtp
+        self.slots = [Slot(i) for i in range(1, self.n + 1)]
+        self.board = SessionBoard(self.n + 1)  # before any fork: the mapping is inherited
+        self.started = time.time()
+        self.stopping = False
+        self._stop = asyncio.Event()
+        collector = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+        self.observe = Observability(config, self.started, smtp_source=collector,
+                                     stalled=self.stalled)
+        self.governor = Governor(config, sessions=self.board.total,
+                                 session_bytes=lambda: self._sum("session_bytes"),
+                                 tasks=lambda: self._sum("tasks") + count_tasks())
+        self.systemd = SystemdNotifier(self.board.total,
+                                       config.memory.monitoring_interval,
+                                       healthy=lambda: not self.stalled())
+
+    # -- what the reporting surfaces read (also from the HTTP thread) -----------------------
+    def _sum(self, key: str) -> int:
+        return sum(int(s.report.get(key, 0)) for s in self.slots if s.pid)
+
+    def stalled(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        out = []
+        for s in list(self.slots):
+            age = now - s.last_report
+            if s.pid and s.ready and age > _stall_after():
+                out.append(f"worker {s.index} (pid {s.pid}) stalled: no report for {age:.1f}s")
+            elif s.replacing_stalled:
+                out.append(f"worker {s.index} being replaced after a stall")
+        return tuple(out)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        from .daemon import clean_tmp
+        from .store.maildir import Maildir
+
+        loop = asyncio.get_running_loop()
+        clean_tmp(Maildir(Path(self.config.delivery.maildir_root), self.config.hostname))
+        self.governor.start()
+        self.observe.start(self.governor, lambda: self.stopping)
+        log.info("supervisor (pid %d) starting %d workers", os.getpid(), self.n)
+        for slot in self.slots:
+            self._spawn(slot)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watch = loop.create_task(self._watch(), name="elemta-supervisor-watch")
+        while not self.stopping and not all(s.ready for s in self.slots):
+            await asyncio.sleep(0.05)
+        if not self.stopping:
+            log.info("all %d workers ready", self.n)
+            await self.systemd.ready(self.governor)
+        await self._stop.wait()
+        await self._drain()
+        watch.cancel()
+        await self.governor.stop()
+        await self.systemd.close()
+        await self.observe.stop()
+        log.info("stopped")
+        return 0
+
+    def _spawn(self, slot: Slot) -> None:
+        from .daemon import Daemon, WorkerRole
+
+        loop = asyncio.get_running_loop()
+        self._close_reader(slot)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's loop
+            code = 1
+            try:
+                os.close(r)
+                self._become_worker(slot.index)
+                n = self.n
+                role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n),
+                                  self.board)
+                asyncio.run(Daemon(share(self.config, n), inherited_smtp=self.socks,
+                                   worker=role).run())
+                code = 0
+            except BaseException:
+                log.exception("worker failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(w)
+        os.set_blocking(r, False)
+        now = time.monotonic()
+        slot.pid, slot.fd, slot.buf, slot.report = pid, r, b"", {}
+        slot.started = slot.last_report = now
+        slot.ready = False
+        loop.add_reader(r, self._on_report, slot)
+        log.info("worker %d started (pid %d)", slot.index, pid)
+
+    def _become_worker(self, index: int) -> None:
+        """In the forked child: drop what belongs to the supervisor."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for s in self.slots:
+            if s.fd >= 0:
+                os.close(s.fd)
+                s.fd = -1
+        if self.observe.server is not None:
+            os.close(self.observe.server.fileno())
+        _die_with_parent()
+        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(var, None)  # only the supervisor talks to systemd
+        tag_logs(index)
+
+    def _close_reader(self, slot: Slot) -> None:
+        if slot.fd >= 0:
+            asyncio.get_running_loop().remove_reader(slot.fd)
+            os.close(slot.fd)
+            slot.fd = -1
+
+    def _on_report(self, slot: Slot) -> None:
+        try:
+            data = os.read(slot.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the worker is gone; the reaper decides what next
+            self._close_reader(slot)
+            return
+        *lines, slot.buf = (slot.buf + data).split(b"\n")
+        if not lines:
+            return
+        try:
+            report = json.loads(lines[-1])
+        except ValueError:
+            return
+        slot.report = report
+        slot.last_report = time.monotonic()
+        if report.get("ready") and not slot.ready:
+            slot.ready = True
+            slot.replacing_stalled = False
+            log.info("worker %d (pid %d) ready", slot.index, slot.pid)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self._reap()
+                self._check()
+            except Exception:  # the supervisor must outlive any one bad round
+                log.exception("supervisor check failed")
+            await asyncio.sleep(WATCH_EVERY)
+
+    def _reap(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            mark_process_dead(pid)  # type: ignore[no-untyped-call]
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            how = _describe_status(status)
+            slot.pid, slot.ready, slot.report = 0, False, {}
+            self.board.set(slot.index, 0)  # its sessions died with it
+            if self.stopping:
+                log.info("worker %d (pid %d) %s", slot.index, pid, how)
+                continue
+            now = time.monotonic()
+            if slot.replacing_stalled:
+                delay = 0.0
+            else:
+                slot.failures = slot.failures + 1 if now - slot.started < QUICK_DEATH else 0
+                delay = backoff(slot.failures)
+            slot.restart_at = now + delay
+            log.error("worker %d (pid %d) %s; starting a replacement%s", slot.index, pid, how,
+                      f" in {delay:.1f}s" if delay else "")
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid == 0:
+                if not self.stopping and now >= slot.restart_at:
+                    self._spawn(slot)
+                continue
+            age = now - slot.last_report
+            if slot.ready and age > _stall_after() + KILL_MARGIN and not slot.replacing_stalled:
+                log.error("worker %d (pid %d) stalled: no report for %.1fs (bound %.0fs); "
+                          "killing it (SIGKILL) and starting a replacement",
+                          slot.index, slot.pid, age, _stall_after())
+                slot.replacing_stalled = True
+                _kill(slot.pid, signal.SIGKILL)
+
+    # -- signals --------------------------------------------------------------------------------
+    def request_stop(self, sig: int) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("%s received: stopping %d workers (drain up to %.0fs)",
+                 signal.Signals(sig).name, self.n, self.config.server.drain_timeout)
+        self.systemd.stopping(self.config.server.drain_timeout)
+        for slot in self.slots:
+            if slot.pid:
+                _kill(slot.pid, sig)
+        self._stop.set()
+
+    def reload(self) -> None:
+        from .events import emit
+        from .reload import reload_config
+
+        self.systemd.reloading()
+        outcome = reload_config(self.config)
+        if outcome.config is None:
+            emit(log, "config_reloaded",
+                 f"configuration reload rejected, old configuration stays in force: "
+                 f"{'; '.join(outcome.problems)}",
+                 config_path=outcome.path, result="rejected")
+        else:
+            self.config = outcome.config
+            self.governor.reconfigure(outcome.config)
+            logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
+            log.info("configuration valid: forwarding SIGHUP to %d workers", self.n)
+            for slot in self.slots:
+                if slot.pid:
+                    _kill(slot.pid, signal.SIGHUP)
+        self.systemd.reloaded()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.server.drain_timeout + STOP_MARGIN
+        while any(s.pid for s in self.slots) and time.monotonic() < deadline:
+            self._reap()
+            await asyncio.sleep(0.05)
+        for slot in self.slots:
+            if slot.pid:
+                log.warning("worker %d (pid %d) still running after the drain: SIGKILL",
+                            slot.index, slot.pid)
+                _kill(slot.pid, signal.SIGKILL)
+        while any(s.pid for s in self.slots):
+            self._reap()
+            await asyncio.sleep(0.05)
+        for slot in self.slots:
+            self._close_reader(slot)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a worker gets SIGTERM (and drains) if the supervisor is killed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+def _stall_after() -> float:
+    from .observe.heartbeat import STALL_AFTER
+
+    return STALL_AFTER
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
