@@ -151,7 +151,8 @@ def serve_workers(cfg: config.Config) -> int:
             socks = inherited.smtp or [bind(a) for a in cfg.server.listen]
 
             async def run() -> int:
-                return await supervisor.Supervisor(cfg, socks).run()
+                api = inherited.api[0] if inherited.api else None
+                return await supervisor.Supervisor(cfg, socks, api).run()
 
             return asyncio.run(run())
         except OSError as exc:

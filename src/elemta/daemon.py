@@ -121,7 +121,8 @@ class Daemon:
         self.governor.start()  # first sample (and its log line) before serving
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
         self.observe.start(self.governor, lambda: self.ctx.draining,
-                           serve_http=self.worker is None)
+                           serve_http=self.worker is None,
+                           sock=self.inherited_api[0] if self.inherited_api else None)
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
         factory = session_factory(self.ctx)

@@ -112,7 +112,8 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, smtp: list[socket.socket]) -> None:
+    def __init__(self, config: Config, smtp: list[socket.socket],
+                 api: socket.socket | None = None) -> None:
         # Imported here: prometheus_client must load after prepare_metrics_dir().
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -123,6 +124,7 @@ class Supervisor:
         self.config = config
         self.n = worker_count(config.server)
         self.socks = smtp
+        self.api_sock = api
         self.slots = [Slot(i) for i in range(1, self.n + 1)]
         self.board = SessionBoard(self.n + 1)  # before any fork: the mapping is inherited
         self.started = time.time()
@@ -161,7 +163,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         clean_tmp(Maildir(Path(self.config.delivery.maildir_root), self.config.hostname))
         self.governor.start()
-        self.observe.start(self.governor, lambda: self.stopping)
+        self.observe.start(self.governor, lambda: self.stopping, sock=self.api_sock)
         log.info("supervisor (pid %d) starting %d workers", os.getpid(), self.n)
         for slot in self.slots:
             self._spawn(slot)

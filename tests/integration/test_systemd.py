@@ -180,3 +180,45 @@ def test_socket_activation_uses_the_passed_listener(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (package systemd)")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activation_passes_the_admin_socket_too(tmp_path: Path, workers: int) -> None:
+    smtp_port, api_port, unused_smtp, unused_api = free_port(), free_port(), free_port(), free_port()
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    config = write_config(workdir, unused_smtp, unused_api, f"[server]\nworkers = {workers}")
+    log = workdir / "daemon.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{smtp_port}", "-l", f"127.0.0.1:{api_port}",
+             "--fdname=smtp:api", "-E", "PYTHONUNBUFFERED=1", "-E", f"PYTHONPATH={os.pathsep.join(sys.path)}",
+             sys.executable, "-m", "elemta.cli", "serve", "--config", str(config)],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", api_port), timeout=20) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    reply = s.makefile("rb").read()
+                if reply.startswith(b"HTTP/1.0 200") or reply.startswith(b"HTTP/1.1 200"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert b'"status": "ok"' in reply or b'"status":"ok"' in reply
+        # The endpoint may answer before its start-up line is written.
+        deadline = time.monotonic() + 10
+        while f"admin HTTP listening on 127.0.0.1:{api_port}" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", unused_api), timeout=2).close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -139,17 +139,23 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: ListenAddress, app: AdminApp) -> None:
-        self.address_family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    def __init__(self, addr: ListenAddress, app: AdminApp, sock: socket.socket | None = None) -> None:
+        self.address_family = sock.family if sock else socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         self.app = app
-        super().__init__((addr.host, addr.port), _Handler)
+        super().__init__((addr.host, addr.port), _Handler, bind_and_activate=sock is None)
+        if sock is not None:
+            # systemd's listening socket (FileDescriptorName=api): already bound and listening.
+            self.socket.close()
+            sock.setblocking(True)
+            self.socket = sock
+            self.server_address = sock.getsockname()
 
 
 class AdminServer:
     """Bind on construction (so a busy port fails start-up), serve in a thread."""
 
-    def __init__(self, addr: ListenAddress, app: AdminApp) -> None:
-        self._server = _Server(addr, app)
+    def __init__(self, addr: ListenAddress, app: AdminApp, sock: socket.socket | None = None) -> None:
+        self._server = _Server(addr, app, sock)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="elemta-admin-http", daemon=True)
 

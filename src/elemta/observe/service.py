@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -56,10 +57,12 @@ class Observability:
         )
 
     def start(self, source: SnapshotSource | None, draining: Callable[[], bool],
-              serve_http: bool = True) -> None:
+              serve_http: bool = True, sock: socket.socket | None = None) -> None:
         """Bind the admin endpoint (OSError if it cannot) and start the heartbeat.
 
-        A worker process (serve_http=False) has no endpoint: its supervisor answers for it."""
+        `sock` is a listening socket systemd passed (FileDescriptorName=api): used instead of
+        binding [api] listen. A worker process (serve_http=False) has no endpoint: its
+        supervisor answers for it."""
         self.source = source
         self._draining = draining
         if self.profiler is not None:
@@ -73,7 +76,7 @@ class Observability:
         if not serve_http:
             return
         self.server = AdminServer(self.config.api.listen, AdminApp(self.inputs, self.registry,
-                                                                    self.profiler))
+                                                                    self.profiler), sock)
         self.server.start()
         log.info("admin HTTP listening on %s (/metrics, /health, /api/stats%s)",
                  self.server.address, ", /debug/pprof/heap" if self.profiler else "")
