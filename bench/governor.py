@@ -31,8 +31,8 @@ from pathlib import Path
 
 from common import MiB, elemta, median, smtp_source, spool_dir, table
 from daemon import start as start_elemta
+from realcgroup import own_v1_memory_cgroup
 
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
 LIMIT = 256 * MiB
 
 BALLAST = r"""
@@ -52,15 +52,6 @@ while ws() < hold * limit:
 print("crossed", crossed, flush=True)
 sys.stdin.read()
 """
-
-
-def own_v1_memory_cgroup() -> Path | None:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            d = V1_MEMORY / path.lstrip("/")
-            return d if d.is_dir() else None
-    return None
 
 
 def remove_cgroup(cg: Path) -> None:

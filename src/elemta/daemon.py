@@ -20,7 +20,7 @@ from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
-from .reload import reload_config
+from .reload import log_rejected, reload_config
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -162,10 +162,7 @@ class Daemon:
         self.systemd.reloading()
         outcome = reload_config(self.config)
         if outcome.config is None:
-            emit(log, "config_reloaded",
-                 f"configuration reload rejected, old configuration stays in force: "
-                 f"{'; '.join(outcome.problems)}",
-                 config_path=outcome.path, result="rejected")
+            log_rejected(log, outcome)
         else:
             new = self.worker.shape(outcome.config) if self.worker else outcome.config
             self.config = self.ctx.config = new

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from . import config
+from .events import emit
 
 # Keys bound into objects built at start-up (sockets, the store, the log handler): a change is
 # reported as "needs a restart" and the running value stays in force until then.
@@ -66,3 +68,11 @@ def reload_config(current: config.Config) -> ReloadOutcome:
     restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
     live = tuple(c for c in changes if c not in restart)
     return ReloadOutcome(new.source, merge(current, new), (), live, restart)
+
+
+def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
+    """The config_reloaded event for a file that failed validation: the old config stays."""
+    emit(logger, "config_reloaded",
+         f"configuration reload rejected, old configuration stays in force: "
+         f"{'; '.join(outcome.problems)}",
+         config_path=outcome.path, result="rejected")

@@ -331,16 +331,12 @@ class Supervisor:
         self._stop.set()
 
     def reload(self) -> None:
-        from .events import emit
-        from .reload import reload_config
+        from .reload import log_rejected, reload_config
 
         self.systemd.reloading()
         outcome = reload_config(self.config)
         if outcome.config is None:
-            emit(log, "config_reloaded",
-                 f"configuration reload rejected, old configuration stays in force: "
-                 f"{'; '.join(outcome.problems)}",
-                 config_path=outcome.path, result="rejected")
+            log_rejected(log, outcome)
         else:
             self.config = outcome.config
             self.governor.reconfigure(outcome.config)
