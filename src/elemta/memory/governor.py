@@ -147,13 +147,20 @@ def breaker_step(b: Breaker, utilization: float, critical: float, margin: float 
     return Breaker(b.state, 0, calm_streak)
 
 
-def connection_refusal(state: MemoryState, breaker: BreakerState, tasks: int, max_tasks: int,
-                       half_open_left: int) -> str | None:
-    """Why a new connection is refused (a short reason), or None to admit it."""
+def _memory_refusal(state: MemoryState, breaker: BreakerState) -> str | None:
+    """The refusal every admission question shares: breaker open, or memory critical."""
     if breaker is BreakerState.OPEN:
         return "breaker-open"
     if state is MemoryState.CRITICAL:
         return "memory-critical"
+    return None
+
+
+def connection_refusal(state: MemoryState, breaker: BreakerState, tasks: int, max_tasks: int,
+                       half_open_left: int) -> str | None:
+    """Why a new connection is refused (a short reason), or None to admit it."""
+    if reason := _memory_refusal(state, breaker):
+        return reason
     if tasks > max_tasks:
         return "task-cap"
     if breaker is BreakerState.HALF_OPEN and half_open_left <= 0:
@@ -164,10 +171,8 @@ def connection_refusal(state: MemoryState, breaker: BreakerState, tasks: int, ma
 def command_refusal(state: MemoryState, breaker: BreakerState, session_bytes: int,
                     per_session_limit: int) -> str | None:
     """Why MAIL/RCPT is refused, or None."""
-    if breaker is BreakerState.OPEN:
-        return "breaker-open"
-    if state is MemoryState.CRITICAL:
-        return "memory-critical"
+    if reason := _memory_refusal(state, breaker):
+        return reason
     if session_bytes > per_session_limit:
         return "session-memory"
     return None
