@@ -27,6 +27,7 @@ from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .dataparse import DataDecoder, DataState
 from .policy import classify_recipient
+from .template import SessionTemplate
 
 log = logging.getLogger("elemta.smtp")
 
@@ -126,6 +127,8 @@ class SmtpContext:
     board: SessionBoard | None = None
     board_slot: int = 0
     handler: Handler = field(init=False)
+    # aiosmtpd's per-session constructor state, built by the first session of a configuration.
+    template: SessionTemplate | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.handler = Handler(self)  # stateless: one for all sessions, not one each
@@ -208,13 +211,19 @@ def _header_text(value: str) -> str:
 
 class ElemtaSMTP(SMTP):
     def __init__(self, ctx: SmtpContext) -> None:
-        cfg = ctx.config.server
         self.ctx = ctx
         self.in_data = False
         self._decoder: DataDecoder | None = None
         self._spool: Spool | None = None
         self._in_helo = False
         self._batch: list[str] | None = None
+        key = (ctx.config, ctx.tls, ctx.handler)
+        template = ctx.template
+        if template is not None and template.key == key:
+            template.stamp(self, self.line_length_limit)
+            return
+        own = frozenset(vars(self))
+        cfg = ctx.config.server
         super().__init__(
             ctx.handler,
             data_size_limit=cfg.max_message_size,
@@ -225,6 +234,7 @@ class ElemtaSMTP(SMTP):
             tls_context=ctx.tls,
             require_starttls=ctx.config.tls.required,
         )
+        ctx.template = SessionTemplate(self, own, key)
 
     # -- per-session memory ledger --------------------------------------------------------
     @property
