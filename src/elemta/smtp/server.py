@@ -25,6 +25,7 @@ from ..config import Config
 from ..events import emit
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
+from .address import simple_path
 from .dataparse import DataDecoder, DataState
 from .policy import classify_recipient
 from .template import SessionTemplate
@@ -235,6 +236,15 @@ class ElemtaSMTP(SMTP):
             require_starttls=ctx.config.tls.required,
         )
         ctx.template = SessionTemplate(self, own, key)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        fast = simple_path(arg)
+        if fast is None:
+            return super()._getaddr(arg)
+        address, rest = fast
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     # -- per-session memory ledger --------------------------------------------------------
     @property
