@@ -218,6 +218,7 @@ class ElemtaSMTP(SMTP):
         self._spool: Spool | None = None
         self._in_helo = False
         self._batch: list[str] | None = None
+        self._deadline = 0.0  # loop time when the current command or DATA timeout expires
         key = (ctx.config, ctx.tls, ctx.handler)
         template = ctx.template
         if template is not None and template.key == key:
@@ -306,6 +307,22 @@ class ElemtaSMTP(SMTP):
     def _timeout_cb(self) -> None:
         log.info("%s: timeout, closing", self.session.peer if self.session else "?")
         self.shutdown_now(REPLY_TIMEOUT)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-arms a loop timer for every command; moving a deadline is
+        # cheaper, and the armed timer re-arms itself if it fires before the deadline.
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        if self._deadline - self.loop.time() > 0.001:  # the loop may run a timer a tick early
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+        else:
+            self._timeout_cb()
 
     # -- replies ---------------------------------------------------------------------------
     async def push(self, status: str) -> None:  # type: ignore[override]
