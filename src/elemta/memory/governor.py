@@ -232,6 +232,11 @@ class Governor:
         self._sessions = sessions
         self._session_bytes = session_bytes
         self._tasks = tasks
+        # Counting tasks walks them all (O(sessions)); admission re-counts at most every
+        # REFRESH_AFTER and adds the connections it admitted since, which over-counts slightly.
+        self._tasks_counted = 0
+        self._tasks_counted_at = float("-inf")
+        self._admitted_since_count = 0
         self._subscribers: list[Subscriber] = []
         self._state = MemoryState.NORMAL
         self._breaker = Breaker()
@@ -324,11 +329,20 @@ class Governor:
     # -- Admission ----------------------------------------------------------------------------
     def connection(self, sessions: int) -> str | None:
         snap = self._current()
-        reason = connection_refusal(snap.state, snap.breaker, self._tasks(), self.memory.max_goroutines,
-                                    self._half_open_left)
-        if reason is None and snap.breaker is BreakerState.HALF_OPEN:
-            self._half_open_left -= 1
+        reason = connection_refusal(snap.state, snap.breaker, self._recent_tasks(),
+                                    self.memory.max_goroutines, self._half_open_left)
+        if reason is None:
+            self._admitted_since_count += 1
+            if snap.breaker is BreakerState.HALF_OPEN:
+                self._half_open_left -= 1
         return self._refuse(reason, REPLY_STORAGE, "CONNECT")
+
+    def _recent_tasks(self) -> int:
+        now = time.monotonic()
+        if now - self._tasks_counted_at > REFRESH_AFTER:
+            self._tasks_counted, self._tasks_counted_at = self._tasks(), now
+            self._admitted_since_count = 0
+        return self._tasks_counted + self._admitted_since_count
 
     def command(self, verb: str, session_bytes: int) -> str | None:
         snap = self._current()
