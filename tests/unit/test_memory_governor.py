@@ -276,6 +276,25 @@ def test_task_cap(tmp_path: Path, fresh: None) -> None:
     assert g.connection(0) == REPLY_STORAGE
 
 
+def test_task_count_between_recounts_adds_admitted_connections(tmp_path: Path) -> None:
+    # Counting walks every task, so admission counts at most every REFRESH_AFTER and adds
+    # the connections it admitted since: a burst cannot slip past the cap between counts.
+    fake_v1(tmp_path, 10 * MiB)
+    cfg = config.build({"memory": {"max_goroutines": 10}})
+    calls = [0]
+
+    def tasks() -> int:
+        calls[0] += 1
+        return 7
+
+    g = Governor(cfg, Sampler(tmp_path), tasks=tasks)
+    answers = [g.connection(0)]
+    counted = calls[0]
+    answers += [g.connection(0) for _ in range(5)]
+    assert answers == [None, None, None, None, REPLY_STORAGE, REPLY_STORAGE]  # 7, 8, 9, 10, 11
+    assert calls[0] == counted  # within REFRESH_AFTER: no recount
+
+
 def test_limit_change_is_an_event(tmp_path: Path, fresh: None) -> None:
     fake_v1(tmp_path, 10 * MiB)
     g = make_governor(tmp_path)
