@@ -171,3 +171,19 @@ def test_stats_document_mirrors_the_snapshot() -> None:
     assert doc["tasks"] == {"current": 40, "max": 2000}
     assert doc["breaker"] == "closed"
     assert 4 < doc["uptime_seconds"] < 60
+
+
+def test_reply_counts_are_by_code_whatever_the_cache_holds() -> None:
+    statuses = ["250 2.1.0 Sender ok", "250 2.0.0 Ok: queued as AAAA", "250 2.0.0 Ok: queued as B",
+                "220 mx.test ESMTP elemta", "250-mx.test\r\n250-PIPELINING\r\n250 HELP",
+                "452 4.3.1 Insufficient system storage", "452 4.5.3 Too many recipients",
+                "221 Bye", "500 Error", "250 2.123.123 odd", "bogus", "250-only continuation"]
+    stats = SmtpStats()
+    expected: dict[tuple[str, str], int] = {}
+    for _ in range(3):
+        for s in statuses:
+            stats.reply(s)
+            code, enhanced = parse_status(s)
+            if code:
+                expected[code, enhanced] = expected.get((code, enhanced), 0) + 1
+    assert stats.counts().replies == expected

@@ -117,12 +117,22 @@ class SmtpStats:
         self._sizes = Histogram("elemta_message_size_bytes", "sizes", buckets=SIZE_BUCKETS,
                                 registry=r)
         self._source: SamplesSource = source if source is not None else r
+        # A one-line reply's labels depend only on its first 14 characters (code, space, an
+        # enhanced code of at most 9, the character after it): its counter, by that prefix.
+        self._reply_counters: dict[str, Any] = {}
 
     # -- SmtpObserver --------------------------------------------------------------------
     def reply(self, status: str) -> None:
-        code, enhanced = parse_status(status)
-        if code:
-            self._replies.labels(f"{code[0]}xx", code, enhanced).inc()
+        key = status[:14]
+        counter = self._reply_counters.get(key)
+        if counter is None:
+            code, enhanced = parse_status(status)
+            if not code:
+                return
+            counter = self._replies.labels(f"{code[0]}xx", code, enhanced)
+            if "\n" not in status and len(self._reply_counters) < 512:
+                self._reply_counters[key] = counter
+        counter.inc()
 
     def message_accepted(self, size: int, recipients: int) -> None:
         self._messages.inc()
