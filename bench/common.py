@@ -275,6 +275,32 @@ def _read_reply(s: socket.socket, buf: bytearray) -> bytes:
             return line
 
 
+def send_messages(port: int, data: bytes, count: int) -> float:
+    """`count` messages over one connection, each DATA being `data` (already dot-stuffed,
+    ending with the CRLF "." CRLF marker); returns elapsed seconds."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=300) as s:
+        buf = bytearray()
+
+        def expect(code: bytes) -> None:
+            reply = _read_reply(s, buf)
+            if not reply.startswith(code):
+                raise RuntimeError(f"expected {code!r}, got {reply[:200]!r}")
+
+        expect(b"220")
+        s.sendall(b"EHLO bench.test\r\n")
+        expect(b"250")
+        for _ in range(count):
+            for cmd, code in ((b"MAIL FROM:<bench@example.org>", b"250"),
+                              (b"RCPT TO:<bench@example.test>", b"250"), (b"DATA", b"354")):
+                s.sendall(cmd + b"\r\n")
+                expect(code)
+            s.sendall(data)
+            expect(b"250")
+        s.sendall(b"QUIT\r\n")
+    return time.perf_counter() - t0
+
+
 def _idle_session(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     try:

@@ -17,6 +17,10 @@ variant whose keys the installed elemta's `check-config` refuses is skipped and 
 Without --elemta-variant: plain elemta, or `workers=1` and `workers="auto"` once
 check-config accepts [server] workers.
 
+Before the main table, bench/datapath.py prints its own two tables (--no-datapath skips
+them): CPU per MiB of DATA, elemta's chunked decoder beside aiosmtpd's line loop, in-process
+and between real servers.
+
 Governor rows come from bench/governor.py when it exists: it should define
     bench_rows(rounds: int, quick: bool) -> list[tuple[str, str]]
 returning (row label, printed figure) pairs; they are added under the first elemta column.
@@ -38,6 +42,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import datapath
 import postfix
 from common import Server, aiosmtpd_sink, elemta, median, table
 from throughput import Sizes, measure
@@ -167,6 +172,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help="run only these servers (column names); repeatable")
     ap.add_argument("--no-governor", action="store_true", help="skip the governor rows")
+    ap.add_argument("--no-datapath", action="store_true", help="skip bench/datapath.py's tables")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     sizes = Sizes(big_mib=args.big_mib)
@@ -201,6 +207,8 @@ def main() -> None:
                   f"big +{got['big_rss_mib']:.1f} MiB, idle {got['idle_pss_kib']:.1f} KiB PSS", flush=True)
 
     gov = [] if args.no_governor else governor_rows(rounds, args.quick)
+    if not args.no_datapath:
+        datapath.run(args.quick)
 
     names = list(factories)
     elemtas = [n for n in names if n.startswith("elemta")]
