@@ -8,6 +8,7 @@ reach the same verdict for every input and every way of cutting it into chunks.
 from __future__ import annotations
 
 import itertools
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,7 +59,7 @@ pieces = st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"..", b"a", b"xyz ", b"\
 streams = st.lists(pieces, max_size=40).map(b"".join)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=int(os.environ.get("ELEMTA_EXAMPLES", "600")), deadline=None)
 @given(streams, st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
        st.one_of(st.none(), st.integers(min_value=0, max_value=3000)))
 def test_decoder_matches_the_line_parser(stream: bytes, cuts: list[int], limit: int | None) -> None:

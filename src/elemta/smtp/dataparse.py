@@ -13,6 +13,7 @@ import enum
 
 END = b"\r\n.\r\n"
 CRLF = b"\r\n"
+DOT_LINE = b"\r\n."  # a line starting with a dot: stuffed, or the end marker
 LINE_LIMIT = 1001  # octets, CRLF included
 _MAX_CONTENT = LINE_LIMIT - 2
 
@@ -62,7 +63,10 @@ class DataDecoder:
     def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
         """Returns (message bytes to store, None) or, once the end is seen, (bytes, rest)."""
         buf = self._carry + chunk if self._carry else chunk
-        end = buf.find(END)
+        # One scan finds the first CRLF "." : where there is none (most chunks of most mail),
+        # there is neither an end marker nor a stuffed dot to look for.
+        dot = buf.find(DOT_LINE)
+        end = buf.find(END, dot) if dot >= 0 else -1
         if end >= 0:
             portion, rest = buf[: end + 2], buf[end + len(END) :]
             self._carry = b""
@@ -75,7 +79,8 @@ class DataDecoder:
             rest = None
             cut = buf.rfind(CRLF)
             portion, self._carry = (b"", buf) if cut <= 0 else (buf[:cut], buf[cut:])
-        out = self._take(portion) if portion and self.state is DataState.NOMINAL else b""
+        stuffed = dot >= 0 and dot + len(DOT_LINE) <= len(portion)
+        out = self._take(portion, stuffed) if portion and self.state is DataState.NOMINAL else b""
         if rest is None:
             if self.state is DataState.NOMINAL and len(self._carry) - 2 > _MAX_CONTENT:
                 # The line in progress is already too long. The CRLF in front of it ends
@@ -87,8 +92,9 @@ class DataDecoder:
                 self._carry = buf[-(len(END) - 1) :]
         return (out, rest) if self.state is DataState.NOMINAL else (b"", rest)
 
-    def _take(self, portion: bytes) -> bytes:
-        """Unstuffed bytes of complete lines; `portion` starts with the CRLF ending the last."""
+    def _take(self, portion: bytes, stuffed: bool = True) -> bytes:
+        """Unstuffed bytes of complete lines; `portion` starts with the CRLF ending the last.
+        `stuffed` False: the caller knows `portion` holds no CRLF "." to unstuff."""
         if not _lines_fit(portion):
             offset = 0
             for line in portion.split(CRLF):
@@ -100,15 +106,15 @@ class DataDecoder:
                     self._fail(DataState.TOO_MUCH if over else DataState.TOO_LONG)
                     return b""
                 offset += len(line) + 2
-        out = self._unstuff(portion)
+        out = self._unstuff(portion, stuffed)
         self._first = False
         self.size += len(out)
         if self.size_limit is not None and self.size > self.size_limit:
             self._fail(DataState.TOO_MUCH)
         return out
 
-    def _unstuff(self, portion: bytes) -> bytes:
-        out = portion.replace(b"\r\n.", CRLF)
+    def _unstuff(self, portion: bytes, stuffed: bool = True) -> bytes:
+        out = portion.replace(DOT_LINE, CRLF) if stuffed else portion
         return out[2:] if self._first else out
 
     def _fail(self, state: DataState) -> None:
