@@ -37,6 +37,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from common import MiB, Server, aiosmtpd_sink, elemta, median, send_messages, table, tree_cpu
 from elemta.smtp.dataparse import DataDecoder, DataState
+from elemta.smtp.dataparse import to_lf as crlf_to_lf
 from elemta.smtp.server import CHUNK
 
 CRLF = b"\r\n"
@@ -130,7 +131,7 @@ def elemta_decode(chunks: list[bytes], to_lf: bool) -> bytes:
     for chunk in chunks:
         out, rest = decoder.feed(chunk)
         if out:
-            stored.append(out.replace(CRLF, b"\n") if to_lf else out)
+            stored.append(crlf_to_lf(out) if to_lf else out)
         if rest is not None:
             break
     if rest != b"" or decoder.state is not DataState.NOMINAL:

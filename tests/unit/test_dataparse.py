@@ -13,7 +13,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elemta.smtp.dataparse import LINE_LIMIT, DataDecoder, DataState
+from elemta.smtp.dataparse import LINE_LIMIT, DataDecoder, DataState, to_lf
 
 
 def reference(stream: bytes, size_limit: int | None) -> tuple[bytes, DataState, bytes] | None:
@@ -96,3 +96,10 @@ def test_long_line_memory_stays_bounded() -> None:
         assert d.held <= LINE_LIMIT + 2
     assert d.state is DataState.TOO_LONG
     assert d.feed(b"\r\n.\r\n")[1] == b""
+
+
+@settings(max_examples=int(os.environ.get("ELEMTA_EXAMPLES", "600")), deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b".", b"\r\r\n", b"\n\r"]),
+                max_size=40).map(b"".join))
+def test_to_lf_equals_replacing_crlf_pairs(data: bytes) -> None:
+    assert to_lf(data) == data.replace(b"\r\n", b"\n")

@@ -10,12 +10,27 @@ done with bytes.find/replace/split over whole chunks instead of one Python step 
 from __future__ import annotations
 
 import enum
+import re
 
 END = b"\r\n.\r\n"
 CRLF = b"\r\n"
 DOT_LINE = b"\r\n."  # a line starting with a dot: stuffed, or the end marker
 LINE_LIMIT = 1001  # octets, CRLF included
 _MAX_CONTENT = LINE_LIMIT - 2
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def to_lf(data: bytes) -> bytes:
+    """`data` with every CRLF turned into LF (bare CRs kept), as the Maildir files store it.
+
+    Deleting every CR is about three times cheaper than replacing CRLF pairs one by one, and
+    is the same thing when no CR stands alone, which one regex scan checks.
+    """
+    if _BARE_CR.search(data) is None:
+        return data.translate(None, b"\r")
+    return data.replace(CRLF, b"\n")
 
 
 class DataState(enum.Enum):

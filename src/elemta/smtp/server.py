@@ -26,7 +26,7 @@ from ..events import emit
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
-from .dataparse import DataDecoder, DataState
+from .dataparse import DataDecoder, DataState, to_lf
 from .policy import classify_recipient
 from .template import SessionTemplate
 
@@ -433,7 +433,7 @@ class ElemtaSMTP(SMTP):
                     try:
                         # Maildir files use the local newline convention, as Postfix and
                         # Dovecot's LDA write them.
-                        spool.write(out.replace(b"\r\n", b"\n"))
+                        spool.write(to_lf(out))
                     except OSError as exc:
                         write_failed = exc
                 if over_budget is None:
