@@ -43,6 +43,7 @@ def fresh_dir() -> Iterator[Path]:
         yield base
         return
     work = Path(tempfile.mkdtemp(prefix="elemta-benchfs-", dir=base))
+    work.chmod(0o755)  # Postfix's queue below must be reachable by the postfix user
     image, mnt = work / "fs.img", work / "mnt"
     mnt.mkdir()
     mounted = False
@@ -52,7 +53,7 @@ def fresh_dir() -> Iterator[Path]:
         _run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image))
         _run("mount", "-o", "loop", str(image), str(mnt))
         mounted = True
-        mnt.chmod(0o755)  # Postfix's queue must be reachable by the postfix user
+        mnt.chmod(0o755)
         yield mnt
     finally:
         if mounted:
