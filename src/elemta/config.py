@@ -117,6 +117,9 @@ class ServerConfig:
         1, "workers", "Worker processes: 1 (one process), 2..64, or \"auto\" (usable CPUs)",
         minimum=1, maximum=64,
     )
+    pin_workers: bool = _f(
+        True, "bool", "With workers > 1: bind each worker to one usable CPU (round robin)"
+    )
     event_loop: str = _f(
         "auto", "choice", "asyncio or uvloop (auto: asyncio; uvloop measured no faster)",
         choices=("auto", "asyncio", "uvloop"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from .memory.cgroup import CgroupUnavailable, ancestors, locate
@@ -57,3 +58,9 @@ def usable_cpus(root: Path = Path("/"), affinity: int | None = None) -> int:
     if quota is not None:
         n = min(n, math.ceil(quota))
     return max(1, n)
+
+
+def worker_cpu(index: int, allowed: Collection[int]) -> int:
+    """The CPU worker `index` (1-based) is bound to: the allowed CPUs in order, round robin."""
+    cpus = sorted(allowed)
+    return cpus[(index - 1) % len(cpus)]

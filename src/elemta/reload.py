@@ -15,6 +15,7 @@ RESTART_ONLY = (
     ("server", "listen"),
     ("server", "hostname"),
     ("server", "workers"),
+    ("server", "pin_workers"),
     ("server", "event_loop"),
     ("delivery", "maildir_root"),
     ("api", "listen"),

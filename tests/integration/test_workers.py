@@ -218,3 +218,26 @@ def test_systemd_hears_only_the_supervisor(tmp_path: Path) -> None:
             assert notify.count("WATCHDOG", 2.0) >= 2
     finally:
         notify.sock.close()
+
+
+def test_each_worker_is_bound_to_its_own_cpu(daemon: Daemon) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two usable CPUs")
+    pids = worker_pids(daemon)
+    bound = {i: os.sched_getaffinity(pid) for i, pid in pids.items()}
+    assert bound == {1: {allowed[0]}, 2: {allowed[1]}}
+    # Threads started later (the commit pool) inherit the worker's CPU.
+    send_until_both(daemon)
+    for index, pid in pids.items():
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            assert os.sched_getaffinity(int(tid)) == bound[index]
+    assert "worker 1: bound to CPU" in daemon.log
+
+
+def test_pin_workers_false_leaves_affinity_alone(tmp_path: Path) -> None:
+    with running(tmp_path, WORKERS.replace("workers = 2\n", "workers = 2\npin_workers = false\n")) as d:
+        wait_until("both workers ready", lambda: len(worker_pids(d)) == 2)
+        for pid in worker_pids(d).values():
+            assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+        assert "bound to CPU" not in d.log

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fakecgroup import MOUNTS_HYBRID, MOUNTS_V2, write
 
-from elemta.cpus import cpu_quota, parse_cfs, parse_cpu_max, usable_cpus
+from elemta.cpus import cpu_quota, parse_cfs, parse_cpu_max, usable_cpus, worker_cpu
 
 
 @pytest.mark.parametrize(("text", "cpus"), [("max 100000\n", None), ("200000 100000\n", 2.0),
@@ -88,3 +88,8 @@ def test_real_machine_quota_in_a_v1_cpu_cgroup(tmp_path: Path) -> None:
         assert int(cpus) == min(2, len(os.sched_getaffinity(0)))
     finally:
         group.rmdir()
+
+
+def test_worker_cpu_round_robin_over_allowed_cpus() -> None:
+    assert [worker_cpu(i, {5, 1, 3}) for i in range(1, 7)] == [1, 3, 5, 1, 3, 5]
+    assert worker_cpu(1, {0}) == 0
