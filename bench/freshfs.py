@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,5 +58,15 @@ def fresh_dir() -> Iterator[Path]:
         yield mnt
     finally:
         if mounted:
-            _run("umount", str(mnt))
+            _unmount(mnt)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _unmount(mnt: Path) -> None:
+    """Unmount; a server process still exiting may hold it for a moment, then detach lazily."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    _run("umount", "-l", str(mnt))
