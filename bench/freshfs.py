@@ -70,3 +70,18 @@ def _unmount(mnt: Path) -> None:
             return
         time.sleep(0.2)
     _run("umount", "-l", str(mnt))
+
+
+@contextlib.contextmanager
+def spool_on_fresh_fs() -> Iterator[Path]:
+    """$ELEMTA_BENCH_DIR pointed at a fresh filesystem (`fresh_dir`) for the servers started inside."""
+    before = os.environ.get("ELEMTA_BENCH_DIR")
+    with fresh_dir() as where:
+        os.environ["ELEMTA_BENCH_DIR"] = str(where)
+        try:
+            yield where
+        finally:
+            if before is None:
+                os.environ.pop("ELEMTA_BENCH_DIR", None)
+            else:
+                os.environ["ELEMTA_BENCH_DIR"] = before

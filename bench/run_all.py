@@ -45,7 +45,7 @@ from pathlib import Path
 import datapath
 import postfix
 from common import Server, aiosmtpd_sink, elemta, median, table
-from freshfs import fresh_dir
+from freshfs import spool_on_fresh_fs
 from throughput import Sizes, measure
 
 # Production-like elemta for the bench: default config except a size limit that lets the
@@ -187,22 +187,17 @@ def main() -> None:
         factories = {k: v for k, v in factories.items() if k in args.only}
     figures: dict[tuple[str, str], list[float]] = {}
     t_start = time.monotonic()
-    bench_dir = os.environ.get("ELEMTA_BENCH_DIR", "/var/tmp")
     for rnd in range(rounds):
         order = list(factories) if rnd % 2 == 0 else list(reversed(factories))
         for name in order:
             t0 = time.monotonic()
             try:
-                with fresh_dir() as where:
-                    os.environ["ELEMTA_BENCH_DIR"] = str(where)
+                with spool_on_fresh_fs():
+                    server = factories[name]()
                     try:
-                        server = factories[name]()
-                        try:
-                            got = measure(server, sizes)
-                        finally:
-                            server.stop()
+                        got = measure(server, sizes)
                     finally:
-                        os.environ["ELEMTA_BENCH_DIR"] = bench_dir
+                        server.stop()
             except Exception as exc:  # one broken server must not cost the others' figures
                 print(f"round {rnd + 1}/{rounds} {name}: failed: {exc}"[:600], flush=True)
                 continue
