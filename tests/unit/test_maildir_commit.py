@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from elemta.store import maildir
 from elemta.store.maildir import DirSync, Mailbox, Maildir
 
 
@@ -69,4 +70,18 @@ def test_failed_commit_leaves_nothing_behind(tmp_path: Path) -> None:
         for sub in ("tmp", "new"):
             d = store.mailbox_dir(box) / sub
             assert not d.exists() or not list(d.iterdir())
+    store.executor.shutdown()
+
+
+def test_per_mailbox_memos_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "MEMO_LIMIT", 3)
+    store = Maildir(tmp_path, "mx.test")
+    for i in range(6):
+        spool = store.open([Mailbox("a.test", f"u{i}")], b"H: 1\n", f"Q{i}")
+        spool.commit()
+    assert len(store._ready) <= 3 and len(store.dirsync._dirs) <= 3
+    # A forgotten mailbox is simply checked and synced again.
+    spool = store.open([Mailbox("a.test", "u0")], b"H: 2\n", "QX")
+    spool.commit()
+    assert len(list((store.mailbox_dir(Mailbox("a.test", "u0")) / "new").iterdir())) == 2
     store.executor.shutdown()

@@ -58,6 +58,12 @@ class _DirState:
         self.synced = 0  # every commit up to this number is covered by a finished fsync
 
 
+# Per-mailbox memos (directories known to exist, fsync bookkeeping) are bounded: an MX with
+# many mailboxes must not grow them forever. Forgetting one is always safe: it only costs a
+# fresh check (ensure) or a fsync that no queued commit shares (DirSync).
+MEMO_LIMIT = 4096
+
+
 class DirSync:
     """Group commit for directory fsyncs.
 
@@ -76,6 +82,8 @@ class DirSync:
         with self._lock:
             state = self._dirs.get(path)
             if state is None:
+                if len(self._dirs) >= MEMO_LIMIT:
+                    del self._dirs[next(iter(self._dirs))]  # the oldest; its users keep theirs
                 state = self._dirs[path] = _DirState()
         with state.counter:
             state.entered += 1
@@ -100,7 +108,7 @@ COMMIT_THREADS = 32
 class Maildir:
     root: Path
     hostname: str
-    _ready: set[Path] = field(default_factory=set)
+    _ready: dict[Path, None] = field(default_factory=dict)  # insertion-ordered set
     dirsync: DirSync = field(default_factory=DirSync)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
@@ -129,7 +137,9 @@ class Maildir:
         # A new directory entry is durable only once its parent directory is synced.
         for parent in {p.parent for p in created}:
             _fsync_dir(parent)
-        self._ready.add(base)
+        if len(self._ready) >= MEMO_LIMIT:
+            del self._ready[next(iter(self._ready))]
+        self._ready[base] = None
         return base
 
     def open(self, recipients: Iterable[Mailbox], header: bytes, qid: str) -> Spool:
