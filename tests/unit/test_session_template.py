@@ -84,5 +84,12 @@ def test_a_new_configuration_builds_a_new_template(tmp_path: Path) -> None:
         assert ElemtaSMTP(ctx).data_size_limit == 8192  # SIGHUP: the reloaded config applies
         assert ctx.template is not old
         assert ElemtaSMTP(ctx).data_size_limit == 8192
+        # A reload that changed nothing still gives a new object: matched by identity, so the
+        # template is rebuilt once instead of the configurations being compared per connection.
+        built = ctx.template
+        ctx.config = dataclasses.replace(ctx.config)
+        ElemtaSMTP(ctx)
+        assert ctx.template is not built and ctx.template is not None
+        assert ctx.template.fits((ctx.config, ctx.tls, ctx.handler))
 
     asyncio.run(main())

@@ -221,7 +221,7 @@ class ElemtaSMTP(SMTP):
         self._deadline = 0.0  # loop time when the current command or DATA timeout expires
         key = (ctx.config, ctx.tls, ctx.handler)
         template = ctx.template
-        if template is not None and template.key == key:
+        if template is not None and template.fits(key):
             template.stamp(self, self.line_length_limit)
             return
         own = frozenset(vars(self))

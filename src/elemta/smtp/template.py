@@ -79,6 +79,11 @@ class SessionTemplate:
         self._items = tuple((name, _copier(value, proto)) for name, value in vars(proto).items()
                             if name not in skip)
 
+    def fits(self, key: tuple[object, ...]) -> bool:
+        """Built from these very objects? Identity, not equality: comparing configurations by
+        value would walk every field on every connection after a reload that changed nothing."""
+        return len(key) == len(self.key) and all(a is b for a, b in zip(key, self.key, strict=True))
+
     def stamp(self, target: asyncio.StreamReaderProtocol, reader_limit: int) -> None:
         """Give `target` (whose class set its own attributes already) aiosmtpd's state."""
         loop = self._loop
