@@ -19,8 +19,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("elemta.store")
+_T = TypeVar("_T")
 
 _counter = itertools.count(1)
 _DIR_MODE = 0o700
@@ -64,6 +66,14 @@ class _DirState:
 MEMO_LIMIT = 4096
 
 
+def _remember(memo: dict[Path, _T], key: Path, value: _T) -> _T:
+    """memo[key] = value, first forgetting the oldest entry when the memo is full."""
+    if len(memo) >= MEMO_LIMIT:
+        del memo[next(iter(memo))]
+    memo[key] = value
+    return value
+
+
 class DirSync:
     """Group commit for directory fsyncs.
 
@@ -75,16 +85,14 @@ class DirSync:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._dirs: dict[Path, _DirState] = {}
-        self.fsyncs = 0  # directory fsyncs actually made (the bench reports commits per fsync)
+        self.fsyncs = 0  # directory fsyncs actually made (tests check the coalescing with it)
 
     def sync(self, path: Path) -> None:
         """Return once an fsync of `path` that began after this call has completed."""
         with self._lock:
             state = self._dirs.get(path)
-            if state is None:
-                if len(self._dirs) >= MEMO_LIMIT:
-                    del self._dirs[next(iter(self._dirs))]  # the oldest; its users keep theirs
-                state = self._dirs[path] = _DirState()
+            if state is None:  # a forgotten state's users keep theirs
+                state = _remember(self._dirs, path, _DirState())
         with state.counter:
             state.entered += 1
             mine = state.entered
@@ -137,9 +145,7 @@ class Maildir:
         # A new directory entry is durable only once its parent directory is synced.
         for parent in {p.parent for p in created}:
             _fsync_dir(parent)
-        if len(self._ready) >= MEMO_LIMIT:
-            del self._ready[next(iter(self._ready))]
-        self._ready[base] = None
+        _remember(self._ready, base, None)
         return base
 
     def open(self, recipients: Iterable[Mailbox], header: bytes, qid: str) -> Spool:
