@@ -112,7 +112,7 @@ class DataDecoder:
                 self._carry = buf[-(len(END) - 1) :]
         return (out, rest) if self.state is DataState.NOMINAL else (b"", rest)
 
-    def _take(self, portion: bytes, stuffed: bool = True) -> bytes:
+    def _take(self, portion: bytes, stuffed: bool) -> bytes:
         """Unstuffed bytes of complete lines; `portion` starts with the CRLF ending the last.
         `stuffed` False: the caller knows `portion` holds no CRLF "." to unstuff."""
         if not _lines_fit(portion):
