@@ -59,6 +59,20 @@ def test_every_default_in_elemta_toml_5_is_the_codes_default() -> None:
         assert m is not None and m.group(1) == shown, (section, f.name, m and m.group(1), shown)
 
 
+def test_every_restart_only_key_is_named_under_sighup_in_elemta_8() -> None:
+    from elemta.reload import RESTART_ONLY
+
+    signals = sections_of(MAN8)["SIGNALS"]
+    sighup = signals[signals.index(".B SIGHUP"):].split(".TP", 1)[0]
+    missing = []
+    for section, key in RESTART_ONLY:
+        after = sighup.split(f".B [{section}]", 1)
+        named = after[1].split("\n.B [", 1)[0] if len(after) == 2 else ""
+        if not re.search(rf"(^|[ \"]){re.escape(key)}([ \",;.]|$)", named, re.M):
+            missing.append(f"[{section}] {key}")
+    assert not missing, f"restart-only keys not named under SIGHUP in {MAN8.name}: {missing}"
+
+
 def test_every_event_and_message_id_is_in_elemta_8() -> None:
     text = MAN8.read_text()
     for event in EVENTS.values():
