@@ -239,7 +239,7 @@ class Supervisor:
         gc.freeze()
         if self.config.server.pin_workers:
             # The event loop and its commit threads on one CPU: their hand-offs then need no
-            # cross-CPU wake-ups (measured 18 to 26% more messages/s at one message per connection).
+            # cross-CPU wake-ups (make bench, 2-CPU VM: +26% msg/s at one message per connection).
             cpu = worker_cpu(index, os.sched_getaffinity(0))
             try:
                 os.sched_setaffinity(0, {cpu})  # threads started later inherit it
