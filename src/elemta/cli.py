@@ -1,4 +1,4 @@
-"""Command line: elemta serve | check-config | stats | --version."""
+"""Command line: elemta serve | check-config | stats | mailbox add/list | --version."""
 
 from __future__ import annotations
 
@@ -44,7 +44,65 @@ def _parser() -> argparse.ArgumentParser:
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    mailbox = sub.add_parser(
+        "mailbox", help="create or list mailboxes (with the default [delivery] recipients = "
+        "\"maildir\", only these receive mail)")
+    boxes = mailbox.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = boxes.add_parser(
+        "add", help="create the Maildir of each ADDRESS under maildir_root (0700; run as root, "
+        "owned by the owner of maildir_root)")
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS", help="user@domain, domain in "
+                     "[delivery] domains")
+    add.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    listing = boxes.add_parser("list", help="print every mailbox of [delivery] domains, one "
+                               "address per line")
+    listing.add_argument("--count", action="store_true",
+                         help="append the number of messages (new/ and cur/)")
+    listing.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     return p
+
+
+def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool) -> int:
+    from pathlib import Path
+
+    from . import mailboxes
+    from .recipients import Refusal, parse_mailbox
+    from .store.maildir import Mailbox
+
+    cfg = _load(path)
+    if cfg is None:
+        return EXIT_CONFIG
+    root, domains = Path(cfg.delivery.maildir_root), cfg.delivery.domains
+    if action == "list":
+        try:
+            for box in mailboxes.existing(root, domains):
+                print(f"{box} {mailboxes.count_messages(root, box)}" if count else box)
+        except OSError as exc:
+            print(f"elemta: cannot list {root}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
+    wanted: list[Mailbox] = []
+    for address in addresses:
+        parsed = parse_mailbox(address, domains) if "@" in address else Refusal.BAD_SYNTAX
+        if parsed is Refusal.FOREIGN_DOMAIN:
+            domain = address.rpartition("@")[2].lower()
+            print(f"elemta: {address}: {domain} is not in [delivery] domains "
+                  f"({cfg.source}: {', '.join(domains)})", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(parsed, Refusal):
+            print(f"elemta: {address}: not a mailbox address (local@domain; letters, digits "
+                  "and !#$%&'*+=?^_`{|}~- in dot-separated local parts)", file=sys.stderr)
+            return EXIT_CONFIG
+        wanted.append(parsed)
+    for box in wanted:
+        try:
+            made = mailboxes.create(root, box)
+        except OSError as exc:
+            print(f"elemta: {box}: cannot create its Maildir under {root}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"{box}: {'created' if made else 'exists'} ({root / box.domain / box.localpart})")
+    return EXIT_OK
 
 
 def stats(api: str | None, path: str | None, as_json: bool) -> int:
@@ -168,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "stats":
         return stats(args.api, args.config, args.json)
+    if args.command == "mailbox":
+        return mailbox(args.action, args.config, getattr(args, "addresses", ()),
+                       getattr(args, "count", False))
     return serve(args.config)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import recipients
 from .units import format_duration, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/elemta/elemta.toml")
@@ -132,6 +133,11 @@ class DeliveryConfig:
     domains: tuple[str, ...] = _f(
         ["localhost", "example.test"], "domains", "Domains we accept mail for"
     )
+    recipients: str = _f(
+        "maildir", "recipients", "Who may receive mail: \"maildir\" (mailboxes that exist), "
+        "\"file:PATH\" (one address or @domain per line) or \"any\""
+    )
+    aliases: str = _f("", "str", "Alias file, \"address: mailbox, mailbox\" per line (empty: none)")
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "listen": _listen_list,
     "listen1": parse_listen,
     "domains": _domain_list,
+    "recipients": recipients.parse_mode,
 }
 
 
@@ -348,6 +355,9 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 f"{where('memory', 'per_connection_memory_limit')}: larger than max_memory_usage"
             )
         problems.extend(_tls_problems(cfg.tls, where))
+        d = cfg.delivery
+        problems.extend(f"{where('delivery', key)}: {problem}"
+                        for key, problem in recipients.problems(d.recipients, d.aliases, d.domains))
         if cfg.server.event_loop == "uvloop" and not uvloop_available():
             problems.append(f"{where('server', 'event_loop')}: \"uvloop\" but the uvloop module "
                             "is not installed (apt install python3-uvloop, or use \"auto\")")
@@ -427,6 +437,12 @@ def warnings(cfg: Config) -> list[str]:
             f"{cfg.source}: [memory] max_goroutines ({m.max_goroutines}) is below 2 x "
             f"[server] max_connections ({2 * s.max_connections}): the task cap will refuse "
             "connections before max_connections is reached"
+        )
+    if cfg.delivery.recipients == "any":
+        out.append(
+            f"{cfg.source}: [delivery] recipients = \"any\": every local part of "
+            f"{', '.join(cfg.delivery.domains)} is accepted and its mailbox created on delivery; "
+            "anyone can create mailboxes without bound"
         )
     return out
 

@@ -20,7 +20,7 @@ from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
-from .reload import log_rejected, reload_config
+from .reload import log_rejected, make_postmasters, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -118,6 +118,8 @@ class Daemon:
         raise_fd_limit()
         if self.worker is None:  # a worker must not remove its siblings' files in progress
             clean_tmp(self.ctx.store)
+        make_postmasters(self.ctx.store.root, self.config.delivery.domains)  # before serving
+        log.info("recipients: %s", self.ctx.recipients.map.description)
         self.governor.start()  # first sample (and its log line) before serving
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
         self.observe.start(self.governor, lambda: self.ctx.draining,
@@ -167,6 +169,8 @@ class Daemon:
             new = self.worker.shape(outcome.config) if self.worker else outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
+            reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
+                              self.ctx.store.executor)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",

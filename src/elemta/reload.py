@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import config
+from . import config, mailboxes
 from .events import emit
+from .recipients import MapError, Recipients
+
+log = logging.getLogger("elemta.reload")
 
 # Keys bound into objects built at start-up (sockets, the store, the log handler): a change is
 # reported as "needs a restart" and the running value stays in force until then.
@@ -77,3 +83,31 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
          f"configuration reload rejected, old configuration stays in force: "
          f"{'; '.join(outcome.problems)}",
          config_path=outcome.path, result="rejected")
+
+
+def make_postmasters(root: Path, domains: Collection[str]) -> None:
+    """postmaster@ every domain exists from the first start (blocking: before serving or in an
+    executor). A failure is logged, not fatal: DATA answers 452 4.3.1 until the tree is writable."""
+    try:
+        made = mailboxes.create_postmasters(root, domains)
+    except OSError as exc:
+        log.error("cannot create the postmaster mailboxes under %s: %s", root, exc.strerror or exc)
+        return
+    if made:
+        log.info("created mailbox(es) %s", ", ".join(str(b) for b in made))
+
+
+def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, root: Path,
+                      executor: Executor) -> None:
+    """SIGHUP: re-read the recipient map and aliases (even when their paths did not change).
+
+    config.load has just parsed both files; a failure here means they changed in between, and
+    the maps in force stay. Postmaster mailboxes of newly added domains are made off the loop.
+    """
+    try:
+        recipients.reload(delivery)
+    except (OSError, MapError, UnicodeDecodeError) as exc:
+        log.error("recipient map not re-read, the previous one stays: %s", exc)
+    else:
+        log.info("recipient map re-read: %s", recipients.map.description)
+    executor.submit(make_postmasters, root, delivery.domains)
