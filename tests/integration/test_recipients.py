@@ -7,11 +7,13 @@ unless the test names another mode.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 from daemon import Daemon, running
 
 MSG = b"Subject: t\r\n\r\nhello\r\n"
+REREAD = "recipient map re-read"
 
 
 @pytest.fixture
@@ -38,6 +41,17 @@ def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 def directories(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_dir()} if root.is_dir() else set()
+
+
+def reload_and_wait(d: Daemon, timeout: float = 15) -> None:
+    """SIGHUP, then wait until every process serving SMTP has logged that it re-read the maps."""
+    m = re.search(r"^workers\s*=\s*(\d+)", d.config_path.read_text(), re.M)
+    expected = d.log.count(REREAD) + (int(m.group(1)) if m else 1)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while d.log.count(REREAD) < expected:
+        assert d.proc.poll() is None and time.monotonic() < deadline, d.log
+        time.sleep(0.02)  # polling the log for the event, as wait_for_log does
 
 
 def rcpt_replies(d: Daemon, rcpts: list[str]) -> list[tuple[int, str]]:
@@ -128,8 +142,7 @@ def test_recipient_file_and_its_reload(tmp_path: Path) -> None:
             (250, "2.1.5 Recipient ok"),
         ]
         table.write_text("carol@example.test\n")
-        d.proc.send_signal(signal.SIGHUP)
-        d.wait_for_log("recipient map re-read")
+        reload_and_wait(d)
         assert [code for code, _ in rcpt_replies(
             d, ["bob@example.test", "carol@example.test", "anyone@localhost"])] == [550, 250, 550]
         assert len(d.delivered("carol@example.test")) == 1
@@ -165,8 +178,7 @@ def test_aliases_deliver_into_their_targets_once_each_and_reload(tmp_path: Path)
         assert not (d.maildir / "example.test" / "sales").exists()
         assert "rcpts=3" in d.log
         aliases.write_text("sales@example.test: alice@example.test\n")
-        d.proc.send_signal(signal.SIGHUP)
-        d.wait_for_log("recipient map re-read")
+        reload_and_wait(d)
         assert [code for code, _ in rcpt_replies(d, ["sales@example.test", "abuse@localhost"])] \
             == [250, 550]
         assert len(d.delivered("alice@example.test")) == 2
