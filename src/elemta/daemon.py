@@ -16,11 +16,12 @@ from pathlib import Path
 
 from .config import Config, ListenAddress, tls_context
 from .events import emit
+from .mailboxes import ensure_postmasters
 from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
-from .reload import log_rejected, make_postmasters, reload_config, reload_recipients
+from .reload import log_rejected, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -118,7 +119,7 @@ class Daemon:
         raise_fd_limit()
         if self.worker is None:  # a worker must not remove its siblings' files in progress
             clean_tmp(self.ctx.store)
-        make_postmasters(self.ctx.store.root, self.config.delivery.domains)  # before serving
+        ensure_postmasters(self.ctx.store.root, self.config.delivery.domains)  # before serving
         log.info("recipients: %s", self.ctx.recipients.map.description)
         self.governor.start()  # first sample (and its log line) before serving
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.

@@ -7,6 +7,7 @@ executor.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .recipients import LOCALPART, POSTMASTER
 from .store.maildir import Mailbox, mailbox_path
 
+log = logging.getLogger("elemta.mailboxes")
 DIR_MODE = 0o700
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -67,9 +69,18 @@ def create(root: Path, box: Mailbox) -> bool:
     return base in created
 
 
-def create_postmasters(root: Path, domains: Iterable[str]) -> list[Mailbox]:
-    """postmaster@ every domain (RFC 5321 4.5.1 wants it reachable); the ones made now."""
-    return [box for box in (Mailbox(d, POSTMASTER) for d in domains) if create(root, box)]
+def ensure_postmasters(root: Path, domains: Iterable[str]) -> None:
+    """postmaster@ every domain exists (RFC 5321 4.5.1 wants it reachable) from the first start.
+
+    A failure is logged, not fatal: DATA answers 452 4.3.1 until the tree is writable.
+    """
+    try:
+        made = [box for box in (Mailbox(d, POSTMASTER) for d in domains) if create(root, box)]
+    except OSError as exc:
+        log.error("cannot create the postmaster mailboxes under %s: %s", root, exc.strerror or exc)
+        return
+    if made:
+        log.info("created mailbox(es) %s", ", ".join(str(b) for b in made))
 
 
 def count_messages(root: Path, box: Mailbox) -> int:

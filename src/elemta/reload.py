@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,18 +84,6 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
          config_path=outcome.path, result="rejected")
 
 
-def make_postmasters(root: Path, domains: Collection[str]) -> None:
-    """postmaster@ every domain exists from the first start (blocking: before serving or in an
-    executor). A failure is logged, not fatal: DATA answers 452 4.3.1 until the tree is writable."""
-    try:
-        made = mailboxes.create_postmasters(root, domains)
-    except OSError as exc:
-        log.error("cannot create the postmaster mailboxes under %s: %s", root, exc.strerror or exc)
-        return
-    if made:
-        log.info("created mailbox(es) %s", ", ".join(str(b) for b in made))
-
-
 def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, root: Path,
                       executor: Executor) -> None:
     """SIGHUP: re-read the recipient map and aliases (even when their paths did not change).
@@ -110,4 +97,4 @@ def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, r
         log.error("recipient map not re-read, the previous one stays: %s", exc)
     else:
         log.info("recipient map re-read: %s", recipients.map.description)
-    executor.submit(make_postmasters, root, delivery.domains)
+    executor.submit(mailboxes.ensure_postmasters, root, delivery.domains)

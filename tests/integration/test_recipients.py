@@ -195,3 +195,18 @@ def test_smtplib_sees_a_permanent_refusal(strict: Daemon) -> None:
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         strict.send("nobody@example.test", MSG)
     assert info.value.recipients["nobody@example.test"][0] == 550
+
+
+def test_a_domain_added_by_reload_gets_its_postmaster_mailbox(strict: Daemon) -> None:
+    text = strict.config_path.read_text()
+    strict.config_path.write_text(text.replace('domains = ["example.test", "localhost"]',
+                                               'domains = ["example.test", "localhost", "new.test"]'))
+    reload_and_wait(strict)
+    box = strict.maildir / "new.test" / "postmaster" / "new"
+    deadline = time.monotonic() + 15
+    while not box.is_dir():  # made in the executor right after the reload
+        assert time.monotonic() < deadline, strict.log
+        time.sleep(0.02)
+    assert rcpt_replies(strict, ["postmaster@new.test", "someone@new.test"]) == [
+        (250, "2.1.5 Recipient ok"),
+        (550, "5.1.1 <someone@new.test>: Recipient address rejected: User unknown")]

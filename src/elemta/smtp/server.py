@@ -131,7 +131,7 @@ class SmtpContext:
     handler: Handler = field(init=False)
     # aiosmtpd's per-session constructor state, built by the first session of a configuration.
     template: SessionTemplate | None = field(default=None, init=False)
-    # Who may receive mail ([delivery] recipients, aliases): replaced on reload.
+    # Who may receive mail ([delivery] recipients, aliases); SIGHUP re-reads its maps.
     recipients: Recipients = field(init=False)
 
     def __post_init__(self) -> None:
