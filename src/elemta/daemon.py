@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ListenAddress, tls_context
+from . import runtime
+from .config import Config, ListenAddress
 from .events import emit
 from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
@@ -97,9 +98,10 @@ class Daemon:
     observe: Observability = field(init=False)
 
     def __post_init__(self) -> None:
-        store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
+        store = Maildir(Path(self.config.delivery.maildir_root),
+                        runtime.hostname(self.config.server))
         self.observe = Observability(self.config, self.started)
-        self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls),
+        self.ctx = SmtpContext(self.config, store, tls=runtime.tls_context(self.config.tls),
                                observer=self.observe.smtp)
         ctx = self.ctx
         if self.worker is not None:
@@ -167,6 +169,7 @@ class Daemon:
             new = self.worker.shape(outcome.config) if self.worker else outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
+            self.observe.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",

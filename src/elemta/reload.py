@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from . import config
+from . import config, runtime
 from .events import emit
 
 # Keys bound into objects built at start-up (sockets, the store, the log handler): a change is
@@ -65,6 +65,9 @@ def reload_config(current: config.Config) -> ReloadOutcome:
         new = config.load(path)
     except config.ConfigError as exc:
         return ReloadOutcome(shown, None, tuple(exc.problems))
+    problems = runtime.problems(new)  # a certificate or token file that would not load
+    if problems:
+        return ReloadOutcome(shown, None, tuple(problems))
     changes = diff(current, new)
     restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
     live = tuple(c for c in changes if c not in restart)
