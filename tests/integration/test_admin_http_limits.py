@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -139,3 +140,20 @@ def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
     token.write_text("short\n")
     out = _check(path)
     assert out.returncode == 2 and "at least" in out.stderr, out.stderr
+
+
+def test_reload_reads_the_token_again(tmp_path: Path) -> None:
+    token_file = _token_file(tmp_path)
+    with exposed(tmp_path, token_file) as d:
+        new = "Z" * 8 + TOKEN
+        token_file.write_text(new + "\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("configuration reloaded")
+        assert get(d, "/api/stats", headers={"Authorization": f"Bearer {TOKEN}"}).status == 401
+        assert get(d, "/api/stats", headers={"Authorization": f"Bearer {new}"}).status == 200
+        # A token file that became unsafe rejects the reload: the current token stays.
+        token_file.chmod(0o644)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("reload rejected")
+        assert "readable by others" in d.log
+        assert get(d, "/api/stats", headers={"Authorization": f"Bearer {new}"}).status == 200
