@@ -357,7 +357,8 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
 
 
 def _where(source: str, text: str, section: str, key: str | None = None) -> str:
-    line = _line_of(text, section, key) if text else None
+    # A key left at its default has no line: point at its section, where it would go.
+    line = (_line_of(text, section, key) or _line_of(text, section, None)) if text else None
     loc = f"{source}:{line}" if line else source
     return f"{loc}: [{section}]" + (f" {key}" if key else "")
 
