@@ -39,11 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
-    stats = sub.add_parser("stats", help="print the running daemon's /api/stats")
+    stats = sub.add_parser(
+        "stats", help="print the running daemon's /api/stats (sending the bearer token of "
+        "[api] token_file when the config is read: without --api, or with --config)"
+    )
     stats.add_argument("--api", metavar="URL",
                        help="admin endpoint base URL (default: from [api] listen in the config)")
-    # The bearer token of [api] token_file is sent when the config names one (--config, or the
-    # default file): with --api alone no config is read.
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     return p
