@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, config
+from . import __version__, config, runtime
 from .observe import logging as elemta_logging
 
 EXIT_OK = 0
@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
-    stats = sub.add_parser("stats", help="print the running daemon's /api/stats")
+    stats = sub.add_parser(
+        "stats", help="print the running daemon's /api/stats (sending the bearer token of "
+        "[api] token_file when the config is read: without --api, or with --config)"
+    )
     stats.add_argument("--api", metavar="URL",
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
@@ -108,13 +111,20 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
 def stats(api: str | None, path: str | None, as_json: bool) -> int:
     from .observe import statsview
 
-    if api is None:
+    token = None
+    if api is None or path is not None:
         cfg = _load(path)
         if cfg is None:
             return EXIT_CONFIG
-        api = statsview.default_url(cfg.api.listen)
+        api = api or statsview.default_url(cfg.api.listen)
+        try:
+            token = runtime.api_token(cfg.api.token_file)
+        except runtime.SetupError as exc:
+            print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
     try:
-        doc = statsview.fetch(api)
+        doc = statsview.fetch(api, token)
     except statsview.StatsError as exc:
         print(f"elemta: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -126,17 +136,24 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _load(path: str | None) -> config.Config | None:
+def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
+    """The config, or None after one line per problem on stderr. `resources`: also check that
+    what the daemon builds from it (certificate, token file, host name) can be built."""
     try:
-        return config.load(path)
+        cfg = config.load(path)
     except config.ConfigError as exc:
-        for line in exc.problems:
-            print(f"elemta: {line}", file=sys.stderr)
-        return None
+        problems = exc.problems
+    else:
+        problems = runtime.problems(cfg) if resources else []
+        if not problems:
+            return cfg
+    for line in problems:
+        print(f"elemta: {line}", file=sys.stderr)
+    return None
 
 
 def check_config(path: str | None) -> int:
-    cfg = _load(path)
+    cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
     for warning in config.warnings(cfg):
@@ -155,10 +172,10 @@ def _event_loop(name: str) -> None:
 
 
 def serve(path: str | None) -> int:
-    cfg = _load(path)
+    cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
-    if config.worker_count(cfg.server) > 1:
+    if runtime.worker_count(cfg.server) > 1:
         return serve_workers(cfg)
     from .daemon import Daemon
     from .observe.systemd import inherited_sockets
@@ -177,6 +194,9 @@ def serve(path: str | None) -> int:
                  len(inherited.smtp))
     try:
         asyncio.run(Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api).run())
+    except runtime.SetupError as exc:
+        log.error("cannot start: %s: %s", cfg.source, exc)
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -198,7 +218,7 @@ def serve_workers(cfg: config.Config) -> int:
         _event_loop(cfg.server.event_loop)
         log = logging.getLogger("elemta")
         log.info("elemta %s starting (config: %s) with %d workers", __version__, cfg.source,
-                 config.worker_count(cfg.server))
+                 runtime.worker_count(cfg.server))
         for warning in config.warnings(cfg):
             log.warning("%s", warning)
         inherited = inherited_sockets()
@@ -213,6 +233,9 @@ def serve_workers(cfg: config.Config) -> int:
                 return await supervisor.Supervisor(cfg, socks, api).run()
 
             return asyncio.run(run())
+        except runtime.SetupError as exc:
+            log.error("cannot start: %s: %s", cfg.source, exc)
+            return EXIT_CONFIG
         except OSError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_FAILURE

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ListenAddress, tls_context
+from . import runtime
+from .config import Config, ListenAddress
 from .events import emit
 from .mailboxes import ensure_postmasters
 from .memory.governor import Governor, count_tasks
@@ -98,9 +99,10 @@ class Daemon:
     observe: Observability = field(init=False)
 
     def __post_init__(self) -> None:
-        store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
+        store = Maildir(Path(self.config.delivery.maildir_root),
+                        runtime.hostname(self.config.server))
         self.observe = Observability(self.config, self.started)
-        self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls),
+        self.ctx = SmtpContext(self.config, store, tls=runtime.tls_context(self.config.tls),
                                observer=self.observe.smtp)
         ctx = self.ctx
         if self.worker is not None:
@@ -172,6 +174,7 @@ class Daemon:
             self.governor.reconfigure(new)
             reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
                               self.ctx.store.executor)
+            self.observe.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",

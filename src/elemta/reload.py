@@ -8,7 +8,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, mailboxes
+from . import config, mailboxes, runtime
 from .events import emit
 from .recipients import MapError, Recipients
 
@@ -70,6 +70,9 @@ def reload_config(current: config.Config) -> ReloadOutcome:
         new = config.load(path)
     except config.ConfigError as exc:
         return ReloadOutcome(shown, None, tuple(exc.problems))
+    problems = runtime.problems(new)  # a certificate or token file that would not load
+    if problems:
+        return ReloadOutcome(shown, None, tuple(problems))
     changes = diff(current, new)
     restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
     live = tuple(c for c in changes if c not in restart)

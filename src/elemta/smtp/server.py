@@ -239,7 +239,7 @@ class ElemtaSMTP(SMTP):
         super().__init__(
             ctx.handler,
             data_size_limit=cfg.max_message_size,
-            hostname=ctx.config.hostname,
+            hostname=ctx.store.hostname,  # resolved once, at start (runtime.hostname)
             ident="ESMTP elemta",
             timeout=cfg.command_timeout,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
