@@ -10,15 +10,17 @@ the binding term named with its own usage and ceiling.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fakecgroup import MOUNTS_V1, V1_SENTINEL, proc, v1_group, write
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from elemta import config
-from elemta.memory.governor import Governor
+from elemta.memory.governor import Governor, effective
 from elemta.memory.sampler import Sample, Sampler, parse_pss
 from elemta.memory.snapshot import CgroupFigures
 from elemta.observe import report, statsview, systemd
@@ -195,3 +197,33 @@ def test_admission_samples_follow_own_growth_between_rescans() -> None:
         del ballast
     finally:
         sampler.close()
+
+
+def test_a_cgroup_is_elemtas_own_only_when_every_process_in_it_is(tmp_path: Path) -> None:
+    # The fake tree stands in for /sys; the daemon's process tree is this process alone.
+    proc(tmp_path, "4:memory:/svc\n", MOUNTS_V1, rss=20 * MiB)
+    base = tmp_path / "sys/fs/cgroup/memory"
+    write(base / "memory.limit_in_bytes", V1_SENTINEL)
+    v1_group(base / "svc", usage=30 * MiB, limit=str(GiB), inactive=0)
+    procs = base / "svc/cgroup.procs"
+
+    def own() -> tuple[bool, str]:
+        sampler = Sampler(tmp_path)
+        try:
+            sampler.rescan()
+            sample = sampler.sample()
+            return sample.cgroup_own, effective(sample, 2 * GiB).usage_source.value
+        finally:
+            sampler.close()
+
+    write(procs, f"{os.getpid()}\n")
+    assert own() == (True, "cgroup")
+    write(procs, f"{os.getpid()}\n1\n")  # another program shares the cgroup
+    assert own() == (False, "pss")
+    write(procs, f"{os.getpid()}\n")
+    write(base / "svc/sub/cgroup.procs", "1\n")  # ... or a sub-cgroup of it
+    assert own() == (False, "pss")
+    write(base / "svc/sub/cgroup.procs", "")
+    assert own() == (True, "cgroup")
+    procs.unlink()  # unreadable: not known to be its own
+    assert own() == (False, "pss")
