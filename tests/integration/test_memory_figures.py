@@ -90,12 +90,20 @@ def mib(n: float) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 4])
-def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "budget", "binds"), [
+    (1, 2 << 30, None),  # the defaults: whichever term binds on this host
+    (4, 2 << 30, None),
+    (4, 16 << 30, "host"),  # elemta's ~50 MiB are far less of 16 GiB than the host's use of RAM
+    (1, 96 * MiB, "process"),  # elemta's own memory is the highest ratio
+    (4, 96 * MiB, "process"),
+])
+def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int, budget: int,
+                                                     binds: str | None) -> None:
     # This test's cgroup holds pytest and more: not elemta's own, so its usage is the PSS of
     # its processes, whatever the host's other programs use.
     notify = Notify(tmp_path / "n.sock")
-    extra = f'[server]\nworkers = {workers}\n[memory]\nmonitoring_interval = "200ms"\n'
+    extra = (f'[server]\nworkers = {workers}\n[memory]\nmonitoring_interval = "200ms"\n'
+             f"max_memory_usage = {budget}\n")
     with running(tmp_path / "d", extra, env={"NOTIFY_SOCKET": str(notify.path)}) as d:
         status = notify.status_at_ready()
         stats = settled_stats(d, workers + (workers > 1))
@@ -113,7 +121,7 @@ def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int
         assert mem["usage_source"] == "pss"
         assert abs(mem["process_pss_bytes"] - actual) <= 0.10 * actual
         # usage / limit is the utilization shown
-        assert limit == 2 << 30 and mem["limit_source"] == "config"
+        assert limit == budget and mem["limit_source"] == "config"
         assert pct == round(100 * usage / limit, 2)
         # the binding term is the highest ratio and is named with its own figures
         terms = mem["terms"]
@@ -122,12 +130,14 @@ def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int
         assert binding == max(terms.values(), key=lambda t: t["usage_bytes"] / t["ceiling_bytes"])
         assert binding["percent"] == round(100 * binding["usage_bytes"] / binding["ceiling_bytes"], 2)
         assert terms["process"]["usage_bytes"] == usage
+        assert binds is None or binding["term"] == binds, terms
 
         # /metrics: the same sample's figures (the supervisor's snapshot changes only per tick)
         if metrics[("elemta_memory_usage_bytes", ())] == usage:
             assert metrics[("elemta_memory_utilization_percent", ())] == pct
         m_usage = metrics[("elemta_memory_usage_bytes", ())]
         m_limit = metrics[("elemta_memory_limit_bytes", (("source", "config"),))]
+        assert m_limit == budget
         assert metrics[("elemta_memory_utilization_percent", ())] == round(100 * m_usage / m_limit, 2)
         assert abs(m_usage - actual) <= 0.10 * actual
         ratios = {dict(labels)["term"]: v for (name, labels), v in metrics.items()
@@ -141,18 +151,22 @@ def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int
         assert row is not None, cli
         shown_usage, shown_limit, shown_pct = (float(x) for x in row.groups())
         assert abs(shown_usage * MiB - actual) <= 0.10 * actual
-        assert shown_limit == 2048.0
-        assert abs(shown_pct - 100 * shown_usage / shown_limit) < 0.01
+        assert shown_limit == budget / MiB
+        # shown usage / shown limit == shown percent, up to the rounding of what is shown
+        # (0.05 MiB of usage, 0.005 points of percent)
+        assert abs(shown_pct / 100 * shown_limit - shown_usage) <= 0.051 + 0.00005 * shown_limit
         assert re.search(rf"^binding term +{top} \d+\.\d\d% \(", cli, re.M), cli
 
         # STATUS= (at READY=1, before the workers' memory settled: the same shape)
-        st = re.fullmatch(r"accepting; memory (\d+\.\d)% of 2\.0 GiB \(config\), (\w+) (\d+)% of "
+        shown = f"{budget / MiB:.1f} MiB" if budget < 1 << 30 else f"{budget / (1 << 30):.1f} GiB"
+        st = re.fullmatch(rf"accepting; memory (\d+\.\d)% of {shown} \(config\), (\w+) (\d+)% of "
                           r"(\S+ \w+) binding; 0 sessions; breaker closed", status)
         assert st is not None, status
-        assert st.group(2) in terms and float(st.group(1)) < 10
+        assert st.group(2) in terms and (binds is None or st.group(2) == binds), status
 
         # the start line's figures
-        line = next(ln for ln in d.log.splitlines() if "memory limit 2048.0 MiB (config)" in ln)
+        line = next(ln for ln in d.log.splitlines()
+                    if f"memory limit {budget / MiB:.1f} MiB (config)" in ln)
         assert "(pss; " in line and " (binding); elemta " in line, line
 
 
