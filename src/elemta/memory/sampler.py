@@ -7,9 +7,11 @@ one `memory_source_unavailable` warning, never an exception.
 Process figures. With workers, pages shared after fork would be counted once per process if RSS
 were summed, so elemta's own memory is the PSS of its processes (each shared page split among
 the processes mapping it). PSS comes from /proc/PID/smaps_rollup, which the kernel builds by
-walking every mapping: about 0.1-0.3 ms per process against ~1 us for statm. So the monitor
-(`rescan`) reads smaps_rollup of every process of the daemon; the samples admission questions
-take in between re-read only this process's statm and add its RSS change since that rescan.
+walking every mapping: about 0.25 ms per worker-sized process against ~1 us for statm (a whole
+admission sample, cgroup and meminfo parsing included, costs ~75 us; a rescan of a supervisor
+and 4 workers ~2.5 ms, measured on a loaded 2-CPU machine). So the monitor (`rescan`) reads
+smaps_rollup of every process of the daemon; the samples admission questions take in between
+re-read only this process's statm and add its RSS change since that rescan.
 
 Own cgroup. When every process in the memory cgroup (and its sub-cgroups) belongs to the
 daemon's process tree (supervisor and workers: a systemd service's cgroup, a container), the
@@ -56,6 +58,34 @@ def parse_pss(text: str) -> int | None:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def descendants(pid: int) -> list[int] | None:
+    """Every descendant of `pid`, from /proc/PID/task/TID/children: a read per thread of the
+    daemon's processes instead of one per process on the host. None where the kernel has no
+    such file (CONFIG_PROC_CHILDREN)."""
+    if not _HAS_CHILDREN:
+        return None
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+_HAS_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
 def _statm_rss(text: str) -> int:
@@ -111,19 +141,19 @@ class Sampler:
 
     # -- the monitor's rescan -------------------------------------------------------------------
     def _others(self) -> list[int]:
-        """The daemon's other processes (a /proc walk). A fake root has none."""
+        """The daemon's other processes. A fake root has none."""
         if self.root != Path("/"):
             return []
         me = os.getpid()
-        try:
-            if self.tree_root is None or self.tree_root == me:
-                kids = psutil.Process().children(recursive=True)
-            else:
-                top = psutil.Process(self.tree_root)
-                kids = [top, *top.children(recursive=True)]
-        except psutil.Error:
-            return []
-        return [k.pid for k in kids if k.pid != me]
+        top = me if self.tree_root is None else self.tree_root
+        tree = descendants(top)
+        if tree is None:  # no /proc/PID/task/TID/children: walk all of /proc (psutil)
+            try:
+                proc = psutil.Process(top)
+                tree = [p.pid for p in proc.children(recursive=True)]
+            except psutil.Error:
+                return []
+        return [p for p in ([top, *tree] if top != me else tree) if p != me]
 
     def rescan(self) -> None:
         """Re-read every process of the daemon (RSS and PSS) and whether the cgroup is its own."""
