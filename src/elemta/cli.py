@@ -69,7 +69,7 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
     from pathlib import Path
 
     from . import mailboxes
-    from .recipients import Refusal, parse_mailbox
+    from .recipients import RecipientRefusal, parse_mailbox
     from .store.maildir import Mailbox
 
     cfg = _load(path)
@@ -86,13 +86,13 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
         return EXIT_OK
     wanted: list[Mailbox] = []
     for address in addresses:
-        parsed = parse_mailbox(address, domains) if "@" in address else Refusal.BAD_SYNTAX
-        if parsed is Refusal.FOREIGN_DOMAIN:
+        parsed = parse_mailbox(address, domains) if "@" in address else RecipientRefusal.BAD_SYNTAX
+        if parsed is RecipientRefusal.FOREIGN_DOMAIN:
             domain = address.rpartition("@")[2].lower()
             print(f"elemta: {address}: {domain} is not in [delivery] domains "
                   f"({cfg.source}: {', '.join(domains)})", file=sys.stderr)
             return EXIT_CONFIG
-        if isinstance(parsed, Refusal):
+        if isinstance(parsed, RecipientRefusal):
             print(f"elemta: {address}: not a mailbox address (local@domain; letters, digits "
                   "and !#$%&'*+=?^_`{|}~- in dot-separated local parts)", file=sys.stderr)
             return EXIT_CONFIG

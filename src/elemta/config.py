@@ -25,6 +25,11 @@ DEFAULT_CONFIG_PATH = Path("/etc/elemta/elemta.toml")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 INT64_MAX = 2**63 - 1
+# The smallest per_connection_memory_limit: above the buffers every session in DATA holds by
+# elemta's own choice (asyncio reads up to 256 KiB per recv, StreamReader pauses reading only
+# past 2 x its 1001-byte limit, the spool keeps 64 KiB before its first write, the decoder one
+# partial line), so that 552 5.3.4 only ever answers memory the client made us hold.
+MIN_SESSION_MEMORY = 512 * 1024
 
 
 class ConfigError(Exception):
@@ -116,8 +121,10 @@ def _spec(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] = (),
+    why: str = "",
 ) -> dict[str, Any]:
-    return {"kind": kind, "doc": doc, "min": minimum, "max": maximum, "choices": choices}
+    return {"kind": kind, "doc": doc, "min": minimum, "max": maximum, "choices": choices,
+            "why": why}
 
 
 def _f(default: Any, kind: str, doc: str, **kw: Any) -> Any:
@@ -133,7 +140,10 @@ class MemoryConfig:
 
     max_memory_usage: int = _f(2 * GiB, "size", "Total memory budget of the daemon", minimum=1 * MiB)
     per_connection_memory_limit: int = _f(
-        52428800, "size", "In-memory bytes one session may hold", minimum=64 * 1024
+        52428800, "size", "In-memory bytes one session may hold", minimum=MIN_SESSION_MEMORY,
+        why="a session in DATA holds up to ~330 KiB of buffers elemta itself sizes (one 256 KiB "
+            "socket read, the 64 KiB spool buffer, a line); a lower budget would answer 552 "
+            "5.3.4 to mail that fits",
     )
     memory_warning_threshold: float = _f(0.75, "fraction", "Log a warning above this utilization")
     memory_critical_threshold: float = _f(0.90, "fraction", "Refuse new work (452 4.3.1) above this")
@@ -257,7 +267,8 @@ def _check_number(value: float, meta: Mapping[str, Any]) -> None:
     if isinstance(value, int) and value > INT64_MAX:  # TOML integers are 64-bit
         raise ValueError(f"must be at most {INT64_MAX}, got {value}")
     if lo is not None and value < lo:
-        raise ValueError(f"must be at least {lo}, got {value}")
+        why = f": {meta['why']}" if meta.get("why") else ""
+        raise ValueError(f"must be at least {lo}, got {value}{why}")
     if hi is not None and value > hi:
         raise ValueError(f"must be at most {hi}, got {value}")
 

@@ -36,7 +36,10 @@ class Event:
         )
 
 
-_MEM = ("current_usage", "max_usage", "utilization_percent", "threshold", "limit_source")
+# current_usage / max_usage == utilization_percent: elemta's own memory against the effective
+# limit. The threshold applies to the binding term's ratio (binding_usage / binding_ceiling).
+_MEM = ("current_usage", "max_usage", "utilization_percent", "threshold", "limit_source",
+        "binding_term", "binding_usage", "binding_ceiling", "binding_percent")
 
 EVENTS: dict[str, Event] = {
     e.name: e
@@ -91,7 +94,7 @@ EVENTS: dict[str, Event] = {
         ),
         Event(
             "session_rejected", "696e1336af534376b6bf75119e5cbe58", INFO,
-            "Session or command refused", ("smtp_code", "reason", "command"),
+            "Session or command refused", ("reason", "command"),
             "A connection or command was refused with a temporary failure (452/421).",
         ),
         Event(
@@ -115,7 +118,7 @@ EVENTS: dict[str, Event] = {
             "memory_source_unavailable", "d2cb506827fe49a4957e74d7b22458b4", WARNING,
             "Cgroup memory figures unavailable: using process figures only", ("reason",),
             "elemta could not read its cgroup's memory files (missing or unreadable), so it\n"
-            "limits itself by its own RSS against max_memory_usage and host RAM only.",
+            "limits itself by its processes' PSS against max_memory_usage and host RAM only.",
         ),
     )
 }

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 MODES = ("maildir", "any", "file:PATH")
 
 
-class Refusal(enum.Enum):
+class RecipientRefusal(enum.Enum):
     """Why a recipient is not accepted; smtp/policy.py turns each into its reply."""
 
     BAD_SYNTAX = "bad syntax"
@@ -49,20 +49,20 @@ class Lookup(enum.Enum):
     MAILDIR = "ask the maildir"
 
 
-def parse_mailbox(address: str, domains: Collection[str]) -> Mailbox | Refusal:
+def parse_mailbox(address: str, domains: Collection[str]) -> Mailbox | RecipientRefusal:
     """The mailbox an RCPT address names (lower-cased), before asking whether it exists."""
     if address.lower() == POSTMASTER and domains:
         # RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain must be accepted.
         return Mailbox(next(iter(domains)), POSTMASTER)
     localpart, at, domain = address.rpartition("@")
     if not at or not localpart or not domain:
-        return Refusal.BAD_SYNTAX
+        return RecipientRefusal.BAD_SYNTAX
     domain = domain.lower().rstrip(".")
     if domain not in domains:
-        return Refusal.FOREIGN_DOMAIN
+        return RecipientRefusal.FOREIGN_DOMAIN
     localpart = localpart.lower()
     if len(localpart) > 64 or not LOCALPART.fullmatch(localpart):
-        return Refusal.BAD_SYNTAX
+        return RecipientRefusal.BAD_SYNTAX
     return Mailbox(domain, localpart)
 
 
@@ -234,7 +234,7 @@ def problems(mode: str, aliases_path: str, domains: Collection[str]) -> list[tup
     return out
 
 
-def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | Refusal | Lookup:
+def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal | Lookup:
     """The mailboxes a recipient delivers into, its refusal, or "ask whether the Maildir exists"."""
     targets = rmap.aliases.get(box)
     if targets is not None:
@@ -244,7 +244,7 @@ def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | Refusal | 
     if rmap.mode == "file":
         if box in rmap.table.addresses or box.domain in rmap.table.catchall:
             return (box,)
-        return Refusal.UNKNOWN_USER
+        return RecipientRefusal.UNKNOWN_USER
     return Lookup.MAILDIR
 
 
@@ -314,8 +314,8 @@ class Recipients:
         self.map = load_map(delivery.recipients, delivery.aliases, delivery.domains)
         self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
 
-    async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | Refusal:
+    async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
         verdict = decide(self.map, box)
         if verdict is not Lookup.MAILDIR:
             return verdict
-        return (box,) if await self.cache.exists(box) else Refusal.UNKNOWN_USER
+        return (box,) if await self.cache.exists(box) else RecipientRefusal.UNKNOWN_USER

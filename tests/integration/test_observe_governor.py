@@ -62,7 +62,7 @@ def test_metrics_match_api_stats_after_smtp_traffic(tmp_path: Path) -> None:
 
 def test_health_503_when_memory_critical(tmp_path: Path) -> None:
     # A 1 MiB budget is below any Python process's RSS: the governor is critical at once.
-    extra = ('[memory]\nmax_memory_usage = "1MiB"\nper_connection_memory_limit = "64KiB"\n'
+    extra = ('[memory]\nmax_memory_usage = "1MiB"\nper_connection_memory_limit = "512KiB"\n'
              'monitoring_interval = "200ms"\n')
     with running(tmp_path, extra) as d:
         r = get(d, "/health")

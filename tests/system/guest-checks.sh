@@ -172,8 +172,12 @@ if [ -n "$stats" ]; then
     if echo "$stats" | python3 -c '
 import json, sys
 m = json.load(sys.stdin)["memory"]
-ok = m.get("limit_bytes") == 268435456 and m.get("limit_source") == "cgroup-v2"
-print(m.get("limit_bytes"), m.get("limit_source"))
+# the service cgroup holds only elemta: its working set is the usage published
+ok = (m.get("limit_bytes") == 268435456 and m.get("limit_source") == "cgroup-v2"
+      and m.get("usage_source") == "cgroup"
+      and m["usage_bytes"] == (m.get("cgroup") or {}).get("working_set_bytes"))
+print(m.get("limit_bytes"), m.get("limit_source"), "usage", m.get("usage_bytes"),
+      m.get("usage_source"))
 sys.exit(0 if ok else 1)' >"$IO/stats-limit.txt" 2>&1; then
         pass memory-limit "MemoryMax=256M: $cg/memory.max=$cgmax; /api/stats limit $(cat "$IO/stats-limit.txt")"
     else

@@ -22,8 +22,8 @@ from elemta.recipients import (
     MailboxCache,
     MapError,
     RecipientMap,
+    RecipientRefusal,
     RecipientTable,
-    Refusal,
     decide,
     parse_aliases,
     parse_mailbox,
@@ -41,7 +41,7 @@ def test_rcpt_syntax_and_domain_replies() -> None:
     assert classify_recipient("<postmaster>".strip("<>"), DOMAINS) == PM
     assert classify_recipient("x@other.org", DOMAINS).startswith("550 5.7.1")  # type: ignore[union-attr]
     assert classify_recipient("a/b@example.test", DOMAINS).startswith("553 5.1.3")  # type: ignore[union-attr]
-    assert parse_mailbox("nodomain", DOMAINS) is Refusal.BAD_SYNTAX
+    assert parse_mailbox("nodomain", DOMAINS) is RecipientRefusal.BAD_SYNTAX
 
 
 @pytest.mark.parametrize(
@@ -52,9 +52,9 @@ def test_rcpt_syntax_and_domain_replies() -> None:
         (RecipientMap("maildir"), Mailbox("localhost", "postmaster"), (Mailbox("localhost", "postmaster"),)),
         (RecipientMap("any"), A, (A,)),
         (RecipientMap("file", RecipientTable(frozenset({A}))), A, (A,)),
-        (RecipientMap("file", RecipientTable(frozenset({A}))), B, Refusal.UNKNOWN_USER),
+        (RecipientMap("file", RecipientTable(frozenset({A}))), B, RecipientRefusal.UNKNOWN_USER),
         (RecipientMap("file", RecipientTable(catchall=frozenset({"localhost"}))), B, (B,)),
-        (RecipientMap("file", RecipientTable(catchall=frozenset({"localhost"}))), A, Refusal.UNKNOWN_USER),
+        (RecipientMap("file", RecipientTable(catchall=frozenset({"localhost"}))), A, RecipientRefusal.UNKNOWN_USER),
         # an alias wins over every mode, over postmaster, and expands to its targets as given
         (RecipientMap("file", aliases={A: (B, PM)}), A, (B, PM)),
         (RecipientMap("maildir", aliases={PM: (A,)}), PM, (A,)),

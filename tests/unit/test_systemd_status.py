@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from elemta.memory.snapshot import BreakerState, LimitSource, MemoryState, Snapshot
+from elemta.memory.snapshot import (
+    BreakerState,
+    LimitSource,
+    MemoryState,
+    Snapshot,
+    Term,
+    TermFigures,
+)
 from elemta.observe.systemd import (
     extend_timeout_usec,
     parse_listen_fds,
@@ -26,14 +33,18 @@ def snap(**kw: object) -> Snapshot:
         critical_threshold=0.9, sessions=3, max_sessions=1000, session_bytes=0, tasks=10,
         max_tasks=2000, gc_runs=0, last_gc_at=None, last_gc_freed=0, host_total=8192 * MiB,
         host_available=4096 * MiB, cgroup=None, pressure=None,
+        terms=(TermFigures(Term.PROCESS, 210 * MiB, 2048 * MiB),
+               TermFigures(Term.CGROUP, 420 * MiB, 512 * MiB)),
     )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 def test_status_text_is_the_issue_example() -> None:
+    # elemta's own 210 MiB of the 512 MiB limit, and the cgroup (shared with others) at 82%
     s = snap()
     assert status_text(phase(s), s.sessions, s) == (
-        "accepting; memory 41% of 512.0 MiB (cgroup-v2); 3 sessions; breaker closed"
+        "accepting; memory 41.0% of 512.0 MiB (cgroup-v2), cgroup 82% of 512.0 MiB binding; "
+        "3 sessions; breaker closed"
     )
 
 
@@ -54,10 +65,13 @@ def test_phase(kw: dict[str, object], draining: bool, expected: str) -> None:
 
 def test_status_without_a_governor_and_singular_session() -> None:
     assert status_text("accepting", 1, None) == "accepting; 1 session"
-    s = snap(limit=256 * MiB, utilization=0.123, limit_source=LimitSource.CONFIG,
-             breaker=BreakerState.HALF_OPEN)
+    s = snap(usage=31 * MiB, limit=256 * MiB, utilization=31 / 256,
+             limit_source=LimitSource.CONFIG, breaker=BreakerState.HALF_OPEN,
+             terms=(TermFigures(Term.PROCESS, 31 * MiB, 256 * MiB),
+                    TermFigures(Term.HOST, 2048 * MiB, 8192 * MiB)))
     assert status_text("accepting", 0, s) == (
-        "accepting; memory 12% of 256.0 MiB (config); 0 sessions; breaker half-open"
+        "accepting; memory 12.1% of 256.0 MiB (config), host 25% of 8.0 GiB binding; "
+        "0 sessions; breaker half-open"
     )
 
 

@@ -1,22 +1,17 @@
 """The memory governor: the one place that turns memory figures into decisions.
 
-Pure decisions first (which limit binds, state with hysteresis, circuit breaker, what to refuse),
-then the Governor object that applies them: it answers the SMTP layer's admission questions
-(smtp.server.Admission), runs the periodic monitor (GC, breaker, leak detection), wakes at once on
-kernel memory pressure (PSI trigger), publishes a Snapshot and tells subscribers of every change.
+Pure decisions first (which limit binds, state with hysteresis, circuit breaker, why to refuse),
+then the Governor object that applies them: it answers admission questions with a refusal
+reason or None (it knows no protocol: smtp/ words the reasons), runs the periodic monitor (GC,
+breaker, leak detection), wakes at once on kernel memory pressure (memory/pressure.py),
+publishes a Snapshot and tells subscribers of every change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import gc
 import logging
-import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +21,22 @@ from typing import Any
 
 from ..config import Config
 from ..events import emit
-from ..smtp.server import REPLY_STORAGE, REPLY_TOO_BIG
+from ..units import format_size
 from .leaks import LeakDetector, describe_tasks
+from .pressure import PressureTrigger
+from .reclaim import Reclaimer
+from .refusal import Refusal
 from .sampler import Sample, Sampler
-from .snapshot import BreakerState, LimitSource, MemoryState, Snapshot
+from .snapshot import (
+    BreakerState,
+    LimitSource,
+    MemoryState,
+    Snapshot,
+    Term,
+    TermFigures,
+    UsageSource,
+    binding_of,
+)
 
 log = logging.getLogger("elemta.memory")
 
@@ -39,16 +46,14 @@ MiB = 1024 * 1024
 # exactly 90% must not flip between critical and warning on every sample.
 HYSTERESIS = 0.05
 # Admission questions re-sample when the last sample is older than this. A sample costs a few
-# preads (microseconds), so this bounds reaction time, not cost.
+# preads (microseconds; PSS is re-read only by the monitor, see sampler.py), so this bounds
+# reaction time, not cost.
 REFRESH_AFTER = 0.05
 # Circuit breaker: open after this many consecutive critical monitor samples; from open, go
 # half-open after this many calm ones (below critical - HYSTERESIS), then close after as many more.
 BREAKER_OPEN_AFTER = 3
 BREAKER_CALM_FOR = 3
 HALF_OPEN_ADMITS = 5  # new connections let through per monitor sample while half-open
-# PSI triggers, tried in order: wake when tasks stalled on memory for 10% of a 1 s window;
-# without CAP_SYS_RESOURCE the kernel accepts only windows that are multiples of 2 s.
-PSI_TRIGGERS = (b"some 100000 1000000\0", b"some 200000 2000000\0")
 MIN_TICK_SPACING = 0.1  # pressure wake-ups do not re-run the monitor more often than this
 REFUSAL_LOG_EVERY = 1.0  # at most one session_rejected line per reason, command and second
 
@@ -57,43 +62,60 @@ REFUSAL_LOG_EVERY = 1.0  # at most one session_rejected line per reason, command
 
 @dataclass(frozen=True)
 class Effective:
-    usage: int  # bytes of the term that dominates utilization
+    """What one sample means.
+
+    The published triple is elemta's own memory against the effective limit, so that
+    usage / limit == utilization on every surface. The state is decided on the terms: each
+    figure against its own ceiling, the highest ratio binds (`binding`), so a full host or a
+    full shared cgroup raises the state even while elemta itself is small.
+    """
+
+    usage: int  # elemta's own memory
+    usage_source: UsageSource
     limit: int  # min(max_memory_usage, cgroup limit, host RAM)
     source: LimitSource  # which of them is that minimum
-    utilization: float  # max of the terms: usage / bound
-    bound: int  # the dominating term's ceiling (usually == limit; differs e.g. when the
-    bound_source: LimitSource  # host is full while the configured budget is the lowest)
+    terms: tuple[TermFigures, ...]
+
+    @property
+    def utilization(self) -> float:
+        return self.usage / self.limit
+
+    @property
+    def binding(self) -> TermFigures:
+        return binding_of(self.terms)
 
 
 def effective(sample: Sample, max_memory_usage: int) -> Effective:
     """The effective picture of one sample.
 
-    Terms: process RSS against max_memory_usage; the cgroup working set against the cgroup
-    limit when one exists; otherwise (or when the cgroup limit is above RAM, which contains
-    nothing) the host's used memory against MemTotal, because then the host is the container.
+    elemta's own memory: the cgroup's working set when the cgroup holds only elemta's
+    processes, else the PSS of its processes. Terms: that usage against max_memory_usage
+    (`process`); the cgroup's working set against its limit when one exists below RAM
+    (`cgroup`); otherwise (no limit, or a limit above RAM, which contains nothing) the host's
+    used memory against MemTotal (`host`), because then the host is the container.
     """
     cg = sample.cgroup
     host_total = max(sample.host_total, 1)
+    if cg is not None and sample.cgroup_own:
+        own, own_source = cg.working_set, UsageSource.CGROUP
+    else:
+        own, own_source = sample.process_pss, UsageSource.PSS
+    terms = [TermFigures(Term.PROCESS, own, max_memory_usage)]
     limits: list[tuple[int, LimitSource]] = []
-    terms: list[tuple[float, int, int, LimitSource]] = [
-        (sample.process_rss / max_memory_usage, sample.process_rss, max_memory_usage,
-         LimitSource.CONFIG)
-    ]
-    cgroup_binds = cg is not None and cg.limit is not None and cg.limit < host_total
+    contained = cg is not None and cg.limit is not None and cg.limit < host_total
     if cg is not None and cg.limit is not None:
         source = LimitSource.CGROUP_V2 if cg.version == 2 else LimitSource.CGROUP_V1
         limits.append((cg.limit, source))
-        if cgroup_binds:
-            terms.append((cg.working_set / cg.limit, cg.working_set, cg.limit, source))
+        if contained:
+            terms.append(TermFigures(Term.CGROUP, cg.working_set, cg.limit))
     limits.append((max_memory_usage, LimitSource.CONFIG))
     limits.append((host_total, LimitSource.HOST))
-    if not cgroup_binds:
+    if not contained:
         used = max(0, host_total - sample.host_available)
-        terms.append((used / host_total, used, host_total, LimitSource.HOST))
+        terms.append(TermFigures(Term.HOST, used, host_total))
     limit, source = min(limits, key=lambda x: x[0])  # first wins a tie: cgroup, config, host
-    utilization, usage, bound, bound_source = max(terms, key=lambda t: t[0])
-    return Effective(usage=usage, limit=limit, source=source, utilization=utilization,
-                     bound=bound, bound_source=bound_source)
+    return Effective(usage=own, usage_source=own_source, limit=limit, source=source,
+                     terms=tuple(terms))
 
 
 def next_state(state: MemoryState, utilization: float, warning: float, critical: float,
@@ -147,35 +169,41 @@ def breaker_step(b: Breaker, utilization: float, critical: float, margin: float 
     return Breaker(b.state, 0, calm_streak)
 
 
-def _memory_refusal(state: MemoryState, breaker: BreakerState) -> str | None:
+def _memory_refusal(state: MemoryState, breaker: BreakerState) -> Refusal | None:
     """The refusal every admission question shares: breaker open, or memory critical."""
     if breaker is BreakerState.OPEN:
-        return "breaker-open"
+        return Refusal.BREAKER_OPEN
     if state is MemoryState.CRITICAL:
-        return "memory-critical"
+        return Refusal.MEMORY_CRITICAL
     return None
 
 
 def connection_refusal(state: MemoryState, breaker: BreakerState, tasks: int, max_tasks: int,
-                       half_open_left: int) -> str | None:
-    """Why a new connection is refused (a short reason), or None to admit it."""
+                       half_open_left: int) -> Refusal | None:
+    """Why a new connection is refused, or None to admit it."""
     if reason := _memory_refusal(state, breaker):
         return reason
     if tasks > max_tasks:
-        return "task-cap"
+        return Refusal.TASK_CAP
     if breaker is BreakerState.HALF_OPEN and half_open_left <= 0:
-        return "breaker-half-open"
+        return Refusal.BREAKER_HALF_OPEN
     return None
 
 
 def command_refusal(state: MemoryState, breaker: BreakerState, session_bytes: int,
-                    per_session_limit: int) -> str | None:
-    """Why MAIL/RCPT is refused, or None."""
+                    per_session_limit: int) -> Refusal | None:
+    """Why a command (MAIL, RCPT) is refused, or None."""
     if reason := _memory_refusal(state, breaker):
         return reason
     if session_bytes > per_session_limit:
-        return "session-memory"
+        return Refusal.SESSION_MEMORY
     return None
+
+
+def data_refusal(session_bytes: int, per_session_limit: int) -> Refusal | None:
+    """Why a DATA chunk is refused, or None. Streaming costs no memory and DATA streams on at
+    critical: only what the session itself holds can exceed its budget."""
+    return Refusal.SESSION_MEMORY if session_bytes > per_session_limit else None
 
 
 # -- the governor -----------------------------------------------------------------------------
@@ -206,26 +234,21 @@ def count_tasks() -> int:
     return tasks + threads
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    trim: Callable[[int], int] = fn
-    return trim
-
-
 def format_mib(n: int) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
+def describe(snap: Snapshot) -> str:
+    """The binding term, then elemta's own figures, e.g. "host 95.0% of 23.5 GiB (binding);
+    elemta 33.0 MiB = 1.61% of 2.0 GiB (config)"."""
+    b = snap.binding
+    return (f"{b.term.value} {b.percent}% of {format_size(b.ceiling)} (binding); elemta "
+            f"{format_size(snap.usage)} = {snap.utilization_percent}% of "
+            f"{format_size(snap.limit)} ({snap.limit_source.value})")
+
+
 class Governor:
-    """Owns the memory state; implements smtp.server.Admission."""
+    """Owns the memory state; answers the SMTP layer's admission questions (smtp.server.Admission)."""
 
     def __init__(self, config: Config, sampler: Sampler | None = None, *,
                  sessions: Callable[[], int] = lambda: 0,
@@ -252,16 +275,18 @@ class Governor:
         self._last_gc_freed = 0
         self._last_tick = float("-inf")
         self._snapshot: Snapshot | None = None
-        self._effective: Effective | None = None
         self._leaks = LeakDetector() if self.memory.goroutine_leak_detection else None
-        self._malloc_trim = _load_malloc_trim()
+        self._reclaimer = Reclaimer()
         # (reason, command) -> (last logged, refusals not logged since)
-        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusals: dict[tuple[Refusal, str], tuple[float, int]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self._psi: tuple[int, select.epoll] | None = None
-        self.psi_wakeups = 0
+        self._psi: PressureTrigger | None = None
+
+    @property
+    def psi_wakeups(self) -> int:
+        return self._psi.wakeups if self._psi is not None else 0
 
     # -- what reporting surfaces read -------------------------------------------------------
     @property
@@ -270,13 +295,6 @@ class Governor:
             self._observe(self.sampler.sample(), monitor=False)
         assert self._snapshot is not None
         return self._snapshot
-
-    @property
-    def effective(self) -> Effective:
-        """The effective picture behind the snapshot, with the dominating term's ceiling."""
-        self.snapshot  # noqa: B018 - takes the first sample if none yet
-        assert self._effective is not None
-        return self._effective
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback` on every state change; returns a function that unsubscribes."""
@@ -290,22 +308,20 @@ class Governor:
         cg = snap.cgroup
         where = f"cgroup v{cg.version} {cg.path}" if cg is not None else "no cgroup figures"
         log.info(
-            "memory limit %s (%s), usage %s (%s), state %s; %s; protection %s",
+            "memory limit %s (%s), usage %s (%s; %s), state %s; %s; protection %s",
             format_mib(snap.limit), snap.limit_source.value, format_mib(snap.usage),
-            self._of(snap), snap.state.value, where,
+            snap.usage_source.value, describe(snap), snap.state.value, where,
             "on" if snap.protection else "off (log only)",
         )
-        self._arm_psi()
+        path = self.sampler.pressure_path
+        if path is not None and self.sampler.root == Path("/"):
+            self._psi = PressureTrigger.arm(path, self._wake.set)
         self._task = asyncio.get_running_loop().create_task(self._monitor(), name="memory-monitor")
         return snap
 
     async def stop(self) -> None:
         if self._psi is not None:
-            fd, ep = self._psi
-            asyncio.get_running_loop().remove_reader(ep.fileno())
-            ep.close()
-            os.close(fd)
-            self._psi = None
+            self._psi.close()
         if self._task is not None:
             # A flag, not cancel(): asyncio.wait_for in 3.11 can swallow a cancellation that
             # races with the wake-up event, which would leave stop() waiting forever.
@@ -332,7 +348,7 @@ class Governor:
         return self.snapshot
 
     # -- Admission ----------------------------------------------------------------------------
-    def connection(self, sessions: int) -> str | None:
+    def connection(self, sessions: int) -> Refusal | None:
         snap = self._current()
         reason = connection_refusal(snap.state, snap.breaker, self._recent_tasks(),
                                     self.memory.max_goroutines, self._half_open_left)
@@ -340,7 +356,7 @@ class Governor:
             self._admitted_since_count += 1
             if snap.breaker is BreakerState.HALF_OPEN:
                 self._half_open_left -= 1
-        return self._refuse(reason, REPLY_STORAGE, "CONNECT")
+        return self._refuse(reason, "CONNECT")
 
     def _recent_tasks(self) -> int:
         now = time.monotonic()
@@ -349,20 +365,18 @@ class Governor:
             self._admitted_since_count = 0
         return self._tasks_counted + self._admitted_since_count
 
-    def command(self, verb: str, session_bytes: int) -> str | None:
+    def command(self, verb: str, session_bytes: int) -> Refusal | None:
         snap = self._current()
         reason = command_refusal(snap.state, snap.breaker, session_bytes,
                                  self.memory.per_connection_memory_limit)
-        return self._refuse(reason, REPLY_STORAGE, verb)
+        return self._refuse(reason, verb)
 
-    def data(self, session_bytes: int) -> str | None:
-        # Called per DATA chunk: a comparison only, no sampling. Streaming costs no memory;
-        # only what the session itself holds can exceed its budget.
-        if session_bytes <= self.memory.per_connection_memory_limit:
-            return None
-        return self._refuse("session-memory", REPLY_TOO_BIG, "DATA")
+    def data(self, session_bytes: int) -> Refusal | None:
+        # Called per DATA chunk: a comparison only, no sampling.
+        return self._refuse(data_refusal(session_bytes, self.memory.per_connection_memory_limit),
+                            "DATA")
 
-    def _refuse(self, reason: str | None, reply: str, command: str) -> str | None:
+    def _refuse(self, reason: Refusal | None, command: str) -> Refusal | None:
         if reason is None:
             return None
         now = time.monotonic()
@@ -371,15 +385,15 @@ class Governor:
         if now - last >= REFUSAL_LOG_EVERY:
             more = f" ({suppressed} more since the last line)" if suppressed else ""
             if self.memory.memory_exhaustion_protection:
-                msg = f"Refused {command} with {reply[:9]}: {reason}{more}"
+                msg = f"Refused {command}: {reason.value}{more}"
             else:
-                msg = f"Would refuse {command} ({reason}) but memory_exhaustion_protection = false{more}"
-            emit(log, "session_rejected", msg, smtp_code=int(reply[:3]), reason=reason,
-                 command=command)
+                msg = (f"Would refuse {command} ({reason.value}) but "
+                       f"memory_exhaustion_protection = false{more}")
+            emit(log, "session_rejected", msg, reason=reason.value, command=command)
             self._refusals[key] = (now, 0)
         else:
             self._refusals[key] = (last, suppressed + 1)
-        return reply if self.memory.memory_exhaustion_protection else None
+        return reason if self.memory.memory_exhaustion_protection else None
 
     # -- sampling and state -------------------------------------------------------------------
     def _current(self) -> Snapshot:
@@ -397,13 +411,14 @@ class Governor:
     def _observe(self, sample: Sample, monitor: bool) -> None:
         """Weigh one sample: state (every sample), breaker (monitor samples), events."""
         m = self.memory
-        eff = self._effective = effective(sample, m.max_memory_usage)
+        eff = effective(sample, m.max_memory_usage)
         previous = self._snapshot
         old_state, old_breaker = self._state, self._breaker.state
-        self._state = next_state(old_state, eff.utilization, m.memory_warning_threshold,
+        ratio = eff.binding.ratio
+        self._state = next_state(old_state, ratio, m.memory_warning_threshold,
                                  m.memory_critical_threshold)
         if monitor:
-            self._breaker = breaker_step(self._breaker, eff.utilization, m.memory_critical_threshold)
+            self._breaker = breaker_step(self._breaker, ratio, m.memory_critical_threshold)
             if self._breaker.state is BreakerState.HALF_OPEN:
                 self._half_open_left = HALF_OPEN_ADMITS
         # Counting tasks and summing session buffers walks every session: done by the monitor;
@@ -416,10 +431,13 @@ class Governor:
             taken_at=sample.taken_at,
             wall_time=sample.wall_time,
             process_rss=sample.process_rss,
+            process_pss=sample.process_pss,
             usage=eff.usage,
+            usage_source=eff.usage_source,
             limit=eff.limit,
             limit_source=eff.source,
             utilization=eff.utilization,
+            terms=eff.terms,
             state=self._state,
             breaker=self._breaker.state,
             protection=m.memory_exhaustion_protection,
@@ -455,40 +473,41 @@ class Governor:
         for name in changes:
             self._publish(name, snap, previous)
         if (not monitor and _RANK[self._state] > _RANK[old_state]) or (
-            eff.utilization >= m.gc_threshold and self._gc_due(snap.taken_at)
+            ratio >= m.gc_threshold and self._gc_due(snap.taken_at)
         ):
             self._wake.set()  # the monitor runs GC and the breaker now, not at its next tick
 
-    def _mem_fields(self, snap: Snapshot, threshold: float) -> dict[str, Any]:
-        # current_usage / max_usage is the utilization, as in the memory guide's example.
-        eff = self.effective
+    @staticmethod
+    def _mem_fields(snap: Snapshot, threshold: float) -> dict[str, Any]:
+        # current_usage / max_usage is the utilization, as in the memory guide's example; the
+        # threshold applies to the binding term's ratio, named beside it.
+        b = snap.binding
         return {
             "current_usage": snap.usage,
-            "max_usage": eff.bound,
+            "max_usage": snap.limit,
             "utilization_percent": snap.utilization_percent,
+            "limit_source": snap.limit_source.value,
             "threshold": threshold,
-            "limit_source": eff.bound_source.value,
+            "binding_term": b.term.value,
+            "binding_usage": b.usage,
+            "binding_ceiling": b.ceiling,
+            "binding_percent": b.percent,
         }
-
-    def _of(self, snap: Snapshot) -> str:
-        """"95.0% of 256.0 MiB (cgroup-v1)": the utilization and the ceiling it is measured on."""
-        eff = self.effective
-        return f"{snap.utilization_percent}% of {format_mib(eff.bound)} ({eff.bound_source.value})"
 
     def _log_state(self, name: str, snap: Snapshot, old: MemoryState) -> None:
         m = self.memory
         if name == "memory_critical":
             suffix = ("new connections and MAIL/RCPT get 452 4.3.1" if m.memory_exhaustion_protection
                       else "memory_exhaustion_protection = false: not refusing")
-            emit(log, name, f"Memory critical threshold exceeded: {self._of(snap)}; {suffix}",
+            emit(log, name, f"Memory critical threshold exceeded: {describe(snap)}; {suffix}",
                  **self._mem_fields(snap, m.memory_critical_threshold))
         elif name == "memory_warning":
             text = ("Memory back below the critical threshold (still above warning)"
                     if old is MemoryState.CRITICAL else "Memory warning threshold exceeded")
-            emit(log, name, f"{text}: {self._of(snap)}",
+            emit(log, name, f"{text}: {describe(snap)}",
                  **self._mem_fields(snap, m.memory_warning_threshold))
         else:
-            emit(log, name, f"Memory back to normal: {self._of(snap)}",
+            emit(log, name, f"Memory back to normal: {describe(snap)}",
                  **self._mem_fields(snap, m.memory_warning_threshold))
 
     def _log_breaker(self, old: BreakerState, snap: Snapshot) -> str:
@@ -516,10 +535,10 @@ class Governor:
     def tick(self) -> Snapshot:
         """One monitor sample: state and breaker, GC when due, leak detection."""
         self._last_tick = time.monotonic()
-        self.sampler.update_children()
+        self.sampler.rescan()
         self._observe(self.sampler.sample(), monitor=True)
         snap = self.snapshot
-        if snap.utilization >= self.memory.gc_threshold and self._gc_due(snap.taken_at):
+        if snap.ratio >= self.memory.gc_threshold and self._gc_due(snap.taken_at):
             self.collect()
             snap = self.snapshot
         if self._leaks is not None and self._leaks.observe(snap.tasks, snap.sessions):
@@ -537,13 +556,9 @@ class Governor:
 
     def collect(self) -> int:
         """gc.collect() then malloc_trim(0); logs and returns the RSS it gave back."""
-        before = self.sampler.process_rss()
         self._last_gc_mono = time.monotonic()
-        gc.collect()
-        if self._malloc_trim is not None:
-            self._malloc_trim(0)
-        after = self.sampler.process_rss()
-        freed = max(0, before - after)
+        done = self._reclaimer.run()
+        before, after, freed = done.rss_before, done.rss_after, done.freed
         self.gc_runs += 1
         self._last_gc_at = time.time()
         self._last_gc_freed = freed
@@ -551,7 +566,7 @@ class Governor:
         snap = self.snapshot
         emit(log, "memory_gc",
              f"Forced garbage collection: freed {format_mib(freed)} (RSS {format_mib(before)} -> "
-             f"{format_mib(after)}); now {self._of(snap)}",
+             f"{format_mib(after)}); now {describe(snap)}",
              freed_bytes=freed, rss_before=before, rss_after=after,
              **self._mem_fields(snap, self.memory.gc_threshold))
         self._publish("memory_gc", snap, snap)
@@ -571,41 +586,3 @@ class Governor:
                 self.tick()
             except Exception:  # the monitor must outlive any one bad sample
                 log.exception("memory monitor sample failed")
-
-    # -- kernel pressure notification -------------------------------------------------------------
-    def _arm_psi(self) -> None:
-        """Ask the kernel to wake us on memory stalls (PSI trigger), where it offers that."""
-        path = self.sampler.pressure_path
-        if path is None or self.sampler.root != Path("/"):
-            return
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
-            return
-        try:
-            for trigger in PSI_TRIGGERS:
-                try:
-                    os.write(fd, trigger)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or trigger is PSI_TRIGGERS[-1]:
-                        raise
-            ep = select.epoll()
-            # PSI signals with POLLPRI only (the file always polls readable), so watch it
-            # through an epoll fd, which the event loop can watch for plain readability.
-            ep.register(fd, select.EPOLLPRI)
-        except OSError as exc:
-            os.close(fd)
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
-            return
-        self._psi = (fd, ep)
-        asyncio.get_running_loop().add_reader(ep.fileno(), self._on_pressure)
-        log.info("memory pressure trigger armed on %s (%s)", path, trigger.rstrip(b"\0").decode())
-
-    def _on_pressure(self) -> None:
-        if self._psi is None:
-            return
-        if self._psi[1].poll(0):
-            self.psi_wakeups += 1
-            self._wake.set()

@@ -31,6 +31,41 @@ class LimitSource(enum.Enum):
     HOST = "host"
 
 
+class Term(enum.Enum):
+    """A memory figure weighed against its own ceiling; the highest ratio decides the state."""
+
+    PROCESS = "process"  # elemta's own memory against max_memory_usage
+    CGROUP = "cgroup"  # the cgroup's working set against its limit (when the limit contains us)
+    HOST = "host"  # the host's used memory against its RAM (when no cgroup limit does)
+
+
+class UsageSource(enum.Enum):
+    """How elemta's own memory was measured."""
+
+    CGROUP = "cgroup"  # the working set of a cgroup holding only elemta's processes
+    PSS = "pss"  # the PSS of elemta's processes: pages shared after fork counted once
+
+
+@dataclass(frozen=True)
+class TermFigures:
+    term: Term
+    usage: int
+    ceiling: int
+
+    @property
+    def ratio(self) -> float:
+        return self.usage / max(self.ceiling, 1)
+
+    @property
+    def percent(self) -> float:
+        return round(self.ratio * 100.0, 2)
+
+
+def binding_of(terms: tuple[TermFigures, ...]) -> TermFigures:
+    """The term with the highest ratio; the first wins a tie (the process term comes first)."""
+    return max(terms, key=lambda t: t.ratio)
+
+
 @dataclass(frozen=True)
 class CgroupFigures:
     version: int  # 1 or 2
@@ -57,11 +92,11 @@ class Pressure:
 class Snapshot:
     taken_at: float  # time.monotonic() of the sample
     wall_time: float  # time.time() of the sample
-    process_rss: int  # daemon (and its workers) RSS
-    usage: int  # bytes of the binding term (RSS, cgroup working set, or host used)
+    process_rss: int  # RSS summed over the daemon's processes (shared pages once per process)
+    usage: int  # elemta's own memory (see usage_source)
     limit: int  # effective limit: min(max_memory_usage, cgroup limit, host RAM)
     limit_source: LimitSource
-    utilization: float  # 0.0-1.0+, max of the terms (see governor)
+    utilization: float  # usage / limit, exactly
     state: MemoryState
     breaker: BreakerState
     protection: bool  # memory_exhaustion_protection
@@ -80,7 +115,20 @@ class Snapshot:
     host_available: int
     cgroup: CgroupFigures | None
     pressure: Pressure | None
+    process_pss: int = 0  # PSS of the daemon's processes (shared pages counted once)
+    usage_source: UsageSource = UsageSource.PSS
+    terms: tuple[TermFigures, ...] = ()  # every term that applies, process first
+
+    @property
+    def binding(self) -> TermFigures:
+        """The term with the highest ratio: it decides the state."""
+        return binding_of(self.terms or (TermFigures(Term.PROCESS, self.usage, self.limit),))
 
     @property
     def utilization_percent(self) -> float:
         return round(self.utilization * 100.0, 2)
+
+    @property
+    def ratio(self) -> float:
+        """What thresholds, states and the breaker are decided on: the binding term's ratio."""
+        return self.binding.ratio

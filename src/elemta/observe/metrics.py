@@ -206,15 +206,40 @@ class MemoryCollector:
         if snap is None:
             return
         yield _gauge("elemta_memory_usage_bytes",
-                     "Memory in use by the binding term (RSS, cgroup working set or host)",
-                     snap.usage)
+                     "elemta's own memory: its cgroup's working set when the cgroup holds only "
+                     "elemta, else the PSS of its processes", snap.usage)
+        yield _gauge("elemta_memory_usage_source",
+                     "How elemta_memory_usage_bytes is measured (value 1)", 1.0,
+                     source=snap.usage_source.value)
         yield _gauge("elemta_memory_utilization_percent",
-                     "Memory usage as percent of the effective limit", snap.utilization_percent)
+                     "elemta_memory_usage_bytes as percent of elemta_memory_limit_bytes",
+                     snap.utilization_percent)
         limit = GaugeMetricFamily("elemta_memory_limit_bytes",
-                                  "Effective memory limit; source says which ceiling binds",
-                                  labels=["source"])
+                                  "Effective memory limit: the lowest of config, cgroup limit "
+                                  "and host RAM; source names it", labels=["source"])
         limit.add_metric([snap.limit_source.value], snap.limit)
         yield limit
+        families = {
+            "ratio": GaugeMetricFamily("elemta_memory_term_ratio",
+                                       "Each term's usage over its ceiling (0-1); the highest "
+                                       "binds and decides the state", labels=["term"]),
+            "usage": GaugeMetricFamily("elemta_memory_term_usage_bytes",
+                                       "Each term's usage (process: elemta's own; cgroup: "
+                                       "working set; host: used RAM)", labels=["term"]),
+            "ceiling": GaugeMetricFamily("elemta_memory_term_ceiling_bytes",
+                                         "Each term's ceiling (process: max_memory_usage; "
+                                         "cgroup: its limit; host: RAM)", labels=["term"]),
+            "binding": GaugeMetricFamily("elemta_memory_binding_term",
+                                         "1 for the term that binds (the highest ratio), 0 for "
+                                         "the others", labels=["term"]),
+        }
+        binding = snap.binding
+        for t in snap.terms:
+            families["ratio"].add_metric([t.term.value], t.ratio)
+            families["usage"].add_metric([t.term.value], t.usage)
+            families["ceiling"].add_metric([t.term.value], t.ceiling)
+            families["binding"].add_metric([t.term.value], 1.0 if t == binding else 0.0)
+        yield from families.values()
         state = GaugeMetricFamily("elemta_memory_state",
                                   "Memory state: 1 for the current one", labels=["state"])
         for s in MemoryState:
@@ -234,8 +259,12 @@ class MemoryCollector:
                      1.0 if snap.protection else 0.0)
         yield _gauge("elemta_memory_snapshot_age_seconds", "Seconds since the governor's last sample",
                      max(0.0, time.monotonic() - snap.taken_at))
-        yield _gauge("elemta_process_memory_rss_bytes", "RSS of the daemon and its worker threads",
-                     snap.process_rss)
+        yield _gauge("elemta_process_memory_rss_bytes",
+                     "RSS summed over the daemon's processes (pages shared after fork counted "
+                     "once per process)", snap.process_rss)
+        yield _gauge("elemta_process_memory_pss_bytes",
+                     "PSS summed over the daemon's processes (shared pages counted once)",
+                     snap.process_pss)
         yield _gauge("elemta_session_memory_bytes", "In-memory bytes held by all SMTP sessions",
                      snap.session_bytes)
         yield _gauge("elemta_host_memory_total_bytes", "Host RAM", snap.host_total)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..memory.snapshot import BreakerState, MemoryState, Snapshot
+from ..memory.snapshot import BreakerState, MemoryState, Snapshot, TermFigures
 from .heartbeat import STALL_AFTER
 from .metrics import SmtpCounts
 
@@ -40,15 +40,14 @@ def health(i: Inputs) -> tuple[int, dict[str, Any]]:
     if snap is not None and snap.breaker is not BreakerState.CLOSED:
         reasons.append(f"circuit breaker {snap.breaker.value}")
     if snap is not None and snap.state is MemoryState.CRITICAL:
-        reasons.append(f"memory critical: {snap.utilization_percent}% of {snap.limit} bytes "
-                       f"({snap.limit_source.value})")
+        reasons.append(f"memory critical: {_binding(snap)}")
     if i.draining:
         reasons.append("draining: shutting down")
     if reasons:
         status = "unhealthy"
     elif snap is not None and snap.state is MemoryState.WARNING:
         status = "warning"
-        reasons.append(f"memory warning: {snap.utilization_percent}% of {snap.limit} bytes")
+        reasons.append(f"memory warning: {_binding(snap)}")
     else:
         status = "ok"
     body: dict[str, Any] = {
@@ -57,19 +56,35 @@ def health(i: Inputs) -> tuple[int, dict[str, Any]]:
         "memory_state": snap.state.value if snap else None,
         "breaker": snap.breaker.value if snap else None,
         "utilization_percent": snap.utilization_percent if snap else None,
+        "binding": _term(snap.binding) if snap else None,
         "event_loop_heartbeat_age_seconds": round(i.heartbeat_age, 3),
     }
     return (503 if status == "unhealthy" else 200), body
+
+
+def _binding(snap: Snapshot) -> str:
+    b = snap.binding
+    return (f"{b.term.value} {b.percent}% of {b.ceiling} bytes (binding); elemta "
+            f"{snap.utilization_percent}% of {snap.limit} bytes ({snap.limit_source.value})")
+
+
+def _term(t: TermFigures) -> dict[str, Any]:
+    return {"term": t.term.value, "usage_bytes": t.usage, "ceiling_bytes": t.ceiling,
+            "percent": t.percent}
 
 
 def _memory(snap: Snapshot) -> dict[str, Any]:
     cg = snap.cgroup
     psi = snap.pressure
     return {
+        # usage_bytes / limit_bytes == utilization_percent; the state follows `binding`
         "usage_bytes": snap.usage,
+        "usage_source": snap.usage_source.value,
         "limit_bytes": snap.limit,
         "limit_source": snap.limit_source.value,
         "utilization_percent": snap.utilization_percent,
+        "binding": _term(snap.binding),
+        "terms": {t.term.value: _term(t) for t in snap.terms},
         "state": snap.state.value,
         "protection": snap.protection,
         "thresholds": {
@@ -78,6 +93,7 @@ def _memory(snap: Snapshot) -> dict[str, Any]:
             "critical": snap.critical_threshold,
         },
         "process_rss_bytes": snap.process_rss,
+        "process_pss_bytes": snap.process_pss,
         "session_bytes": snap.session_bytes,
         "host": {"total_bytes": snap.host_total, "available_bytes": snap.host_available},
         "cgroup": None if cg is None else {

@@ -47,6 +47,12 @@ def mib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / 1048576:.1f} MiB"
 
 
+def _term(t: dict[str, Any]) -> str:
+    """"host 95.00% (22.8 GiB of 24.0 GiB)"."""
+    return (f"{t['term']} {t['percent']:.2f}% ({mib(t['usage_bytes'])} of "
+            f"{mib(t['ceiling_bytes'])})")
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds)
     d, s = divmod(s, 86400)
@@ -68,11 +74,15 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
         out += [
             ("memory state", f"{mem['state']} (breaker {doc.get('breaker')})"),
             ("memory usage", f"{mib(mem['usage_bytes'])} of {mib(mem['limit_bytes'])} "
-                             f"({mem['utilization_percent']:.2f}%)"),
+                             f"({mem['utilization_percent']:.2f}%), elemta's own "
+                             f"({mem['usage_source']})"),
             ("limit source", str(mem["limit_source"])),
+            ("binding term", _term(mem["binding"])),
+            ("terms", ", ".join(_term(t) for t in mem["terms"].values())),
             ("thresholds", f"warning {t['warning']:.2f}, gc {t['gc']:.2f}, "
                            f"critical {t['critical']:.2f}"),
-            ("process RSS", mib(mem["process_rss_bytes"])),
+            ("processes", f"PSS {mib(mem['process_pss_bytes'])}, RSS summed "
+                          f"{mib(mem['process_rss_bytes'])}"),
             ("session buffers", mib(mem["session_bytes"])),
             ("host RAM", f"{mib(mem['host']['available_bytes'])} available of "
                          f"{mib(mem['host']['total_bytes'])}"),

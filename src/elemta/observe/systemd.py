@@ -42,13 +42,17 @@ def phase(snap: Snapshot | None, *, draining: bool = False) -> str:
 
 
 def status_text(phase_text: str, sessions: int, snap: Snapshot | None) -> str:
-    """E.g. "accepting; memory 41% of 512.0 MiB (cgroup-v2); 3 sessions; breaker closed"."""
+    """E.g. "accepting; memory 1.6% of 2.0 GiB (config), host 95% of 24.0 GiB binding;
+    3 sessions; breaker closed": elemta's own usage against the effective limit, then the term
+    that decides the state."""
     noun = "session" if sessions == 1 else "sessions"
     if snap is None:
         return f"{phase_text}; {sessions} {noun}"
+    b = snap.binding
     return (
-        f"{phase_text}; memory {snap.utilization * 100:.0f}% of {format_size(snap.limit)} "
-        f"({snap.limit_source.value}); {sessions} {noun}; breaker {snap.breaker.value}"
+        f"{phase_text}; memory {snap.utilization * 100:.1f}% of {format_size(snap.limit)} "
+        f"({snap.limit_source.value}), {b.term.value} {b.ratio * 100:.0f}% of "
+        f"{format_size(b.ceiling)} binding; {sessions} {noun}; breaker {snap.breaker.value}"
     )
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..recipients import Refusal, parse_mailbox
+from ..recipients import RecipientRefusal, parse_mailbox
 from ..store.maildir import Mailbox
 
 REPLY_RELAY_DENIED = "550 5.7.1 Relaying denied: we do not accept mail for that domain"
 REPLY_BAD_MAILBOX = "553 5.1.3 Bad recipient address syntax"
 
 
-def refusal_reply(refusal: Refusal, box: Mailbox | None = None) -> str:
-    if refusal is Refusal.FOREIGN_DOMAIN:
+def recipient_reply(refusal: RecipientRefusal, box: Mailbox | None = None) -> str:
+    if refusal is RecipientRefusal.FOREIGN_DOMAIN:
         return REPLY_RELAY_DENIED
-    if refusal is Refusal.UNKNOWN_USER:
+    if refusal is RecipientRefusal.UNKNOWN_USER:
         # Postfix's wording; the address is ours and checked (atext only), safe to echo.
         return f"550 5.1.1 <{box}>: Recipient address rejected: User unknown"
     return REPLY_BAD_MAILBOX
@@ -23,4 +23,4 @@ def refusal_reply(refusal: Refusal, box: Mailbox | None = None) -> str:
 def classify_recipient(address: str, domains: Collection[str]) -> Mailbox | str:
     """The Mailbox an RCPT address names, or the SMTP reply refusing its syntax or domain."""
     box = parse_mailbox(address, domains)
-    return refusal_reply(box) if isinstance(box, Refusal) else box
+    return recipient_reply(box) if isinstance(box, RecipientRefusal) else box

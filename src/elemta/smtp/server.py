@@ -23,12 +23,23 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .. import __version__
 from ..config import Config
 from ..events import emit
-from ..recipients import Recipients, Refusal
+from ..memory.refusal import Refusal
+from ..recipients import RecipientRefusal, Recipients
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
 from .dataparse import DataDecoder, DataState, to_lf
-from .policy import classify_recipient, refusal_reply
+from .policy import classify_recipient, recipient_reply
+from .replies import (
+    REPLY_LINE_TOO_LONG,
+    REPLY_SHUTDOWN,
+    REPLY_STORAGE,
+    REPLY_TIMEOUT,
+    REPLY_TOO_BIG,
+    REPLY_TOO_MANY_CONNECTIONS,
+    REPLY_TOO_MANY_RCPTS,
+    refusal_reply,
+)
 from .template import SessionTemplate
 
 log = logging.getLogger("elemta.smtp")
@@ -36,13 +47,6 @@ log = logging.getLogger("elemta.smtp")
 # 64 KiB reads: 0.3-0.5 MiB RSS growth for a 100 MiB message (256 KiB: 1.3 MiB) for ~15% more
 # CPU per MiB (bench figures in the issue 2 note).
 CHUNK = 64 * 1024
-REPLY_STORAGE = "452 4.3.1 Insufficient system storage"
-REPLY_TOO_BIG = "552 5.3.4 Message exceeds fixed maximum message size"
-REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
-REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
-REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
-REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 # During DATA the timeout restarts only after this much progress, so a client dripping a
 # byte every few seconds is still cut after data_timeout (a minimum data rate, as Postfix's
 # smtpd_min_data_rate), while a slow but real link keeps its session.
@@ -72,26 +76,26 @@ _HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 class Admission(Protocol):
     """The questions the SMTP layer asks; the memory governor answers them.
 
-    Each returns None to allow, or the SMTP reply that refuses.
+    Each returns None to allow, or the reason it refuses; replies.refusal_reply words it.
     """
 
-    def connection(self, sessions: int) -> str | None: ...
+    def connection(self, sessions: int) -> Refusal | None: ...
 
-    def command(self, verb: str, session_bytes: int) -> str | None: ...
+    def command(self, verb: str, session_bytes: int) -> Refusal | None: ...
 
-    def data(self, session_bytes: int) -> str | None: ...
+    def data(self, session_bytes: int) -> Refusal | None: ...
 
 
 class OpenAdmission:
     """Admits everything: used until a governor is attached."""
 
-    def connection(self, sessions: int) -> str | None:
+    def connection(self, sessions: int) -> Refusal | None:
         return None
 
-    def command(self, verb: str, session_bytes: int) -> str | None:
+    def command(self, verb: str, session_bytes: int) -> Refusal | None:
         return None
 
-    def data(self, session_bytes: int) -> str | None:
+    def data(self, session_bytes: int) -> Refusal | None:
         return None
 
 
@@ -179,8 +183,8 @@ class Handler:
         options: list[str],
     ) -> str:
         refusal = self.ctx.admission.command("MAIL", server.held_bytes)
-        if refusal:
-            return refusal
+        if refusal is not None:
+            return refusal_reply(refusal)
         if any(c < " " or c == "\x7f" for c in address):
             return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
@@ -192,16 +196,16 @@ class Handler:
         options: list[str],
     ) -> str:
         refusal = self.ctx.admission.command("RCPT", server.held_bytes)
-        if refusal:
-            return refusal
+        if refusal is not None:
+            return refusal_reply(refusal)
         if len(envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
             return REPLY_TOO_MANY_RCPTS
         box = classify_recipient(address, self.ctx.config.delivery.domains)
         if isinstance(box, str):
             return box
         targets = await self.ctx.recipients.resolve(box)
-        if isinstance(targets, Refusal):
-            return refusal_reply(targets, box)
+        if isinstance(targets, RecipientRefusal):
+            return recipient_reply(targets, box)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         for target in targets:  # an alias and its target named both: one copy
@@ -304,7 +308,8 @@ class ElemtaSMTP(SMTP):
             return REPLY_SHUTDOWN
         if self.ctx.open_sessions() > self.ctx.config.server.max_connections:
             return REPLY_TOO_MANY_CONNECTIONS
-        return self.ctx.admission.connection(len(self.ctx.sessions))
+        refusal = self.ctx.admission.connection(len(self.ctx.sessions))
+        return None if refusal is None else refusal_reply(refusal)
 
     def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
         """Tell the client why we are going away and close (draining, timeouts)."""
@@ -424,7 +429,7 @@ class ElemtaSMTP(SMTP):
         decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
         timeout = self.ctx.config.server.data_timeout
         write_failed: OSError | None = None
-        over_budget: str | None = None
+        over_budget: Refusal | None = None
         committed = False
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
@@ -461,7 +466,7 @@ class ElemtaSMTP(SMTP):
             if decoder.state is DataState.TOO_MUCH:
                 return REPLY_TOO_BIG
             if over_budget is not None:
-                return over_budget
+                return refusal_reply(over_budget, in_data=True)
             if write_failed is not None:
                 log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
                 return REPLY_STORAGE

@@ -1,0 +1,13 @@
+"""Why the governor refuses: reasons, not replies. The SMTP layer words them (smtp/replies.py)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Refusal(enum.Enum):
+    BREAKER_OPEN = "breaker-open"
+    BREAKER_HALF_OPEN = "breaker-half-open"  # the half-open allowance is used up
+    MEMORY_CRITICAL = "memory-critical"
+    TASK_CAP = "task-cap"  # asyncio tasks plus threads above max_goroutines
+    SESSION_MEMORY = "session-memory"  # one session holds more than per_connection_memory_limit
