@@ -193,8 +193,15 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._close_reader(slot)
         r, w = os.pipe()
+        # SIGHUP is blocked in the child from the fork until its Daemon has a handler (Daemon.start
+        # unblocks it): a reload forwarded to a worker still starting then waits, pending, and is
+        # applied once it can be, instead of killing the worker (SIG_DFL). The worker re-reads the
+        # file itself, so a config the supervisor validated after this fork reaches it too.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
-        if pid == 0:  # the worker: never returns into the supervisor's loop
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:  # the worker: never returns into the supervisor's loop
             code = 1
             try:
                 os.close(r)
@@ -222,7 +229,7 @@ class Supervisor:
     def _become_worker(self, index: int) -> None:
         """In the forked child: drop what belongs to the supervisor."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_DFL)  # SIGHUP stays blocked: see _spawn
         signal.set_wakeup_fd(-1)
         for s in self.slots:
             if s.fd >= 0:

@@ -241,3 +241,30 @@ def test_pin_workers_false_leaves_affinity_alone(tmp_path: Path) -> None:
         for pid in worker_pids(d).values():
             assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
         assert "bound to CPU" not in d.log
+
+
+def test_reload_during_worker_restarts_kills_nothing(tmp_path: Path) -> None:
+    """`systemctl reload` while a worker is being replaced: the new worker is still starting
+    when SIGHUP is forwarded to it, and must neither die of it nor miss the reload."""
+    with running(tmp_path, WORKERS) as d:
+        config = d.config_path.read_text()
+        for round_, index in enumerate((1, 2, 1, 2)):
+            victim = worker_pids(d)[index]
+            os.kill(victim, signal.SIGKILL)
+            d.wait_for_log(f"worker {index} (pid {victim}) was killed by SIGKILL")
+            # The change that arrives while the replacement starts: it must apply there too.
+            d.config_path.write_text(config.replace('monitoring_interval = "0.2s"',
+                                                    f'monitoring_interval = "0.{round_ + 2}s"'))
+            # SIGHUP as fast as the supervisor takes them, until the replacement serves.
+            while worker_pids(d).get(index) == victim:
+                d.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.005)  # pacing the signal storm only, not waiting for an event
+                assert d.proc.poll() is None, d.log
+                assert "killed by SIGHUP" not in d.log, d.log
+            assert "killed by SIGHUP" not in d.log, d.log
+        for _ in range(10):
+            assert d.send("hup@example.test") == {}
+        assert len(d.delivered("hup@example.test")) == 10
+        assert get(d, "/health").status == 200
+        assert "killed by SIGHUP" not in d.log, d.log
+        assert "exited with status" not in d.log, d.log
