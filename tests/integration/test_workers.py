@@ -268,3 +268,34 @@ def test_reload_during_worker_restarts_kills_nothing(tmp_path: Path) -> None:
         assert get(d, "/health").status == 200
         assert "killed by SIGHUP" not in d.log, d.log
         assert "exited with status" not in d.log, d.log
+
+
+def test_heap_profile_comes_from_the_workers(tmp_path: Path) -> None:
+    """With workers the sessions live in the workers: /debug/pprof/heap must profile them, and
+    say which process each profile comes from."""
+    with running(tmp_path, WORKERS + "[api]\nenable_profiling = true\n") as d:
+        pids = worker_pids(d)
+        # Sessions held mid-DATA: their buffers are live allocations of elemta.smtp.
+        held = []
+        try:
+            for _ in range(6):
+                s = smtplib.SMTP(d.host, d.port, timeout=30)
+                s.ehlo("c.test")
+                s.mail("a@example.org")
+                s.rcpt("heap@example.test")
+                s.putcmd("data")
+                assert s.getreply()[0] == 354
+                s.send(b"Subject: heap\r\n\r\n" + b"x" * 998 + b"\r\n")
+                held.append(s)
+            wait_until("6 sessions", lambda: get(d, "/api/stats").json()["sessions"]["current"] == 6)
+            body = get(d, "/debug/pprof/heap?top=200").body.decode()
+            for index, pid in pids.items():
+                assert f"worker {index} (pid {pid})" in body, body[:2000]
+            assert "/elemta/smtp/" in body, body[:4000]
+            assert f"supervisor (pid {d.proc.pid})" in body  # says what it did not profile
+            one = get(d, "/debug/pprof/heap?worker=2").body.decode()
+            assert f"worker 2 (pid {pids[2]})" in one and f"worker 1 (pid {pids[1]})" not in one
+            assert get(d, "/debug/pprof/heap?worker=3").status == 400
+        finally:
+            for s in held:
+                s.close()
