@@ -73,9 +73,11 @@ class MemoryCgroup:
 
 
 # Allocates (and touches) memory in the cgroup given as argv[1] (version argv[2]) until its
-# working set passes argv[3] (a fraction of the limit), prints "ready", holds until stdin closes.
+# working set passes argv[3] (a fraction of the limit), prints "ready", and keeps it there until
+# stdin closes: the kernel deactivates and reclaims the cgroup's file pages under the limit, and
+# the working set (usage - inactive_file) would sink below the target, so it tops up.
 BALLAST = r"""
-import sys
+import select, sys
 from pathlib import Path
 cg, v1, target = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
 limit = int((cg / ("memory.limit_in_bytes" if v1 else "memory.max")).read_text())
@@ -84,10 +86,13 @@ def ws():
     stat = dict(l.split() for l in (cg / "memory.stat").read_text().splitlines())
     return usage - int(stat["total_inactive_file" if v1 else "inactive_file"])
 held = []
-while ws() < target * limit:
-    held.append(b"\x01" * (2 << 20))
+def fill():
+    while ws() < target * limit:
+        held.append(b"\x01" * (2 << 20))
+fill()
 print("ready", ws(), flush=True)
-sys.stdin.read()
+while not select.select([sys.stdin], [], [], 0.05)[0]:
+    fill()
 """
 
 
