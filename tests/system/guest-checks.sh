@@ -285,17 +285,16 @@ journalctl -b --no-pager >"$IO/journal-boot.log" 2>/dev/null
 # scope; ELEMTA_REQUIRE_REAL_CGROUP=1 turns a skip into a failure.
 if [ -d "$IO/src/tests" ]; then
     rm -rf /tmp/elemta-src && cp -r "$IO/src" /tmp/elemta-src
-    t0=$(date +%s)
     (cd /tmp/elemta-src && ELEMTA_REQUIRE_REAL_CGROUP=1 systemd-run --scope --quiet -p Delegate=yes -- \
         python3 -m pytest -p no:cacheprovider -q -rA -k real_cgroup \
         tests/integration/test_governor.py tests/resilience/test_memory_flood.py) >"$IO/pytest-cgroup.log" 2>&1
     rc=$?
-    summary=$(grep -E '^=+ .*(passed|failed|error|skipped).* =+$' "$IO/pytest-cgroup.log" | tail -1 | tr -d '=')
+    summary=$(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$IO/pytest-cgroup.log" | tail -1 | tr -d '=')
     names=$(grep -E '^(PASSED|FAILED|ERROR|SKIPPED)' "$IO/pytest-cgroup.log" | sed 's/ - .*//' | sed 's/.*:://' | tr '\n' ' ')
     if [ "$rc" = 0 ] && ! grep -qE '^(SKIPPED|FAILED|ERROR)' "$IO/pytest-cgroup.log"; then
-        pass real-cgroup-v2 "pytest -k real_cgroup (cgroup v2, $(($(date +%s) - t0))s):$summary: $names; $(grep -m1 '^memory flood:' "$IO/pytest-cgroup.log" | cut -c1-220)"
+        pass real-cgroup-v2 "pytest -k real_cgroup on cgroup v2: $summary: $names; $(grep -m1 '^memory flood:' "$IO/pytest-cgroup.log" | cut -c1-220)"
     else
-        fail real-cgroup-v2 "pytest exit $rc:$summary: $names(see pytest-cgroup.log)"
+        fail real-cgroup-v2 "pytest exit $rc: $summary: $names(see pytest-cgroup.log)"
     fi
 else
     skip real-cgroup-v2 "no test sources on the I/O disk"
