@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from daemon import Daemon, running
-from realcgroup import v1_cgroup  # noqa: F401 - a fixture for every test module
+from realcgroup import real_cgroup  # noqa: F401 - a fixture for every test module
 
 
 @pytest.fixture

@@ -138,6 +138,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # A worker starts with SIGHUP blocked (supervisor._spawn): one that came meanwhile is
+        # delivered now, to the handler, and the worker reloads.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await self.systemd.ready(self.governor)
         self._ready = True
         if self.worker is not None:

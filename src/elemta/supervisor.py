@@ -32,12 +32,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .cpus import worker_cpu
+from .observe.heap import ASK, HeapProfiler, WorkerHeaps, answer_request
 from .runtime import hostname, worker_count
 from .sessionboard import SessionBoard
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
 
 log = logging.getLogger("elemta.supervisor")
 
@@ -58,13 +62,17 @@ def prepare_metrics_dir(environ: Mapping[str, str] = os.environ) -> Path:
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before the multiprocess directory "
                            "was set")
-    base = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if base and os.path.isdir(base):
-        path = Path(tempfile.mkdtemp(prefix="metrics-", dir=base))
-    else:
-        path = Path(tempfile.mkdtemp(prefix="elemta-metrics-"))
+    path = runtime_dir("metrics-", environ)
     os.environ[MULTIPROC_ENV] = str(path)
     return path
+
+
+def runtime_dir(prefix: str, environ: Mapping[str, str] = os.environ) -> Path:
+    """A fresh private directory under systemd's RuntimeDirectory=, else under the temp dir."""
+    base = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if base and os.path.isdir(base):
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    return Path(tempfile.mkdtemp(prefix="elemta-" + prefix))
 
 
 def remove_metrics_dir(path: Path) -> None:
@@ -142,6 +150,12 @@ class Supervisor:
         self.systemd = SystemdNotifier(self.board.total,
                                        config.memory.monitoring_interval,
                                        healthy=lambda: not self.stalled())
+        # /debug/pprof/heap: the workers profile themselves and answer through this directory.
+        self.heap_dir: Path | None = None
+        if self.observe.profiler is not None:
+            self.heap_dir = runtime_dir("heap-")
+            self.observe.profiler = WorkerHeaps(self.heap_dir, lambda: [
+                (s.index, s.pid) for s in list(self.slots) if s.pid and s.ready])
 
     # -- what the reporting surfaces read (also from the HTTP thread) -----------------------
     def _sum(self, key: str) -> int:
@@ -185,6 +199,8 @@ class Supervisor:
         await self.governor.stop()
         await self.systemd.close()
         await self.observe.stop()
+        if self.heap_dir is not None:
+            shutil.rmtree(self.heap_dir, ignore_errors=True)
         log.info("stopped")
         return 0
 
@@ -194,8 +210,16 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._close_reader(slot)
         r, w = os.pipe()
+        # SIGHUP is blocked in the child from the fork until its Daemon has a handler (Daemon.start
+        # unblocks it): a reload forwarded to a worker still starting then waits, pending, and is
+        # applied once it can be, instead of killing the worker (SIG_DFL). The worker re-reads the
+        # file itself, so a config the supervisor validated after this fork reaches it too.
+        # The heap profile request (ASK) waits the same way, until _serve_worker.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, ASK})
         pid = os.fork()
-        if pid == 0:  # the worker: never returns into the supervisor's loop
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:  # the worker: never returns into the supervisor's loop
             code = 1
             try:
                 os.close(r)
@@ -203,8 +227,8 @@ class Supervisor:
                 n = self.n
                 role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n),
                                   self.board)
-                asyncio.run(Daemon(share(self.config, n), inherited_smtp=self.socks,
-                                   worker=role).run())
+                daemon = Daemon(share(self.config, n), inherited_smtp=self.socks, worker=role)
+                asyncio.run(self._serve_worker(daemon, slot.index))
                 code = 0
             except BaseException:
                 log.exception("worker failed")
@@ -220,10 +244,23 @@ class Supervisor:
         loop.add_reader(r, self._on_report, slot)
         log.info("worker %d started (pid %d)", slot.index, pid)
 
+    async def _serve_worker(self, daemon: Daemon, index: int) -> None:
+        """In the forked child: answer heap profile requests (see heap.WorkerHeaps), serve."""
+        profiler = daemon.observe.profiler
+        if self.heap_dir is not None and isinstance(profiler, HeapProfiler):
+            loop = asyncio.get_running_loop()
+            heap_dir = self.heap_dir
+            loop.add_signal_handler(ASK, lambda: loop.run_in_executor(
+                None, answer_request, profiler, heap_dir, index))
+        else:
+            signal.signal(ASK, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {ASK})
+        await daemon.run()
+
     def _become_worker(self, index: int) -> None:
         """In the forked child: drop what belongs to the supervisor."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_DFL)  # SIGHUP stays blocked: see _spawn
         signal.set_wakeup_fd(-1)
         for s in self.slots:
             if s.fd >= 0:

@@ -1,4 +1,4 @@
-"""The memory governor in a real daemon: a real v1 memory cgroup with a ballast process, and
+"""The memory governor in a real daemon: a real memory cgroup (v1 or v2) with a ballast process, and
 real SMTP traffic pushing a small max_memory_usage over each threshold."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon import Daemon, running
-from realcgroup import ballast, join, oom_kills
+from realcgroup import MemoryCgroup, ballast, join, oom_kills
 
 MiB = 1024 * 1024
 STORAGE = b"452 4.3.1 Insufficient system storage"
@@ -49,12 +49,12 @@ class Session:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Path) -> None:
-    cg = v1_cgroup
+def test_real_cgroup_limit_ballast_and_recovery(tmp_path: Path, real_cgroup: MemoryCgroup) -> None:
+    cg = real_cgroup
     oom_kills_before = oom_kills(cg)
     with running(tmp_path / "d", preexec_fn=join(cg)) as d:
-        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
-        assert str(d.proc.pid) in (cg / "cgroup.procs").read_text().split()
+        d.wait_for_log(f"memory limit 256.0 MiB ({cg.source})")
+        assert str(d.proc.pid) in cg.procs.read_text().split()
         assert d.send("a@example.test") == {}
         idle = Session(d.port)
         assert idle.cmd("EHLO client.test").startswith(b"250")
@@ -64,7 +64,7 @@ def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Pa
             assert greeting(d.port).startswith(STORAGE)
             assert idle.cmd("MAIL FROM:<s@example.org>").startswith(b"452 4.3.1")
             d.wait_for_log("Memory critical threshold exceeded")
-            assert "(cgroup-v1)" in _lines(d, "Memory critical threshold exceeded")[0]
+            assert f"({cg.source})" in _lines(d, "Memory critical threshold exceeded")[0]
             assert d.proc.poll() is None
 
         # The ballast is gone: the next sample sees it; mail flows again (the breaker, if
@@ -84,11 +84,11 @@ def test_real_v1_cgroup_limit_ballast_and_recovery(tmp_path: Path, v1_cgroup: Pa
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_real_cgroup_breaker_opens_holds_and_closes(tmp_path: Path, v1_cgroup: Path) -> None:
+def test_real_cgroup_breaker_opens_holds_and_closes(tmp_path: Path, real_cgroup: MemoryCgroup) -> None:
     extra = '[memory]\nmonitoring_interval = "100ms"\n'
-    with running(tmp_path / "d", extra, preexec_fn=join(v1_cgroup)) as d:
-        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
-        with ballast(v1_cgroup):
+    with running(tmp_path / "d", extra, preexec_fn=join(real_cgroup)) as d:
+        d.wait_for_log(f"memory limit 256.0 MiB ({real_cgroup.source})")
+        with ballast(real_cgroup):
             d.wait_for_log("Circuit breaker opened")
             assert greeting(d.port).startswith(STORAGE)
         # Memory is back at once, the breaker is not: it waits for calm samples, lets a few
@@ -104,12 +104,12 @@ def test_real_cgroup_breaker_opens_holds_and_closes(tmp_path: Path, v1_cgroup: P
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_real_cgroup_protection_off_logs_but_accepts(tmp_path: Path, v1_cgroup: Path) -> None:
+def test_real_cgroup_protection_off_logs_but_accepts(tmp_path: Path, real_cgroup: MemoryCgroup) -> None:
     extra = "[memory]\nmemory_exhaustion_protection = false\n"
-    with running(tmp_path / "d", extra, preexec_fn=join(v1_cgroup)) as d:
-        d.wait_for_log("memory limit 256.0 MiB (cgroup-v1)")
+    with running(tmp_path / "d", extra, preexec_fn=join(real_cgroup)) as d:
+        d.wait_for_log(f"memory limit 256.0 MiB ({real_cgroup.source})")
         d.wait_for_log("protection off (log only)")
-        with ballast(v1_cgroup):
+        with ballast(real_cgroup):
             # The monitor (5 s interval) logs the crossing; admission never refuses.
             d.wait_for_log("Memory critical threshold exceeded", timeout=15)
             assert greeting(d.port).startswith(b"220")

@@ -20,7 +20,7 @@ import pytest
 
 from daemon import Daemon, running
 from httpclient import get, metric_values
-from realcgroup import join, v1_memory_cgroup
+from realcgroup import MemoryCgroup, join, memory_cgroup
 
 MiB = 1024 * 1024
 
@@ -48,10 +48,13 @@ def pss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
 
 
-def working_set(cg: Path) -> int:
-    usage = int((cg / "memory.usage_in_bytes").read_text())
-    stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
-    return usage - int(stat["total_inactive_file"])
+def working_set(cg: MemoryCgroup) -> int:
+    """usage - inactive file pages, the figure elemta reads (v1 or v2 file names)."""
+    stat = dict(line.split() for line in (cg.path / "memory.stat").read_text().splitlines())
+    if cg.version == 1:
+        usage = int((cg.path / "memory.usage_in_bytes").read_text())
+        return usage - int(stat["total_inactive_file"])
+    return int((cg.path / "memory.current").read_text()) - int(stat["inactive_file"])
 
 
 def settled_stats(d: Daemon, processes: int) -> dict[str, object]:
@@ -174,13 +177,13 @@ def test_published_usage_is_elemtas_own_and_adds_up(tmp_path: Path, workers: int
 @pytest.mark.slow
 def test_four_workers_in_their_own_cgroup_count_shared_pages_once(tmp_path: Path) -> None:
     # A fresh cgroup holding only the daemon: its working set is the truth to match.
-    with v1_memory_cgroup(1024 * MiB) as cg, running(
+    with memory_cgroup(1024 * MiB) as cg, running(
             tmp_path / "d", '[server]\nworkers = 4\n[memory]\nmonitoring_interval = "200ms"\n',
             preexec_fn=join(cg)) as d:
         stats = settled_stats(d, 5)
         ws = working_set(cg)
         procs = tree(d.proc.pid)
-        assert sorted(int(p) for p in (cg / "cgroup.procs").read_text().split()) == sorted(procs)
+        assert sorted(int(p) for p in cg.procs.read_text().split()) == sorted(procs)
         mem = stats["memory"]
         assert isinstance(mem, dict)
         assert abs(mem["usage_bytes"] - ws) <= 0.10 * ws, (mem["usage_bytes"], ws)
@@ -189,6 +192,6 @@ def test_four_workers_in_their_own_cgroup_count_shared_pages_once(tmp_path: Path
         assert abs(mem["process_pss_bytes"] - ws) <= 0.10 * ws, (mem["process_pss_bytes"], ws)
         # while summing RSS counts the shared pages once per process
         assert mem["process_rss_bytes"] > 1.5 * ws
-        assert mem["limit_bytes"] == 1024 * MiB and mem["limit_source"] == "cgroup-v1"
+        assert mem["limit_bytes"] == 1024 * MiB and mem["limit_source"] == cg.source
         assert mem["utilization_percent"] == round(100 * mem["usage_bytes"] / (1024 * MiB), 2)
         assert mem["binding"]["term"] in ("cgroup", "process")

@@ -14,10 +14,11 @@ CACHE=${ELEMTA_VM_CACHE:-/var/cache/elemta-vm}
 SUITE=bookworm
 # Everything the elemta .deb depends on must already be here: the guest has no network.
 # swaks and curl are the in-guest SMTP and HTTP clients of the checks; man-db lets
-# `systemd-analyze verify` resolve Documentation=man:elemta(8).
+# `systemd-analyze verify` resolve Documentation=man:elemta(8). pytest and hypothesis run the
+# real-cgroup tests (tests/realcgroup.py) in the guest, the one pure cgroup v2 host we have.
 PACKAGES="systemd,systemd-sysv,udev,dbus,iproute2,procps,netbase,adduser,ca-certificates,\
 linux-image-cloud-amd64,init-system-helpers,python3,python3-systemd,python3-psutil,\
-python3-prometheus-client,python3-aiosmtpd,swaks,curl,man-db"
+python3-prometheus-client,python3-aiosmtpd,swaks,curl,man-db,python3-pytest,python3-hypothesis"
 
 mirror() {
     # The mirror apt already uses here (deb822 "URIs:" or one-line "deb URL suite").

@@ -151,6 +151,61 @@ else
     fail metrics "GET /metrics: HTTP $code"
 fi
 
+# ---- workers = "auto" (conffile edit): under the shipped unit's SystemCallFilter every worker is
+# bound to its own CPU (pin_workers = true, the default), mail flows, and a frozen worker is
+# replaced while the service stays up.
+cp /etc/elemta/elemta.toml /tmp/elemta.toml.orig
+sed -i 's/^#workers = 1$/workers = "auto"/' /etc/elemta/elemta.toml
+since=$(date '+%Y-%m-%d %H:%M:%S')
+systemctl restart elemta.service
+jsince() { journalctl -u elemta --since "$since" -o cat --no-pager; }
+ncpu=$(nproc)
+workers_ready() { jsince | grep -q "all $ncpu workers ready"; }
+if ! grep -q '^workers = "auto"' /etc/elemta/elemta.toml; then
+    fail workers "could not set workers = \"auto\" in /etc/elemta/elemta.toml"
+elif wait_for 120 workers_ready && is_active; then
+    main=$(prop MainPID)
+    wpids=$(ps -o pid= --ppid "$main" | tr -d ' ')
+    cpus=""
+    for w in $wpids; do cpus="$cpus $(awk '/^Cpus_allowed_list/{print $2}' /proc/"$w"/status)"; done
+    distinct=$(echo $cpus | tr ' ' '\n' | grep -E '^[0-9]+$' | sort -u | wc -l)
+    bound=$(jsince | grep -c "bound to CPU")
+    if [ "$bound" = "$ncpu" ] && [ "$distinct" = "$ncpu" ] && ! jsince | grep -q "cannot bind"; then
+        pass workers-pinned "workers = \"auto\" on $ncpu CPUs: journal has $bound \"bound to CPU\" lines; Cpus_allowed_list of worker pids$(echo $wpids | sed 's/^/ /'):$cpus"
+    else
+        fail workers-pinned "$bound \"bound to CPU\" lines (want $ncpu), Cpus_allowed_list:$cpus; $(jsince | grep -m1 "cannot bind")"
+    fi
+    token="elemta-workers-$(date +%s)-$$"
+    ok=0
+    for i in 1 2 3 4; do
+        swaks --server 127.0.0.1:25 --from sender@example.test --to postmaster@localhost \
+            --header "Subject: $token-$i" --body "$token-$i" >>"$IO/swaks-workers.log" 2>&1 && ok=$((ok + 1))
+    done
+    stored=$(grep -rl "$token" /var/lib/elemta/mail/localhost/postmaster/new/ 2>/dev/null | wc -l)
+    if [ "$ok" = 4 ] && [ "$stored" = 4 ]; then
+        pass workers-mail "4 messages through the workers: 4 x 250, 4 stored"
+    else
+        fail workers-mail "$ok of 4 got 250, $stored stored"
+    fi
+    victim=$(echo "$wpids" | head -1)
+    restarts=$(prop NRestarts)
+    kill -STOP "$victim"
+    t0=$(date +%s)
+    replaced() {
+        idx=$(jsince | sed -n "s/.*worker \([0-9]*\) (pid $victim) was killed by SIGKILL; starting a replacement.*/\1/p" | head -1)
+        [ -n "$idx" ] && [ "$(jsince | grep -c "worker $idx (pid [0-9]*) ready")" -ge 2 ]
+    }
+    if wait_for 90 replaced && is_active && [ "$(prop MainPID)" = "$main" ] && [ "$(prop NRestarts)" = "$restarts" ]; then
+        pass worker-frozen "SIGSTOP worker pid $victim: replaced after $(( $(date +%s) - t0 ))s, service active, same MainPID $main; journal: $(jsince | grep "(pid $victim) stalled" | head -1 | cut -c1-120)"
+    else
+        fail worker-frozen "SIGSTOP worker pid $victim: $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main); journal: $(jsince | grep "(pid $victim)" | tail -2 | tr '\n' ' ')"
+    fi
+else
+    fail workers "workers = \"auto\": not all $ncpu workers ready within 120s: $(jsince | tail -3 | tr '\n' ' ')"
+fi
+journalctl -u elemta --since "$since" -o cat --no-pager >"$IO/journal-workers.log" 2>/dev/null
+cp /tmp/elemta.toml.orig /etc/elemta/elemta.toml  # the checks below use the default (one process)
+
 # ---- memory limit from a drop-in; the test-only freeze trigger and a short watchdog for later
 mkdir -p /etc/systemd/system/elemta.service.d
 cat >/etc/systemd/system/elemta.service.d/50-system-test.conf <<'CONF'
@@ -247,6 +302,26 @@ else
     skip journal-reload "no journal handler in this build (observability branch not merged)"
 fi
 journalctl -b --no-pager >"$IO/journal-boot.log" 2>/dev/null
+
+# ---- the real-cgroup tests (tests/realcgroup.py) on this pure cgroup v2 host, in a delegated
+# scope; ELEMTA_REQUIRE_REAL_CGROUP=1 turns a skip into a failure.
+if [ -d "$IO/src/tests" ]; then
+    rm -rf /tmp/elemta-src && cp -r "$IO/src" /tmp/elemta-src
+    (cd /tmp/elemta-src && ELEMTA_REQUIRE_REAL_CGROUP=1 systemd-run --scope --quiet -p Delegate=yes -- \
+        python3 -m pytest -p no:cacheprovider -q -rA -k "real_cgroup or own_cgroup" \
+        tests/integration/test_governor.py tests/resilience/test_memory_flood.py \
+        tests/integration/test_memory_figures_daemon.py) >"$IO/pytest-cgroup.log" 2>&1
+    rc=$?
+    summary=$(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$IO/pytest-cgroup.log" | tail -1 | tr -d '=')
+    names=$(grep -E '^(PASSED|FAILED|ERROR|SKIPPED)' "$IO/pytest-cgroup.log" | sed 's/ - .*//' | sed 's/.*:://' | tr '\n' ' ')
+    if [ "$rc" = 0 ] && ! grep -qE '^(SKIPPED|FAILED|ERROR)' "$IO/pytest-cgroup.log"; then
+        pass real-cgroup-v2 "pytest -k 'real_cgroup or own_cgroup' on cgroup v2: $summary: $names; $(grep -m1 '^memory flood:' "$IO/pytest-cgroup.log" | cut -c1-220)"
+    else
+        fail real-cgroup-v2 "pytest exit $rc: $summary: $names(see pytest-cgroup.log)"
+    fi
+else
+    skip real-cgroup-v2 "no test sources on the I/O disk"
+fi
 
 # ---- purge
 apt-get purge -y elemta >"$IO/apt-purge.log" 2>&1

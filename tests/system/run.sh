@@ -27,6 +27,10 @@ WORK=$(mktemp -d /tmp/elemta-vm.XXXXXX)
 mkdir "$WORK/in" "$WORK/out"
 cp "$DEB" "$WORK/in/"
 cp "$HERE/guest-checks.sh" "$WORK/in/run.sh"
+# The tests the guest runs with pytest against the installed package (the real-cgroup ones).
+mkdir -p "$WORK/in/src"
+cp "$HERE/../../pyproject.toml" "$WORK/in/src/"
+(cd "$HERE/../.." && tar -c --exclude=__pycache__ --exclude=tests/system tests) | tar -x -C "$WORK/in/src"
 chmod 755 "$WORK/in/run.sh"
 truncate -s 256M "$WORK/io.img"
 mkfs.ext4 -q -L elemta-io -d "$WORK/in" "$WORK/io.img"

@@ -1,13 +1,26 @@
 """Heap profile for /debug/pprof/heap: tracemalloc's top allocations by traceback, as text.
 
 tracemalloc is started only when [api] enable_profiling is true, so profiling costs nothing
-when it is off. `diff` compares with the snapshot the previous request took.
+when it is off. `diff` compares with the snapshot the previous request took. With [server]
+workers > 1 the supervisor answers with every worker's own report (WorkerHeaps), since the
+sessions and their memory live in the workers.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
 import threading
+import time
 import tracemalloc
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("elemta.observe")
 
 FRAMES = 25
 DEFAULT_TOP = 25
@@ -56,3 +69,99 @@ class HeapProfiler:
                 lines.append(f"{s.size} bytes in {s.count} blocks")
                 lines.extend("  " + line for line in s.traceback.format())
         return "\n".join(lines) + "\n"
+
+
+class HeapReport(Protocol):
+    """What /debug/pprof/heap asks: this process's profile, or (supervisor) its workers'."""
+
+    def start(self) -> None: ...
+
+    def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
+        """ValueError (answered 400) for a worker that does not exist."""
+        ...
+
+
+class SelfHeap(HeapProfiler):
+    """The one-process daemon: it holds the sessions, so it profiles itself."""
+
+    def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
+        if worker is not None:
+            raise ValueError("worker=: this daemon runs no workers ([server] workers = 1)")
+        return super().report(top, diff)
+
+
+# With workers the supervisor holds no sessions: it asks each worker for its own report. The
+# worker's answer travels through a file in a private directory: the request (top, diff, a
+# nonce) is written there, the worker gets SIGUSR1, writes its report under the nonce's name
+# and renames it into place; the supervisor waits up to WORKER_TIMEOUT for it.
+WORKER_TIMEOUT = 10.0
+ASK = signal.SIGUSR1
+
+
+def _request_path(directory: Path, index: int) -> Path:
+    return directory / f"worker-{index}.request"
+
+
+def _answer_path(directory: Path, index: int, nonce: str) -> Path:
+    return directory / f"worker-{index}-{nonce}.txt"
+
+
+def answer_request(profiler: HeapProfiler, directory: Path, index: int) -> None:
+    """In a worker, on ASK (off the event loop: a snapshot takes a while)."""
+    try:
+        request = json.loads(_request_path(directory, index).read_text())
+        text = profiler.report(int(request["top"]), bool(request["diff"]))
+        final = _answer_path(directory, index, str(request["nonce"]))
+        tmp = final.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, final)
+    except Exception:  # the supervisor reports "no answer"; the worker serves on
+        log.exception("heap profile request failed")
+
+
+class WorkerHeaps:
+    """The supervisor's /debug/pprof/heap: one section per worker, each from that worker."""
+
+    def __init__(self, directory: Path, workers: Callable[[], list[tuple[int, int]]],
+                 timeout: float = WORKER_TIMEOUT) -> None:
+        self.directory = directory
+        self.workers = workers  # (index, pid) of every worker serving now
+        self.timeout = timeout
+        self._lock = threading.Lock()  # one request at a time: one request file per worker
+
+    def start(self) -> None:
+        """The supervisor's own allocations are not traced: it holds no sessions."""
+
+    def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
+        running = self.workers()
+        chosen = [(i, p) for i, p in running if worker is None or i == worker]
+        if not chosen:
+            raise ValueError(f"worker={worker}: no such worker serving now "
+                             f"(serving: {', '.join(str(i) for i, _ in running) or 'none'})")
+        head = (f"# elemta heap profile of {len(chosen)} worker process(es), one section each; "
+                f"the supervisor (pid {os.getpid()}) holds no sessions and is not profiled\n")
+        with self._lock:
+            return head + "".join(self._ask(i, p, top, diff) for i, p in chosen)
+
+    def _ask(self, index: int, pid: int, top: int, diff: bool) -> str:
+        title = f"\n## worker {index} (pid {pid})\n"
+        for stale in self.directory.glob(f"worker-{index}-*"):
+            stale.unlink(missing_ok=True)  # a late answer to a request that timed out
+        nonce = uuid.uuid4().hex
+        request = _request_path(self.directory, index)
+        tmp = request.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"top": max(1, min(top, MAX_TOP)), "diff": diff, "nonce": nonce}))
+        os.replace(tmp, request)
+        answer = _answer_path(self.directory, index, nonce)
+        try:
+            os.kill(pid, ASK)
+        except ProcessLookupError:
+            return title + "# the worker exited before it could answer\n"
+        deadline = time.monotonic() + self.timeout
+        while not answer.exists():
+            if time.monotonic() > deadline:
+                return title + f"# no answer within {self.timeout:.0f}s\n"
+            time.sleep(0.02)  # this is the admin HTTP thread, never the event loop
+        text = answer.read_text()
+        answer.unlink()
+        return title + text

@@ -32,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from .. import __version__
 from ..config import ListenAddress, is_loopback
 from . import report
-from .heap import DEFAULT_TOP, HeapProfiler
+from .heap import DEFAULT_TOP, HeapReport
 
 log = logging.getLogger("elemta.http")
 
@@ -56,7 +56,7 @@ class AdminApp:
         self,
         inputs: Callable[[], report.Inputs],
         registry: CollectorRegistry,
-        profiler: HeapProfiler | None,
+        profiler: HeapReport | None,
     ) -> None:
         self.inputs = inputs
         self.registry = registry
@@ -86,10 +86,14 @@ class AdminApp:
         assert self.profiler is not None
         try:
             top = int(query.get("top", [str(DEFAULT_TOP)])[0])
+            worker = int(query["worker"][0]) if "worker" in query else None
         except ValueError:
-            return 400, TEXT, b"top must be an integer\n"
+            return 400, TEXT, b"top and worker must be integers\n"
         diff = query.get("diff", ["0"])[0] not in ("", "0", "false", "no")
-        return 200, TEXT, self.profiler.report(top, diff).encode()
+        try:
+            return 200, TEXT, self.profiler.report(top, diff, worker).encode()
+        except ValueError as exc:  # no such worker
+            return 400, TEXT, f"{exc}\n".encode()
 
 
 def _json(body: dict[str, Any]) -> bytes:

@@ -17,7 +17,7 @@ from .. import runtime
 from ..config import Config
 from ..memory.snapshot import Snapshot
 from . import report
-from .heap import HeapProfiler
+from .heap import HeapReport, SelfHeap
 from .heartbeat import Heartbeat, install_test_block
 from .http import AdminApp, AdminServer
 from .metrics import SamplesSource, SmtpStats, SnapshotSource, build_registry
@@ -39,7 +39,8 @@ class Observability:
         self.source: SnapshotSource | None = None
         self._draining: Callable[[], bool] = lambda: False
         self.registry = build_registry(self._snapshot, self.smtp, self.heartbeat.age)
-        self.profiler = HeapProfiler() if config.api.enable_profiling else None
+        # The supervisor replaces it with WorkerHeaps (its workers hold the sessions).
+        self.profiler: HeapReport | None = SelfHeap() if config.api.enable_profiling else None
         self.server: AdminServer | None = None
         self._beat: asyncio.Task[None] | None = None
 
