@@ -15,6 +15,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -177,24 +178,71 @@ class Maildir:
         return spool
 
     def clean_tmp(self) -> int:
-        """Remove partial files left in tmp/ by a crash; returns how many."""
+        """Remove, from every tmp/, what `stale_tmp_file` calls stale; returns how many.
+
+        Run at start-up, before this process writes anything (see `_writer_alive`).
+        """
         removed = 0
         if not self.root.is_dir():
             return 0
+        now = time.time()
         for tmpdir in self.root.glob("*/*/tmp"):
             for entry in os.scandir(tmpdir):
-                if entry.is_file(follow_symlinks=False):
-                    try:
-                        os.unlink(entry.path)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if not stale_tmp_file(entry.name, now - max(st.st_mtime, st.st_atime),
+                                          self.hostname, _writer_alive):
+                        continue
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # its writer finished (or cleaned up) meanwhile
         return removed
 
 
 def spool_name(now: float, pid: int, n: int, qid: str, hostname: str) -> str:
     """A Maildir file name unique on this host: time, microseconds, pid, counter, queue id."""
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{pid}Q{n}_{qid}.{hostname}"
+
+
+_SPOOL_NAME = re.compile(r"\d+\.M\d+P(\d+)Q\d+_[0-9A-F]{12}\.(.+)")
+
+# The Maildir convention: a tmp/ file nobody has touched for 36 hours is abandoned.
+TMP_STALE_AFTER = 36 * 3600
+
+
+def stale_tmp_file(name: str, idle: float, hostname: str, alive: Callable[[int], bool]) -> bool:
+    """May a start-up remove tmp/ file `name`, untouched for `idle` seconds?
+
+    Another program (an IMAP server, a second elemta) may be writing any tmp/ file, so only
+    what the convention calls abandoned goes, and elemta's own leftovers: files named by
+    `spool_name` with this hostname whose writing process is gone. A live process with that
+    pid may be another elemta on this maildir (or an unrelated process that reused the pid):
+    its file stays, until it is 36 hours old.
+    """
+    if idle > TMP_STALE_AFTER:
+        return True
+    m = _SPOOL_NAME.fullmatch(name)
+    if m is None or m.group(2) != hostname:
+        return False
+    return not alive(int(m.group(1)))
+
+
+def _writer_alive(pid: int) -> bool:
+    """May process `pid` still be writing a file in tmp/?"""
+    if pid == os.getpid():
+        # Called before this process writes anything: the file is a leftover of an earlier
+        # process that had the same pid (a container's pid 1, say).
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 @dataclass
