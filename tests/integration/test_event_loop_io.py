@@ -12,6 +12,7 @@ import dataclasses
 import os
 import smtplib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,18 +54,18 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Calls]:
     yield record
 
 
-def config(root: Path) -> Any:
+def config(root: Path, **server: Any) -> Any:
     delivery: dict[str, Any] = {"maildir_root": str(root), "domains": ["example.test"]}
     if "recipients" in {f.name for f in dataclasses.fields(DeliveryConfig)}:
         delivery["recipients"] = "any"  # this test is about new mailboxes: accept any user
-    return build({"server": {"hostname": "mx.test"}, "delivery": delivery})
+    return build({"server": {"hostname": "mx.test", **server}, "delivery": delivery})
 
 
-def serve(root: Path, client: Callable[[int], None],
-          store: Maildir | None = None) -> str:
+def serve(root: Path, client: Callable[[int], None], store: Maildir | None = None,
+          **server: Any) -> str:
     """Run the SMTP server on a fresh loop in this thread until `client(port)` returns;
     returns the loop thread's name."""
-    cfg = config(root)
+    cfg = config(root, **server)
     store = store or Maildir(root, "mx.test")
 
     async def main() -> str:
@@ -136,3 +137,38 @@ def test_a_small_message_to_a_known_mailbox_is_one_commit_job(tmp_path: Path,
     serve(root, client, Maildir(root, "mx.test", executor=Counting(4)))
     assert jobs == ["commit", "commit", "commit"]
     assert len(list((root / "example.test" / "known" / "new").iterdir())) == 4
+
+
+def test_a_refused_message_is_gone_before_the_reply(tmp_path: Path) -> None:
+    """The file of a message refused after it reached disk is removed on a commit thread; the
+    reply waits for that, so "nothing is left behind" holds when the client reads it."""
+    aborted: list[object] = []
+
+    class SlowDisk(ThreadPoolExecutor):  # an unlink that takes a while, as on a busy disk
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
+            if getattr(fn, "__name__", "") == "abort":
+                aborted.append(fn)
+
+                def slow() -> None:
+                    time.sleep(0.3)
+                    fn()
+                return super().submit(slow)
+            return super().submit(fn, *args, **kw)
+
+    root = tmp_path / "mail"
+    tmp = root / "example.test" / "big" / "tmp"
+    left: list[list[Path]] = []
+
+    def client(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("s@example.org")  # no SIZE=: the size is found out during DATA
+            s.rcpt("big@example.test")
+            code, _ = s.data(message(200 * 1024))
+            assert code == 552
+            left.append(list(tmp.iterdir()))
+        assert aborted  # the message did reach the disk before it was refused
+
+    serve(root, client, Maildir(root, "mx.test", executor=SlowDisk(4)),
+          max_message_size=160 * 1024)
+    assert left == [[]]

@@ -406,6 +406,7 @@ class ElemtaSMTP(SMTP):
             self.in_data = False
             self._decoder = None
             self._spool = None
+        await spool.discarded()  # a refused message's file is gone before the reply says so
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
         if self.ctx.draining:

@@ -333,6 +333,7 @@ class Spool:
         self._job: Future[None] | None = None  # the latest job; None: the file does not exist
         self._finished = False  # commit or discard called: no more jobs from the session
         self.stored: asyncio.Future[None] | None = None  # the commit's outcome, once started
+        self._gone: Future[None] | None = None  # done once a discarded file is removed
 
     @property
     def buffered(self) -> int:
@@ -380,13 +381,24 @@ class Spool:
         self._finished = True
         self._pending, self._pending_len = [], 0
         if self._job is not None:  # else no job ever ran: there is no file
+            self._gone = Future()
             # Runs on the finishing job's thread, or here at once if it has finished.
             self._job.add_done_callback(self._abort_after)
 
+    async def discarded(self) -> None:
+        """Return once a discarded message's file is gone (at once if it never had one)."""
+        if self._gone is not None:
+            await asyncio.shield(asyncio.wrap_future(self._gone))
+
     def _abort_after(self, _job: Future[None]) -> None:
-        # RuntimeError: the interpreter is exiting; the next start-up removes the file.
-        with contextlib.suppress(RuntimeError):
-            self._executor.submit(self.file.abort)
+        gone = self._gone
+        assert gone is not None
+        try:
+            abort = self._executor.submit(self.file.abort)
+        except RuntimeError:  # the interpreter is exiting: the next start-up removes the file
+            gone.set_result(None)
+            return
+        abort.add_done_callback(lambda _: gone.set_result(None))
 
     def _submit(self, job: Callable[[bytes], None]) -> Future[None]:
         assert self._job is None or self._job.done(), "one job at a time"
