@@ -460,7 +460,7 @@ class ElemtaSMTP(SMTP):
             try:
                 await spool.commit()
             except asyncio.CancelledError:
-                # The client left after its dot (aiosmtpd cancels the session): the commit runs
+                # The connection closed after the dot (aiosmtpd cancels the session): the commit runs
                 # on, and is logged when it ends, as if the 250 had been lost on the way.
                 assert spool.stored is not None
                 spool.stored.add_done_callback(lambda stored: self._log_commit(
@@ -488,7 +488,7 @@ class ElemtaSMTP(SMTP):
     def _log_commit(self, spool: Spool, envelope: ElemtaEnvelope, error: BaseException | None,
                     replied: bool = True) -> None:
         """Log how a commit ended (`error` None: stored), whether or not the client heard."""
-        gone = "" if replied else " (the client left before the reply)"
+        gone = "" if replied else " (the connection closed before the reply)"
         if error is not None:
             reason = getattr(error, "strerror", None) or error
             log.warning("queue %s: cannot store: %s%s", spool.queue_id, reason, gone)
