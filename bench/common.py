@@ -93,7 +93,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
 
 def elemta(extra: str = "", name: str = "elemta") -> Server:
     work = spool_dir()
-    # Default logging (info: one line per message), as in production.
+    # Default logging (info: one line per message), as in production. The test harness sets
+    # [delivery] recipients = "any": every recipient accepted, as Postfix's empty
+    # local_recipient_maps in postfix.py, so both sides do the same work per RCPT.
     try:
         d = start_elemta(work, extra)
     except BaseException:

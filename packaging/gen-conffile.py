@@ -36,6 +36,10 @@ HEADER = """\
 #
 # When elemta.socket is active (the default), systemd owns the SMTP listener (127.0.0.1:25) and
 # [server] listen is not used: change the socket with `systemctl edit elemta.socket`.
+#
+# Only mailboxes that exist receive mail ([delivery] recipients = "maildir", the default);
+# postmaster@ every domain exists from the first start. Add users with
+# `elemta mailbox add user@domain` (as root: the mailbox is given to the elemta user).
 """
 
 

@@ -110,15 +110,18 @@ class Daemon:
 
 
 def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
-                 host: str = "127.0.0.1") -> Path:
+                 host: str = "127.0.0.1", any_recipient: bool = True) -> Path:
     """A config with the daemon's ports and maildir; `extra` may add keys to any section.
 
     Sections named in `extra` are merged: a line "[server]" in extra continues that section.
+    Most tests mail arbitrary users (user1@example.test, ...), so the harness accepts any
+    recipient unless `any_recipient` is False (the real default: existing mailboxes only).
     """
     sections: dict[str, list[str]] = {
         "server": [f'listen = ["{host}:{port}"]' if ":" not in host else f'listen = ["[{host}]:{port}"]',
                    'hostname = "mx.test"'],
-        "delivery": [f'maildir_root = "{workdir / "mail"}"', 'domains = ["example.test", "localhost"]'],
+        "delivery": [f'maildir_root = "{workdir / "mail"}"', 'domains = ["example.test", "localhost"]',
+                     *(['recipients = "any"'] if any_recipient else [])],
         "api": [f'listen = "127.0.0.1:{api_port}"'],
     }
     if os.environ.get(WORKERS_ENV):
@@ -141,10 +144,10 @@ def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
 
 def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
           preexec_fn: Callable[[], None] | None = None, host: str = "127.0.0.1",
-          args: tuple[str, ...] = (), wait: bool = True) -> Daemon:
+          args: tuple[str, ...] = (), wait: bool = True, any_recipient: bool = True) -> Daemon:
     workdir.mkdir(parents=True, exist_ok=True)
     port, api_port = free_port(host), free_port()
-    config_path = write_config(workdir, port, api_port, extra, host)
+    config_path = write_config(workdir, port, api_port, extra, host, any_recipient)
     log_path = workdir / "daemon.log"
     fh = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

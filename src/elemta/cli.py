@@ -1,4 +1,4 @@
-"""Command line: elemta serve | check-config | stats | --version."""
+"""Command line: elemta serve | check-config | stats | mailbox add/list | --version."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, config
+from . import __version__, config, runtime
 from .observe import logging as elemta_logging
 
 EXIT_OK = 0
@@ -39,24 +39,92 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
-    stats = sub.add_parser("stats", help="print the running daemon's /api/stats")
+    stats = sub.add_parser(
+        "stats", help="print the running daemon's /api/stats (sending the bearer token of "
+        "[api] token_file when the config is read: without --api, or with --config)"
+    )
     stats.add_argument("--api", metavar="URL",
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    mailbox = sub.add_parser(
+        "mailbox", help="create or list mailboxes (with the default [delivery] recipients = "
+        "\"maildir\", only these receive mail)")
+    boxes = mailbox.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = boxes.add_parser(
+        "add", help="create the Maildir of each ADDRESS under maildir_root (0700; run as root, "
+        "owned by the owner of maildir_root)")
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS", help="user@domain, domain in "
+                     "[delivery] domains")
+    add.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    listing = boxes.add_parser("list", help="print every mailbox of [delivery] domains, one "
+                               "address per line")
+    listing.add_argument("--count", action="store_true",
+                         help="append the number of messages (new/ and cur/)")
+    listing.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     return p
+
+
+def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool) -> int:
+    from pathlib import Path
+
+    from . import mailboxes
+    from .recipients import Refusal, parse_mailbox
+    from .store.maildir import Mailbox
+
+    cfg = _load(path)
+    if cfg is None:
+        return EXIT_CONFIG
+    root, domains = Path(cfg.delivery.maildir_root), cfg.delivery.domains
+    if action == "list":
+        try:
+            for box in mailboxes.existing(root, domains):
+                print(f"{box} {mailboxes.count_messages(root, box)}" if count else box)
+        except OSError as exc:
+            print(f"elemta: cannot list {root}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
+    wanted: list[Mailbox] = []
+    for address in addresses:
+        parsed = parse_mailbox(address, domains) if "@" in address else Refusal.BAD_SYNTAX
+        if parsed is Refusal.FOREIGN_DOMAIN:
+            domain = address.rpartition("@")[2].lower()
+            print(f"elemta: {address}: {domain} is not in [delivery] domains "
+                  f"({cfg.source}: {', '.join(domains)})", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(parsed, Refusal):
+            print(f"elemta: {address}: not a mailbox address (local@domain; letters, digits "
+                  "and !#$%&'*+=?^_`{|}~- in dot-separated local parts)", file=sys.stderr)
+            return EXIT_CONFIG
+        wanted.append(parsed)
+    for box in wanted:
+        try:
+            made = mailboxes.create(root, box)
+        except OSError as exc:
+            print(f"elemta: {box}: cannot create its Maildir under {root}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"{box}: {'created' if made else 'exists'} ({root / box.domain / box.localpart})")
+    return EXIT_OK
 
 
 def stats(api: str | None, path: str | None, as_json: bool) -> int:
     from .observe import statsview
 
-    if api is None:
+    token = None
+    if api is None or path is not None:
         cfg = _load(path)
         if cfg is None:
             return EXIT_CONFIG
-        api = statsview.default_url(cfg.api.listen)
+        api = api or statsview.default_url(cfg.api.listen)
+        try:
+            token = runtime.api_token(cfg.api.token_file)
+        except runtime.SetupError as exc:
+            print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
     try:
-        doc = statsview.fetch(api)
+        doc = statsview.fetch(api, token)
     except statsview.StatsError as exc:
         print(f"elemta: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -68,17 +136,24 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _load(path: str | None) -> config.Config | None:
+def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
+    """The config, or None after one line per problem on stderr. `resources`: also check that
+    what the daemon builds from it (certificate, token file, host name) can be built."""
     try:
-        return config.load(path)
+        cfg = config.load(path)
     except config.ConfigError as exc:
-        for line in exc.problems:
-            print(f"elemta: {line}", file=sys.stderr)
-        return None
+        problems = exc.problems
+    else:
+        problems = runtime.problems(cfg) if resources else []
+        if not problems:
+            return cfg
+    for line in problems:
+        print(f"elemta: {line}", file=sys.stderr)
+    return None
 
 
 def check_config(path: str | None) -> int:
-    cfg = _load(path)
+    cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
     for warning in config.warnings(cfg):
@@ -97,10 +172,10 @@ def _event_loop(name: str) -> None:
 
 
 def serve(path: str | None) -> int:
-    cfg = _load(path)
+    cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
-    if config.worker_count(cfg.server) > 1:
+    if runtime.worker_count(cfg.server) > 1:
         return serve_workers(cfg)
     from .daemon import Daemon
     from .observe.systemd import inherited_sockets
@@ -119,6 +194,9 @@ def serve(path: str | None) -> int:
                  len(inherited.smtp))
     try:
         asyncio.run(Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api).run())
+    except runtime.SetupError as exc:
+        log.error("cannot start: %s: %s", cfg.source, exc)
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -140,7 +218,7 @@ def serve_workers(cfg: config.Config) -> int:
         _event_loop(cfg.server.event_loop)
         log = logging.getLogger("elemta")
         log.info("elemta %s starting (config: %s) with %d workers", __version__, cfg.source,
-                 config.worker_count(cfg.server))
+                 runtime.worker_count(cfg.server))
         for warning in config.warnings(cfg):
             log.warning("%s", warning)
         inherited = inherited_sockets()
@@ -155,6 +233,9 @@ def serve_workers(cfg: config.Config) -> int:
                 return await supervisor.Supervisor(cfg, socks, api).run()
 
             return asyncio.run(run())
+        except runtime.SetupError as exc:
+            log.error("cannot start: %s: %s", cfg.source, exc)
+            return EXIT_CONFIG
         except OSError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_FAILURE
@@ -168,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "stats":
         return stats(args.api, args.config, args.json)
+    if args.command == "mailbox":
+        return mailbox(args.action, args.config, getattr(args, "addresses", ()),
+                       getattr(args, "count", False))
     return serve(args.config)
 
 

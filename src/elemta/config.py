@@ -2,28 +2,29 @@
 
 Each config key is declared once, as a dataclass field whose metadata says how to parse and
 check it; the loader, `check-config`, the man-page test and the effective-config printer all
-read that one declaration.
+read that one declaration. A Config is a description only: it reads no other file, asks no
+resolver and counts no CPUs (runtime.py builds what the daemon runs with from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import ipaddress
 import os
 import re
-import socket
-import ssl
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import recipients
 from .units import format_duration, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/elemta/elemta.toml")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+INT64_MAX = 2**63 - 1
 
 
 class ConfigError(Exception):
@@ -53,7 +54,59 @@ def parse_listen(value: object) -> ListenAddress:
     port = int(m.group(2) or m.group(4))
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range 0-65535")
+    if m.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"[{host}] is not an IPv6 address") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            host = check_hostname(host)
     return ListenAddress(host, port)
+
+
+def check_hostname(name: str) -> str:
+    """`name` as an RFC 1123 host name, or ValueError saying what is wrong with it.
+
+    Letters, digits and hyphens in dot-separated labels of 1-63 octets that neither start nor
+    end with a hyphen, 253 octets in all; one trailing dot (the absolute form) is dropped.
+    Address literals are refused: the name goes into Maildir file names, where ':' is the
+    flags separator, and a mail server greets with its name.
+    """
+    bad = next((c for c in name if not (c.isascii() and (c.isalnum() or c in ".-"))), None)
+    if bad is not None:
+        raise ValueError(f"{name!r} is not a host name: {bad!r} is not allowed "
+                         "(letters, digits, hyphens and dots only)")
+    host = name[:-1] if name.endswith(".") else name
+    if len(host) > 253:
+        raise ValueError(f"{name!r} is not a host name: longer than 253 octets")
+    for label in host.split("."):
+        if not label:
+            raise ValueError(f"{name!r} is not a host name: empty label")
+        if len(label) > 63:
+            raise ValueError(f"{name!r} is not a host name: label {label[:20]!r}... is longer "
+                             "than 63 octets")
+        if label.startswith("-") or label.endswith("-"):
+            raise ValueError(f"{name!r} is not a host name: label {label!r} starts or ends "
+                             "with a hyphen")
+    if host.rsplit(".", 1)[-1].isdigit():  # RFC 1123 2.1: the top label is never numeric
+        raise ValueError(f"{name!r} is an address, not a host name (address literals are not "
+                         "accepted; use the host's name)")
+    return host
+
+
+def is_loopback(addr: ListenAddress) -> bool:
+    """Only this host can connect: 127.0.0.0/8, ::1 (also IPv4-mapped) or "localhost"."""
+    try:
+        ip = ipaddress.ip_address(addr.host)
+    except ValueError:  # a name: only localhost is loopback by definition (RFC 6761)
+        host = addr.host.lower()
+        return host == "localhost" or host.endswith(".localhost")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _spec(
@@ -100,7 +153,10 @@ class ServerConfig:
     listen: tuple[ListenAddress, ...] = _f(
         [ListenAddress("127.0.0.1", 2525)], "listen", "SMTP listen addresses (IPv4 and IPv6)"
     )
-    hostname: str = _f("", "str", "Name in the greeting and Received: (empty: the host's FQDN)")
+    hostname: str = _f(
+        "", "hostname", "Name in the greeting, Received: and Maildir file names (RFC 1123; "
+        "empty: the host's FQDN)"
+    )
     max_connections: int = _f(1000, "int", "Concurrent SMTP sessions", minimum=1, maximum=1_000_000)
     max_message_size: int = _f(52428800, "size", "Largest message (EHLO SIZE)", minimum=1024)
     max_recipients: int = _f(100, "int", "RCPT per message", minimum=1, maximum=100_000)
@@ -132,6 +188,11 @@ class DeliveryConfig:
     domains: tuple[str, ...] = _f(
         ["localhost", "example.test"], "domains", "Domains we accept mail for"
     )
+    recipients: str = _f(
+        "maildir", "recipients", "Who may receive mail: \"maildir\" (mailboxes that exist), "
+        "\"file:PATH\" (one address or @domain per line) or \"any\""
+    )
+    aliases: str = _f("", "str", "Alias file, \"address: mailbox, mailbox\" per line (empty: none)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +201,10 @@ class ApiConfig:
         ListenAddress("127.0.0.1", 8080), "listen1", "Admin HTTP address (/metrics, /health)"
     )
     enable_profiling: bool = _f(False, "bool", "Serve /debug/pprof/heap (tracemalloc)")
+    token_file: str = _f(
+        "", "str", "File holding the bearer token every path but /health then requires "
+        "(required when listen is not loopback)"
+    )
 
 
 @dataclass(frozen=True)
@@ -169,11 +234,6 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     source: str = field(default="<built-in defaults>", compare=False)
 
-    @functools.cached_property
-    def hostname(self) -> str:
-        # Resolved once per Config: getfqdn() asks the resolver, far too slow per connection.
-        return self.server.hostname or socket.getfqdn()
-
 
 SECTIONS: dict[str, type[Any]] = {
     "memory": MemoryConfig,
@@ -194,6 +254,8 @@ def iter_keys() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
 
 def _check_number(value: float, meta: Mapping[str, Any]) -> None:
     lo, hi = meta["min"], meta["max"]
+    if isinstance(value, int) and value > INT64_MAX:  # TOML integers are 64-bit
+        raise ValueError(f"must be at most {INT64_MAX}, got {value}")
     if lo is not None and value < lo:
         raise ValueError(f"must be at least {lo}, got {value}")
     if hi is not None and value > hi:
@@ -236,13 +298,17 @@ def _workers(value: object) -> int | str:
     return value
 
 
-def worker_count(server: ServerConfig) -> int:
-    """[server] workers as a number: "auto" is the CPUs this process may really use."""
-    if server.workers == "auto":
-        from .cpus import usable_cpus
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    if "\x00" in value:  # reaches file names and headers, where NUL cannot be
+        raise ValueError(f"{value!r} holds a NUL character")
+    return value
 
-        return max(1, min(64, int(usable_cpus())))
-    return int(server.workers)
+
+def _hostname(value: object) -> str:
+    name = _text(value)
+    return check_hostname(name) if name else ""
 
 
 def uvloop_available() -> bool:
@@ -258,11 +324,13 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "int": _strict(int, "an integer"),
     "fraction": lambda v: float(_strict((int, float), "a number between 0.0 and 1.0")(v)),
     "bool": _strict(bool, "true or false"),
-    "str": _strict(str, "a string"),
+    "str": _text,
+    "hostname": _hostname,
     "choice": _strict(str, "a string"),
     "listen": _listen_list,
     "listen1": parse_listen,
     "domains": _domain_list,
+    "recipients": recipients.parse_mode,
 }
 
 
@@ -295,14 +363,28 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
     return None
 
 
+def _where(source: str, text: str, section: str, key: str | None = None) -> str:
+    # A key left at its default has no line: point at its section, where it would go.
+    line = (_line_of(text, section, key) or _line_of(text, section, None)) if text else None
+    loc = f"{source}:{line}" if line else source
+    return f"{loc}: [{section}]" + (f" {key}" if key else "")
+
+
+def locate(cfg: Config, section: str, key: str | None = None) -> str:
+    """"FILE:LINE: [section] key" for a problem found after loading (runtime.problems)."""
+    try:
+        text = Path(cfg.source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        text = ""
+    return _where(cfg.source, text, section, key)
+
+
 def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: str = "") -> Config:
     """Config from parsed TOML; raises ConfigError with every problem found."""
     problems: list[str] = []
 
     def where(section: str, key: str | None = None) -> str:
-        line = _line_of(text, section, key) if text else None
-        loc = f"{source}:{line}" if line else source
-        return f"{loc}: [{section}]" + (f" {key}" if key else "")
+        return _where(source, text, section, key)
 
     sections: dict[str, Any] = {}
     for name, raw in data.items():
@@ -348,6 +430,15 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 f"{where('memory', 'per_connection_memory_limit')}: larger than max_memory_usage"
             )
         problems.extend(_tls_problems(cfg.tls, where))
+        d = cfg.delivery
+        problems.extend(f"{where('delivery', key)}: {problem}"
+                        for key, problem in recipients.problems(d.recipients, d.aliases, d.domains))
+        if not is_loopback(cfg.api.listen) and not cfg.api.token_file:
+            problems.append(
+                f"{where('api', 'listen')}: {cfg.api.listen} is not a loopback address: set "
+                "[api] token_file (a file holding a bearer token) so that /metrics and "
+                "/api/stats are not open to the network"
+            )
         if cfg.server.event_loop == "uvloop" and not uvloop_available():
             problems.append(f"{where('server', 'event_loop')}: \"uvloop\" but the uvloop module "
                             "is not installed (apt install python3-uvloop, or use \"auto\")")
@@ -357,16 +448,6 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
     return cfg
 
 
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """The server context for STARTTLS: TLS 1.2 or newer, the system's default ciphers."""
-    if not tls.certificate:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.certificate, tls.key or None)
-    return ctx
-
-
 def _tls_problems(tls: TlsConfig, where: Callable[[str, str | None], str]) -> list[str]:
     if not tls.certificate and not tls.key:
         if tls.required:
@@ -374,15 +455,7 @@ def _tls_problems(tls: TlsConfig, where: Callable[[str, str | None], str]) -> li
         return []
     if not tls.certificate:
         return [f"{where('tls', 'certificate')}: a key is set but no certificate"]
-    for key in ("certificate", "key"):
-        path = getattr(tls, key)
-        if path and not os.access(path, os.R_OK):
-            return [f"{where('tls', key)}: cannot read {path!r}"]
-    try:
-        tls_context(tls)
-    except (ssl.SSLError, OSError) as exc:
-        return [f"{where('tls', 'certificate')}: cannot load certificate/key: {exc}"]
-    return []
+    return []  # whether the files load is runtime.problems' question
 
 
 def _closest(key: str, known: Mapping[str, Any]) -> str | None:
@@ -428,28 +501,54 @@ def warnings(cfg: Config) -> list[str]:
             f"[server] max_connections ({2 * s.max_connections}): the task cap will refuse "
             "connections before max_connections is reached"
         )
+    if cfg.delivery.recipients == "any":
+        out.append(
+            f"{cfg.source}: [delivery] recipients = \"any\": every local part of "
+            f"{', '.join(cfg.delivery.domains)} is accepted and its mailbox created on delivery; "
+            "anyone can create mailboxes without bound"
+        )
+    if not is_loopback(cfg.api.listen):
+        out.append(
+            f"{cfg.source}: [api] listen ({cfg.api.listen}) is not a loopback address: the "
+            "admin endpoint is reachable from the network; every path but /health requires "
+            "the bearer token of [api] token_file"
+        )
     return out
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string: backslash, quote and every control character but tab escaped.
+
+    Escaped as \\uXXXX (TOML 1.0 has no \\e or \\xHH); every other character, non-ASCII
+    included, is written as itself, which TOML allows in UTF-8 documents.
+    """
+    return '"' + "".join(
+        "\\" + c if c in '"\\' else f"\\u{ord(c):04X}" if _is_control(c) else c for c in value
+    ) + '"'
+
+
+def _is_control(c: str) -> bool:
+    return (c < " " and c != "\t") or c == "\x7f"
 
 
 def _toml_value(kind: str, value: Any) -> str:
     if kind == "duration":
-        return f'"{format_duration(value)}"'
-    if kind == "listen":
-        return "[" + ", ".join(f'"{a}"' for a in value) + "]"
+        return toml_string(format_duration(value))
+    if kind in ("listen", "domains"):
+        return "[" + ", ".join(toml_string(str(v)) for v in value) + "]"
     if kind == "listen1":
-        return f'"{value}"'
-    if kind == "domains":
-        return "[" + ", ".join(f'"{d}"' for d in value) + "]"
+        return toml_string(str(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+        return toml_string(value)
+    return repr(value)  # int, or a float in (0, 1]: Python's repr is a TOML number
 
 
 def to_toml(cfg: Config) -> str:
     """The effective configuration as TOML that `load` reads back to an equal Config."""
-    lines = [f"# effective configuration (source: {cfg.source})"]
+    # A comment may hold no control character either: the source is shown as a TOML string.
+    lines = [f"# effective configuration (source: {toml_string(cfg.source)})"]
     for section in SECTIONS:
         obj = getattr(cfg, section)
         lines.append(f"\n[{section}]")

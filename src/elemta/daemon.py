@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ListenAddress, tls_context
+from . import runtime
+from .config import Config, ListenAddress
 from .events import emit
+from .mailboxes import ensure_postmasters
 from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
-from .reload import log_rejected, reload_config
+from .reload import log_rejected, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -98,9 +100,10 @@ class Daemon:
     observe: Observability = field(init=False)
 
     def __post_init__(self) -> None:
-        store = Maildir(Path(self.config.delivery.maildir_root), self.config.hostname)
+        store = Maildir(Path(self.config.delivery.maildir_root),
+                        runtime.hostname(self.config.server))
         self.observe = Observability(self.config, self.started)
-        self.ctx = SmtpContext(self.config, store, tls=tls_context(self.config.tls),
+        self.ctx = SmtpContext(self.config, store, tls=runtime.tls_context(self.config.tls),
                                observer=self.observe.smtp)
         ctx = self.ctx
         if self.worker is not None:
@@ -119,6 +122,8 @@ class Daemon:
         raise_fd_limit()
         if self.worker is None:  # a worker must not remove its siblings' files in progress
             clean_tmp(self.ctx.store)
+        ensure_postmasters(self.ctx.store.root, self.config.delivery.domains)  # before serving
+        log.info("recipients: %s", self.ctx.recipients.map.description)
         self.governor.start()  # first sample (and its log line) before serving
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
         self.observe.start(self.governor, lambda: self.ctx.draining,
@@ -168,6 +173,9 @@ class Daemon:
             new = self.worker.shape(outcome.config) if self.worker else outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
+            reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
+                              self.ctx.store.executor)
+            self.observe.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             changed = ", ".join(outcome.changed) or "nothing changed"
             emit(log, "config_reloaded", f"configuration reloaded from {outcome.path}: {changed}",

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import config
+from . import config, mailboxes, runtime
 from .events import emit
+from .recipients import MapError, Recipients
+
+log = logging.getLogger("elemta.reload")
 
 # Keys bound into objects built at start-up (sockets, the store, the log handler): a change is
 # reported as "needs a restart" and the running value stays in force until then.
@@ -65,6 +70,9 @@ def reload_config(current: config.Config) -> ReloadOutcome:
         new = config.load(path)
     except config.ConfigError as exc:
         return ReloadOutcome(shown, None, tuple(exc.problems))
+    problems = runtime.problems(new)  # a certificate or token file that would not load
+    if problems:
+        return ReloadOutcome(shown, None, tuple(problems))
     changes = diff(current, new)
     restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
     live = tuple(c for c in changes if c not in restart)
@@ -77,3 +85,19 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
          f"configuration reload rejected, old configuration stays in force: "
          f"{'; '.join(outcome.problems)}",
          config_path=outcome.path, result="rejected")
+
+
+def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, root: Path,
+                      executor: Executor) -> None:
+    """SIGHUP: re-read the recipient map and aliases (even when their paths did not change).
+
+    config.load has just parsed both files; a failure here means they changed in between, and
+    the maps in force stay. Postmaster mailboxes of newly added domains are made off the loop.
+    """
+    try:
+        recipients.reload(delivery)
+    except (OSError, MapError, UnicodeDecodeError) as exc:
+        log.error("recipient map not re-read, the previous one stays: %s", exc)
+    else:
+        log.info("recipient map re-read: %s", recipients.map.description)
+    executor.submit(mailboxes.ensure_postmasters, root, delivery.domains)

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, worker_count
+from .config import Config
 from .cpus import worker_cpu
+from .runtime import hostname, worker_count
 from .sessionboard import SessionBoard
 
 log = logging.getLogger("elemta.supervisor")
@@ -163,7 +164,7 @@ class Supervisor:
         from .store.maildir import Maildir
 
         loop = asyncio.get_running_loop()
-        clean_tmp(Maildir(Path(self.config.delivery.maildir_root), self.config.hostname))
+        clean_tmp(Maildir(Path(self.config.delivery.maildir_root), hostname(self.config.server)))
         self.governor.start()
         self.observe.start(self.governor, lambda: self.stopping, sock=self.api_sock)
         log.info("supervisor (pid %d) starting %d workers", os.getpid(), self.n)
@@ -354,6 +355,7 @@ class Supervisor:
         else:
             self.config = outcome.config
             self.governor.reconfigure(outcome.config)
+            self.observe.reconfigure(outcome.config)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             log.info("configuration valid: forwarding SIGHUP to %d workers", self.n)
             for slot in self.slots:

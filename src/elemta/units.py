@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 _SIZE_UNITS = {
     "": 1,
@@ -73,9 +74,11 @@ def format_size(n: int) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """Inverse of parse_duration for printing effective config."""
-    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
-        return f"{int(seconds * 1000)}ms"
+    """Inverse of parse_duration for printing effective config: parses back to `seconds` exactly."""
     if seconds == int(seconds):
         return f"{int(seconds)}s"
-    return f"{int(seconds * 1000)}ms"
+    ms = round(seconds * 1000)
+    if parse_duration(f"{ms}ms") == seconds:
+        return f"{ms}ms"
+    # Plain decimal digits (the parser takes no exponent), as many as the float needs.
+    return f"{Decimal(repr(seconds)):f}s"

@@ -89,6 +89,24 @@ else
     fail mail "swaks failed: $(grep -E '^ *<~?\*? *[0-9]{3} ' "$IO/swaks.log" | tail -1)"
 fi
 
+# ---- recipients: unknown users refused at RCPT; `elemta mailbox add` (as root) makes one for elemta
+unknown="nobody-$$@localhost"
+if swaks --server 127.0.0.1:25 --from sender@example.test --to "$unknown" --quit-after RCPT \
+        >"$IO/swaks-unknown.log" 2>&1; then
+    fail recipients "RCPT TO:<$unknown> accepted (default [delivery] recipients = \"maildir\")"
+elif ! grep -q "550 5.1.1" "$IO/swaks-unknown.log" || [ -e "/var/lib/elemta/mail/localhost/nobody-$$" ]; then
+    fail recipients "unknown user: $(grep -E '^ *<~?\*? *[0-9]{3} ' "$IO/swaks-unknown.log" | tail -1)"
+elif ! elemta mailbox add "alice-$$@localhost" >"$IO/mailbox-add.log" 2>&1; then
+    fail recipients "elemta mailbox add: $(cat "$IO/mailbox-add.log")"
+elif [ "$(stat -c %U:%a "/var/lib/elemta/mail/localhost/alice-$$/new")" != elemta:700 ]; then
+    fail recipients "new mailbox is $(stat -c %U:%a "/var/lib/elemta/mail/localhost/alice-$$/new"), not elemta:700"
+elif swaks --server 127.0.0.1:25 --from sender@example.test --to "alice-$$@localhost" \
+        >"$IO/swaks-alice.log" 2>&1 && [ -n "$(ls "/var/lib/elemta/mail/localhost/alice-$$/new/")" ]; then
+    pass recipients "unknown user -> 550 5.1.1, no directory; elemta mailbox add -> elemta:700, mail stored"
+else
+    fail recipients "mail to the added mailbox: $(grep -E '^ *<~?\*? *[0-9]{3} ' "$IO/swaks-alice.log" | tail -1)"
+fi
+
 # ---- journal
 journalctl -u elemta -o json --no-pager >"$IO/journal-install.json" 2>/dev/null
 python3 - "$IO/journal-install.json" >"$IO/journal-check.txt" <<'PY'

@@ -167,6 +167,7 @@ def test_packaged_conffile_has_every_key_and_only_the_package_values_differ(tmp_
     path.write_text(text)
     cfg = config.load(path)
     assert cfg.delivery.maildir_root == "/var/lib/elemta/mail"
+    assert cfg.delivery.recipients == "maildir"  # unknown local users refused, as Postfix does
     assert [str(a) for a in cfg.server.listen] == ["127.0.0.1:25"]
     assert cfg.memory == config.MemoryConfig()
 

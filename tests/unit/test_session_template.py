@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from elemta.config import build
+from elemta.runtime import hostname
 from elemta.smtp.server import ElemtaSMTP, SmtpContext
 from elemta.store.maildir import Maildir
 
 
 def context(tmp: Path, **server: Any) -> SmtpContext:
     cfg = build({"server": server, "delivery": {"maildir_root": str(tmp)}})
-    return SmtpContext(cfg, Maildir(tmp, cfg.hostname))
+    return SmtpContext(cfg, Maildir(tmp, hostname(cfg.server)))
 
 
 def same_state(a: Any, b: Any, a_owner: object, b_owner: object, where: str) -> None:

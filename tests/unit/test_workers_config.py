@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from elemta import config
+from elemta import config, runtime
 from elemta.cpus import usable_cpus
 from elemta.supervisor import MAX_BACKOFF, backoff, share
 
@@ -19,13 +19,13 @@ def build(server: str) -> config.Config:
 
 @pytest.mark.parametrize(("value", "count"), [("1", 1), ("2", 2), ("64", 64)])
 def test_workers_numbers(value: str, count: int) -> None:
-    assert config.worker_count(build(f"workers = {value}").server) == count
+    assert runtime.worker_count(build(f"workers = {value}").server) == count
 
 
 def test_workers_auto_is_the_usable_cpus() -> None:
     cfg = build('workers = "auto"')
     assert cfg.server.workers == "auto"
-    assert config.worker_count(cfg.server) == min(64, usable_cpus())
+    assert runtime.worker_count(cfg.server) == min(64, usable_cpus())
 
 
 @pytest.mark.parametrize("bad", ["0", "65", '"two"', "true", "1.5", '"AUTO"'])

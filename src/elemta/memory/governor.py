@@ -193,12 +193,17 @@ Subscriber = Callable[[GovernorEvent], None]
 
 
 def count_tasks() -> int:
-    """asyncio tasks of the running loop plus threads: what max_goroutines caps."""
+    """asyncio tasks of the running loop plus threads: what max_goroutines caps.
+
+    Threads named elemta-admin* serve the admin HTTP endpoint, which bounds them itself
+    (observe/http.py): a client of that endpoint must not spend the SMTP budget.
+    """
     try:
         tasks = len(asyncio.all_tasks())
     except RuntimeError:
         tasks = 0
-    return tasks + threading.active_count()
+    threads = sum(1 for t in threading.enumerate() if not t.name.startswith("elemta-admin"))
+    return tasks + threads
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -5,10 +5,18 @@ loop: a hung loop must still get an answer, and that answer is 503 (the heartbea
 Handlers only read: the Snapshot is immutable, SMTP counters are copied under a lock.
 Unknown paths get 404, other methods 405; a failing handler gets 500 with one line, never
 a traceback.
+
+At most MAX_CONNECTIONS connections are served at once, one thread each; the accept thread
+answers any further one with a one-line 503 and closes it, so idle clients cannot multiply
+threads. Every thread here is named elemta-admin*: governor.count_tasks leaves them out of
+the SMTP task budget (max_goroutines). With a token ([api] token_file), every path but
+/health requires `Authorization: Bearer <token>`, else 401.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import json
 import logging
 import socket
@@ -22,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .. import __version__
-from ..config import ListenAddress
+from ..config import ListenAddress, is_loopback
 from . import report
 from .heap import DEFAULT_TOP, HeapProfiler
 
@@ -31,6 +39,14 @@ log = logging.getLogger("elemta.http")
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+# Connections served at once (a scraper, `elemta stats`, a health check or two, with room).
+MAX_CONNECTIONS = 16
+THREAD_PREFIX = "elemta-admin"  # governor.count_tasks knows this prefix
+OPEN_PATHS = frozenset({"/health"})  # answered without the token: load balancers, systemd
+BUSY = b"admin endpoint busy: too many connections, try again\n"
+REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+           % (len(BUSY), BUSY))
 
 
 class AdminApp:
@@ -45,6 +61,8 @@ class AdminApp:
         self.inputs = inputs
         self.registry = registry
         self.profiler = profiler
+        # Required from every client on every path but OPEN_PATHS; replaced on reload.
+        self.token: bytes | None = None
         self.routes: dict[str, Callable[[dict[str, list[str]], str], tuple[int, str, bytes]]] = {
             "/metrics": self._metrics,
             "/health": self._health,
@@ -101,8 +119,24 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
+    def _authorized(self, path: str, head: bool = False) -> bool:
+        """True when the request may go on; else a 401 has been sent."""
+        token = self.server.app.token
+        if token is None or path in OPEN_PATHS:
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # compare_digest: the time taken tells nothing about how much of a guess was right.
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token):
+            return True
+        self._send(401, TEXT, b"unauthorized: send Authorization: Bearer <token of [api] "
+                   b"token_file>\n", head=head,
+                   extra={"WWW-Authenticate": 'Bearer realm="elemta"'})
+        return False
+
     def _get(self, head: bool) -> None:
         url = urlsplit(self.path)
+        if not self._authorized(url.path, head):
+            return
         route = self.server.app.routes.get(url.path)
         if route is None:
             self._send(404, TEXT, f"not found: {url.path}\n".encode(), head=head)
@@ -123,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         path = urlsplit(self.path).path
+        if not self._authorized(path):
+            return
         if path not in self.server.app.routes:
             self._send(404, TEXT, f"not found: {path}\n".encode())
             return
@@ -138,10 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: connections wait there, not in threads
 
     def __init__(self, addr: ListenAddress, app: AdminApp, sock: socket.socket | None = None) -> None:
         self.address_family = sock.family if sock else socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         self.app = app
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__((addr.host, addr.port), _Handler, bind_and_activate=sock is None)
         if sock is not None:
             # systemd's listening socket (FileDescriptorName=api): already bound and listening.
@@ -150,6 +188,40 @@ class _Server(ThreadingHTTPServer):
             self.socket = sock
             self.server_address = sock.getsockname()
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection while a slot is free; beyond that, 503 from here."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        thread = threading.Thread(target=self._serve, args=(request, client_address),
+                                  name=f"{THREAD_PREFIX}-conn", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)  # closes the request
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        # On the accept thread: nothing may block. Whatever the client already sent is read
+        # first, so closing does not turn into a reset that could discard the 503.
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(OSError):
+                request.recv(65536)
+            request.send(REFUSED)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            request.close()
+
 
 class AdminServer:
     """Bind on construction (so a busy port fails start-up), serve in a thread."""
@@ -157,12 +229,22 @@ class AdminServer:
     def __init__(self, addr: ListenAddress, app: AdminApp, sock: socket.socket | None = None) -> None:
         self._server = _Server(addr, app, sock)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="elemta-admin-http", daemon=True)
+                                        name=f"{THREAD_PREFIX}-http", daemon=True)
 
     @property
     def address(self) -> str:
         host, port = self._server.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def loopback(self) -> bool:
+        """Only this host can reach the socket (its real address: systemd may have bound it)."""
+        host, port = self._server.socket.getsockname()[:2]
+        return is_loopback(ListenAddress(host, port))
+
+    @property
+    def app(self) -> AdminApp:
+        return self._server.app
 
     def fileno(self) -> int:
         return self._server.socket.fileno()

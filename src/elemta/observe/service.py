@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from .. import runtime
 from ..config import Config
 from ..memory.snapshot import Snapshot
 from . import report
@@ -75,11 +76,33 @@ class Observability:
         install_test_block(loop)
         if not serve_http:
             return
-        self.server = AdminServer(self.config.api.listen, AdminApp(self.inputs, self.registry,
-                                                                    self.profiler), sock)
+        token = runtime.api_token(self.config.api.token_file)
+        server = AdminServer(self.config.api.listen, AdminApp(self.inputs, self.registry,
+                                                               self.profiler), sock)
+        if token is None and not server.loopback:  # e.g. a socket systemd bound elsewhere
+            server.stop()
+            raise runtime.SetupError("api", "token_file", f"the admin socket {server.address} "
+                                     "is not a loopback address: set [api] token_file")
+        server.app.token = token
+        self.server = server
         self.server.start()
         log.info("admin HTTP listening on %s (/metrics, /health, /api/stats%s)",
                  self.server.address, ", /debug/pprof/heap" if self.profiler else "")
+
+    def reconfigure(self, config: Config) -> None:
+        """After a reload: [api] token_file is read again (rotate a token with SIGHUP)."""
+        self.config = config
+        if self.server is None:
+            return
+        try:
+            token = runtime.api_token(config.api.token_file)
+            if token is None and not self.server.loopback:
+                raise runtime.SetupError("api", "token_file", f"the admin socket "
+                                         f"{self.server.address} is not a loopback address")
+        except runtime.SetupError as exc:
+            log.error("%s: %s; the admin endpoint keeps its previous token", exc, config.source)
+            return
+        self.server.app.token = token
 
     async def stop(self) -> None:
         if self.server is not None:

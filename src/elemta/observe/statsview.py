@@ -21,10 +21,13 @@ def default_url(listen: ListenAddress) -> str:
     return f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
 
 
-def fetch(base: str) -> dict[str, Any]:
+def fetch(base: str, token: bytes | None = None) -> dict[str, Any]:
+    """GET /api/stats, with `Authorization: Bearer` when a token is given ([api] token_file)."""
     url = base.rstrip("/") + "/api/stats"
+    headers = {"Authorization": "Bearer " + token.decode("ascii")} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=TIMEOUT) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
         raise StatsError(f"{url}: HTTP {exc.code} {exc.reason}") from None

@@ -23,11 +23,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .. import __version__
 from ..config import Config
 from ..events import emit
+from ..recipients import Recipients, Refusal
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
 from .dataparse import DataDecoder, DataState, to_lf
-from .policy import classify_recipient
+from .policy import classify_recipient, refusal_reply
 from .template import SessionTemplate
 
 log = logging.getLogger("elemta.smtp")
@@ -130,9 +131,13 @@ class SmtpContext:
     handler: Handler = field(init=False)
     # aiosmtpd's per-session constructor state, built by the first session of a configuration.
     template: SessionTemplate | None = field(default=None, init=False)
+    # Who may receive mail ([delivery] recipients, aliases); SIGHUP re-reads its maps.
+    recipients: Recipients = field(init=False)
 
     def __post_init__(self) -> None:
         self.handler = Handler(self)  # stateless: one for all sessions, not one each
+        self.recipients = Recipients.build(self.config.delivery, self.store.root,
+                                           self.store.executor)
 
     @property
     def session_bytes(self) -> int:
@@ -194,9 +199,14 @@ class Handler:
         box = classify_recipient(address, self.ctx.config.delivery.domains)
         if isinstance(box, str):
             return box
+        targets = await self.ctx.recipients.resolve(box)
+        if isinstance(targets, Refusal):
+            return refusal_reply(targets, box)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        envelope.mailboxes.append(box)
+        for target in targets:  # an alias and its target named both: one copy
+            if target not in envelope.mailboxes:
+                envelope.mailboxes.append(target)
         return "250 2.1.5 Recipient ok"
 
 
@@ -229,7 +239,7 @@ class ElemtaSMTP(SMTP):
         super().__init__(
             ctx.handler,
             data_size_limit=cfg.max_message_size,
-            hostname=ctx.config.hostname,
+            hostname=ctx.store.hostname,  # resolved once, at start (runtime.hostname)
             ident="ESMTP elemta",
             timeout=cfg.command_timeout,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],

@@ -48,6 +48,11 @@ class Mailbox:
         return f"{self.localpart}@{self.domain}"
 
 
+def mailbox_path(root: Path, box: Mailbox) -> Path:
+    """Where a mailbox lives: <root>/<domain>/<localpart>/ (holding tmp/, new/, cur/)."""
+    return root / box.domain / box.localpart
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -128,7 +133,7 @@ class Maildir:
     )
 
     def mailbox_dir(self, box: Mailbox) -> Path:
-        return self.root / box.domain / box.localpart
+        return mailbox_path(self.root, box)
 
     def ensure(self, box: Mailbox) -> Path:
         """Create <root>/<domain>/<localpart>/{tmp,new,cur}, durably, once per process.

@@ -1,0 +1,321 @@
+"""Which local addresses may receive mail: [delivery] recipients, aliases, postmaster.
+
+The decision is a pure function (`decide`) of the parsed maps and the mailbox. The one question
+it cannot answer itself, whether a Maildir exists ("maildir" mode), is a stat that runs in the
+store's executor, never on the event loop; its answer is remembered briefly (`MailboxCache`),
+so the usual RCPT to a known user costs a dict lookup.
+
+Maps are small text files read whole at start and on every reload (SIGHUP): one address or
+`@domain` per line for `recipients = "file:PATH"`, `address: mailbox, mailbox` for aliases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .store.maildir import Mailbox, mailbox_path
+
+# RFC 5322 atext plus dots between atoms; anything else (quotes, slashes, NUL, non-ASCII)
+# could not name a Maildir safely, so it is refused rather than mangled.
+LOCALPART = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*")
+_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+POSTMASTER = "postmaster"
+
+if TYPE_CHECKING:
+    from .config import DeliveryConfig
+MODES = ("maildir", "any", "file:PATH")
+
+
+class Refusal(enum.Enum):
+    """Why a recipient is not accepted; smtp/policy.py turns each into its reply."""
+
+    BAD_SYNTAX = "bad syntax"
+    FOREIGN_DOMAIN = "not one of our domains"
+    UNKNOWN_USER = "user unknown"
+
+
+class Lookup(enum.Enum):
+    """`decide` cannot answer alone: the mailbox is accepted if its Maildir exists."""
+
+    MAILDIR = "ask the maildir"
+
+
+def parse_mailbox(address: str, domains: Collection[str]) -> Mailbox | Refusal:
+    """The mailbox an RCPT address names (lower-cased), before asking whether it exists."""
+    if address.lower() == POSTMASTER and domains:
+        # RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain must be accepted.
+        return Mailbox(next(iter(domains)), POSTMASTER)
+    localpart, at, domain = address.rpartition("@")
+    if not at or not localpart or not domain:
+        return Refusal.BAD_SYNTAX
+    domain = domain.lower().rstrip(".")
+    if domain not in domains:
+        return Refusal.FOREIGN_DOMAIN
+    localpart = localpart.lower()
+    if len(localpart) > 64 or not LOCALPART.fullmatch(localpart):
+        return Refusal.BAD_SYNTAX
+    return Mailbox(domain, localpart)
+
+
+# -- the maps --------------------------------------------------------------------------------
+
+
+class MapError(Exception):
+    """A map file that does not parse; `problems` holds "path:line: problem" lines."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class RecipientTable:
+    """recipients = "file:PATH": listed addresses, and domains with a catch-all `@domain` line."""
+
+    addresses: frozenset[Mailbox] = frozenset()
+    catchall: frozenset[str] = frozenset()
+
+
+Aliases = Mapping[Mailbox, tuple[Mailbox, ...]]
+
+
+@dataclass(frozen=True)
+class RecipientMap:
+    mode: str  # "maildir", "any" or "file"
+    table: RecipientTable = field(default_factory=RecipientTable)
+    aliases: Aliases = field(default_factory=dict)
+    description: str = ""  # for the start and reload log lines
+
+
+def parse_mode(value: object) -> str:
+    """[delivery] recipients: "maildir", "any" or "file:PATH" (checked, not read, here)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    if value in ("maildir", "any") or (value.startswith("file:") and value[5:].strip()):
+        return value
+    raise ValueError(f"must be \"maildir\", \"any\" or \"file:PATH\", got {value!r}")
+
+
+def table_path(mode: str) -> str | None:
+    return mode[5:].strip() if mode.startswith("file:") else None
+
+
+def _entries(text: str, path: str) -> list[tuple[str, str]]:
+    """("path:line", content) for each line that is neither blank nor a comment."""
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        content = line.split("#", 1)[0].strip()
+        if content:
+            out.append((f"{path}:{no}", content))
+    return out
+
+
+def _address(entry: str, domains: Collection[str]) -> Mailbox | str:
+    """A full address of one of our domains, or the problem with it."""
+    localpart, at, domain = entry.lower().rpartition("@")
+    if not at or not localpart or len(localpart) > 64 or not LOCALPART.fullmatch(localpart) \
+            or not _DOMAIN.fullmatch(domain):
+        return f"{entry!r} is not an address (local@domain)"
+    if domain not in domains:
+        return f"{domain} is not in [delivery] domains"
+    return Mailbox(domain, localpart)
+
+
+def parse_table(text: str, path: str, domains: Collection[str]) -> RecipientTable:
+    addresses: set[Mailbox] = set()
+    catchall: set[str] = set()
+    problems = []
+    for where, entry in _entries(text, path):
+        if entry.startswith("@"):
+            domain = entry[1:].lower().rstrip(".")
+            if domain not in domains:
+                problems.append(f"{where}: {entry!r}: {domain} is not in [delivery] domains")
+            else:
+                catchall.add(domain)
+            continue
+        box = _address(entry, domains)
+        if isinstance(box, str):
+            problems.append(f"{where}: {box}")
+        else:
+            addresses.add(box)
+    if problems:
+        raise MapError(problems)
+    return RecipientTable(frozenset(addresses), frozenset(catchall))
+
+
+def parse_aliases(text: str, path: str, domains: Collection[str]) -> dict[Mailbox, tuple[Mailbox, ...]]:
+    """`alias@domain: mailbox@domain, mailbox@domain` per line.
+
+    One level: a target is a mailbox and is never looked up again, so a target that is itself
+    another alias would be silently not followed; it is refused instead. An alias may name
+    itself among its targets (its own mailbox plus copies).
+    """
+    aliases: dict[Mailbox, tuple[Mailbox, ...]] = {}
+    lines: dict[Mailbox, str] = {}
+    problems = []
+    for where, entry in _entries(text, path):
+        key_text, colon, rest = entry.partition(":")
+        key = _address(key_text.strip(), domains)
+        if not colon:
+            problems.append(f"{where}: expected \"address: mailbox, mailbox\"")
+            continue
+        if isinstance(key, str):
+            problems.append(f"{where}: {key}")
+            continue
+        if key in aliases:
+            problems.append(f"{where}: {key} is already an alias (at {lines[key]})")
+            continue
+        targets: list[Mailbox] = []
+        for item in (t.strip() for t in rest.split(",")):
+            box = _address(item, domains) if item else "an empty target"
+            if isinstance(box, str):
+                problems.append(f"{where}: {box}")
+            elif box not in targets:
+                targets.append(box)
+        if not targets:
+            problems.append(f"{where}: {key} has no target")
+            continue
+        aliases[key], lines[key] = tuple(targets), where
+    for key, expanded in aliases.items():
+        for target in expanded:
+            if target != key and target in aliases:
+                problems.append(f"{lines[key]}: target {target} is itself an alias (at "
+                                f"{lines[target]}); aliases expand one level: name its mailboxes")
+    if problems:
+        raise MapError(problems)
+    return aliases
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_map(mode: str, aliases_path: str, domains: Collection[str]) -> RecipientMap:
+    """The maps as the config names them. Raises OSError (with its filename) or MapError."""
+    table = RecipientTable()
+    path = table_path(mode)
+    what = mode
+    if path is not None:
+        table = parse_table(_read(path), path, domains)
+        what = (f"file {path} ({len(table.addresses)} address(es), "
+                f"{len(table.catchall)} catch-all domain(s))")
+    elif mode == "maildir":
+        what = "maildir (existing mailboxes only)"
+    aliases = parse_aliases(_read(aliases_path), aliases_path, domains) if aliases_path else {}
+    shown = f"{len(aliases)} alias(es) from {aliases_path}" if aliases_path else "no aliases"
+    return RecipientMap("file" if path is not None else mode, table, aliases, f"{what}; {shown}")
+
+
+def problems(mode: str, aliases_path: str, domains: Collection[str]) -> list[tuple[str, str]]:
+    """("key", problem) for each map file that cannot be read or parsed: config errors."""
+    out: list[tuple[str, str]] = []
+    for key, path, parse in (("recipients", table_path(mode), parse_table),
+                             ("aliases", aliases_path or None, parse_aliases)):
+        if path is None:
+            continue
+        try:
+            parse(_read(path), path, domains)
+        except OSError as exc:
+            out.append((key, f"cannot read {path!r}: {exc.strerror or exc}"))
+        except UnicodeDecodeError:
+            out.append((key, f"{path}: not valid UTF-8"))
+        except MapError as exc:
+            out.extend((key, p) for p in exc.problems)
+    return out
+
+
+def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | Refusal | Lookup:
+    """The mailboxes a recipient delivers into, its refusal, or "ask whether the Maildir exists"."""
+    targets = rmap.aliases.get(box)
+    if targets is not None:
+        return targets
+    if box.localpart == POSTMASTER or rmap.mode == "any":
+        return (box,)
+    if rmap.mode == "file":
+        if box in rmap.table.addresses or box.domain in rmap.table.catchall:
+            return (box,)
+        return Refusal.UNKNOWN_USER
+    return Lookup.MAILDIR
+
+
+# -- the maildir question, off the loop -----------------------------------------------------
+
+# A found mailbox is remembered longer than a missing one: a removed mailbox is rare, and a
+# user just added with `elemta mailbox add` should not wait long after an earlier refusal.
+FOUND_TTL = 30.0
+MISSING_TTL = 2.0
+CACHE_LIMIT = 4096  # entries; a flood of random names evicts the oldest, never grows it
+
+
+def mailbox_exists(root: Path, box: Mailbox) -> bool:
+    """Blocking (one stat): run it in an executor."""
+    return os.path.isdir(mailbox_path(root, box))
+
+
+class MailboxCache:
+    """Whether a Maildir exists, asked in `executor` and remembered for a few seconds."""
+
+    def __init__(self, root: Path, executor: Executor,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self.executor = executor
+        self.clock = clock
+        self._seen: dict[Mailbox, tuple[bool, float]] = {}  # box -> (exists, valid until)
+        self.lookups = 0  # stats made (tests read it)
+
+    def cached(self, box: Mailbox) -> bool | None:
+        hit = self._seen.get(box)
+        if hit is None or hit[1] < self.clock():
+            return None
+        return hit[0]
+
+    def forget(self) -> None:
+        self._seen.clear()
+
+    async def exists(self, box: Mailbox) -> bool:
+        known = self.cached(box)
+        if known is not None:
+            return known
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self.executor, mailbox_exists, self.root, box)
+        self.lookups += 1
+        self._seen.pop(box, None)
+        if len(self._seen) >= CACHE_LIMIT:
+            del self._seen[next(iter(self._seen))]
+        self._seen[box] = (found, self.clock() + (FOUND_TTL if found else MISSING_TTL))
+        return found
+
+
+class Recipients:
+    """What the SMTP layer asks at RCPT: the current maps plus the Maildir cache."""
+
+    def __init__(self, rmap: RecipientMap, cache: MailboxCache) -> None:
+        self.map = rmap
+        self.cache = cache
+
+    @classmethod
+    def build(cls, delivery: DeliveryConfig, root: Path, executor: Executor) -> Recipients:
+        """Reads the map files: at start (config.load has just checked them) and nowhere else."""
+        return cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
+                   MailboxCache(root, executor))
+
+    def reload(self, delivery: DeliveryConfig) -> None:
+        """Re-read the map files (SIGHUP); on OSError/MapError the current maps stay."""
+        self.map = load_map(delivery.recipients, delivery.aliases, delivery.domains)
+        self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
+
+    async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | Refusal:
+        verdict = decide(self.map, box)
+        if verdict is not Lookup.MAILDIR:
+            return verdict
+        return (box,) if await self.cache.exists(box) else Refusal.UNKNOWN_USER
