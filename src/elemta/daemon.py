@@ -62,7 +62,8 @@ def raise_fd_limit() -> None:
 def clean_tmp(store: Maildir) -> None:
     removed = store.clean_tmp()
     if removed:
-        log.warning("removed %d partial message file(s) left in tmp/ by an earlier crash", removed)
+        log.warning("removed %d stale file(s) from tmp/ (left by an earlier elemta process, "
+                    "or untouched for 36 hours)", removed)
 
 
 def _describe(sock: socket.socket) -> str:

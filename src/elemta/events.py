@@ -100,7 +100,8 @@ EVENTS: dict[str, Event] = {
         Event(
             "message_accepted", "fdb523c707984adda0b95fcd5a8c5e4c", INFO,
             "Message accepted", ("queue_id", "sender", "recipients", "size"),
-            "A message was stored durably in every recipient's Maildir and answered 250.",
+            "A message was stored durably in every recipient's Maildir and answered 250\n"
+            "(unless the message says the connection closed before the reply).",
         ),
         Event(
             "config_reloaded", "0946329d9eae45a1b3e87632f4764ab5", NOTICE,

@@ -310,7 +310,7 @@ def test_kill_during_data_leaves_nothing_and_restart_cleans_tmp(tmp_path: Path) 
         assert d.delivered("crash@example.test") == []
         assert len(_mail_files(d.maildir, "tmp")) == 1
     with running(tmp_path) as d2:
-        assert "removed 1 partial message file(s)" in d2.log
+        assert "removed 1 stale file(s) from tmp/" in d2.log
         assert _mail_files(d2.maildir, "tmp") == []
         assert d2.send("crash@example.test", MSG) == {}
 

@@ -106,7 +106,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
             for t in threads:
                 t.join(60)
         log = d.log
-        removed = sum(int(n) for n in re.findall(r"removed (\d+) partial message file", log))
+        removed = sum(int(n) for n in re.findall(r"removed (\d+) stale file", log))
         found = stored_messages(d.maildir)
 
     lost, damaged = [], []

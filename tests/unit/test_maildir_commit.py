@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,12 +46,26 @@ def test_a_failed_fsync_is_retried_by_the_next_commit(tmp_path: Path) -> None:
     assert sync._dirs[missing].synced == 2
 
 
+def deliver(store: Maildir, boxes: list[Mailbox], header: bytes, qid: str,
+            body: bytes = b"", before_commit: Callable[[], object] = lambda: None) -> None:
+    """One message through the session's path: open, write, commit (on the store's threads)."""
+
+    async def run() -> None:
+        spool = await store.open(boxes, header, qid)
+        try:
+            await spool.write(body)
+            before_commit()
+            await spool.commit()
+        finally:
+            spool.discard()
+
+    asyncio.run(run())
+
+
 def test_commit_moves_the_file_into_every_new_dir(tmp_path: Path) -> None:
     store = Maildir(tmp_path, "mx.test")
     boxes = [Mailbox("a.test", "x"), Mailbox("a.test", "y"), Mailbox("b.test", "x")]
-    spool = store.open(boxes, b"Header: 1\n", "ABC")
-    spool.write(b"\nbody\n")
-    spool.commit()
+    deliver(store, boxes, b"Header: 1\n", "ABC", b"\nbody\n")
     for box in boxes:
         base = store.mailbox_dir(box)
         files = list((base / "new").iterdir())
@@ -62,10 +78,10 @@ def test_commit_moves_the_file_into_every_new_dir(tmp_path: Path) -> None:
 def test_failed_commit_leaves_nothing_behind(tmp_path: Path) -> None:
     store = Maildir(tmp_path, "mx.test")
     boxes = [Mailbox("a.test", "x"), Mailbox("a.test", "y")]
-    spool = store.open(boxes, b"H: 1\n", "DEF")
-    (store.mailbox_dir(boxes[1]) / "new").rmdir()  # the second mailbox's new/ vanished
+    # The second mailbox's new/ vanishes before the commit.
     with pytest.raises(OSError):
-        spool.commit()
+        deliver(store, boxes, b"H: 1\n", "DEF",
+                before_commit=(store.mailbox_dir(boxes[1]) / "new").rmdir)
     for box in boxes:
         for sub in ("tmp", "new"):
             d = store.mailbox_dir(box) / sub
@@ -77,11 +93,9 @@ def test_per_mailbox_memos_stay_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(maildir, "MEMO_LIMIT", 3)
     store = Maildir(tmp_path, "mx.test")
     for i in range(6):
-        spool = store.open([Mailbox("a.test", f"u{i}")], b"H: 1\n", f"Q{i}")
-        spool.commit()
+        deliver(store, [Mailbox("a.test", f"u{i}")], b"H: 1\n", f"Q{i}")
     assert len(store._ready) <= 3 and len(store.dirsync._dirs) <= 3
     # A forgotten mailbox is simply checked and synced again.
-    spool = store.open([Mailbox("a.test", "u0")], b"H: 2\n", "QX")
-    spool.commit()
+    deliver(store, [Mailbox("a.test", "u0")], b"H: 2\n", "QX")
     assert len(list((store.mailbox_dir(Mailbox("a.test", "u0")) / "new").iterdir())) == 2
     store.executor.shutdown()

@@ -407,7 +407,8 @@ class ElemtaSMTP(SMTP):
             return
         qid = new_queue_id()
         try:
-            spool = self.ctx.store.open(envelope.mailboxes, self._trace_headers(envelope, qid), qid)
+            spool = await self.ctx.store.open(
+                envelope.mailboxes, self._trace_headers(envelope, qid), qid)
         except OSError as exc:
             log.warning("cannot prepare the mailboxes: %s", exc.strerror or exc)
             await self.push(REPLY_STORAGE)
@@ -415,22 +416,22 @@ class ElemtaSMTP(SMTP):
         self.in_data = True
         self._spool = spool
         try:
-            status = await self._receive(spool)
+            status = await self._receive(spool, envelope)
         finally:
             self.in_data = False
             self._decoder = None
             self._spool = None
+        await spool.discarded()  # a refused message's file is gone before the reply says so
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
         if self.ctx.draining:
             self.shutdown_now()
 
-    async def _receive(self, spool: Spool) -> str:
+    async def _receive(self, spool: Spool, envelope: ElemtaEnvelope) -> str:
         decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
         timeout = self.ctx.config.server.data_timeout
         write_failed: OSError | None = None
         over_budget: Refusal | None = None
-        committed = False
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._reset_timeout(timeout)
@@ -447,8 +448,9 @@ class ElemtaSMTP(SMTP):
                 if out and write_failed is None and over_budget is None:
                     try:
                         # Maildir files use the local newline convention, as Postfix and
-                        # Dovecot's LDA write them.
-                        spool.write(to_lf(out))
+                        # Dovecot's LDA write them. A full buffer is written out on a commit
+                        # thread, and the client is not read meanwhile.
+                        await spool.write(to_lf(out))
                     except OSError as exc:
                         write_failed = exc
                 if over_budget is None:
@@ -471,15 +473,21 @@ class ElemtaSMTP(SMTP):
                 log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
                 return REPLY_STORAGE
             try:
-                await asyncio.get_running_loop().run_in_executor(self.ctx.store.executor, spool.commit)
+                await spool.commit()
+            except asyncio.CancelledError:
+                # The connection closed after the dot (aiosmtpd cancels the session): the commit runs
+                # on, and is logged when it ends, as if the 250 had been lost on the way.
+                assert spool.stored is not None
+                spool.stored.add_done_callback(lambda stored: self._log_commit(
+                    spool, envelope, None if stored.cancelled() else stored.exception(),
+                    replied=False))
+                raise
             except OSError as exc:
-                log.warning("queue %s: cannot store: %s", spool.queue_id, exc.strerror or exc)
+                self._log_commit(spool, envelope, exc)
                 return REPLY_STORAGE
-            committed = True
         finally:
-            if not committed:
-                spool.abort()
-        self._log_accepted(spool)
+            spool.discard()  # nothing left to do once committed (or committing)
+        self._log_commit(spool, envelope, None)
         return f"250 2.0.0 Ok: queued as {spool.queue_id}"
 
     # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which
@@ -492,13 +500,19 @@ class ElemtaSMTP(SMTP):
         assert self.session is not None
         return self.session
 
-    def _log_accepted(self, spool: Spool) -> None:
-        envelope = self._envelope()
+    def _log_commit(self, spool: Spool, envelope: ElemtaEnvelope, error: BaseException | None,
+                    replied: bool = True) -> None:
+        """Log how a commit ended (`error` None: stored), whether or not the client heard."""
+        gone = "" if replied else " (the connection closed before the reply)"
+        if error is not None:
+            reason = getattr(error, "strerror", None) or error
+            log.warning("queue %s: cannot store: %s%s", spool.queue_id, reason, gone)
+            return
         rcpts = len(envelope.mailboxes)
         self.ctx.observer.message_accepted(spool.size, rcpts)
         sender = envelope.mail_from if envelope.mail_from != "<>" else ""
         emit(log, "message_accepted",
-             f"queued {spool.queue_id} from=<{sender}> rcpts={rcpts} size={spool.size}",
+             f"queued {spool.queue_id} from=<{sender}> rcpts={rcpts} size={spool.size}{gone}",
              queue_id=spool.queue_id, sender=sender, recipients=rcpts, size=spool.size)
 
     def _trace_headers(self, envelope: ElemtaEnvelope, qid: str) -> bytes:

@@ -3,20 +3,24 @@
 A message for several recipients is written once and hard-linked into each mailbox's new/.
 Nothing reaches new/ before its bytes are on disk, so a crash at any moment leaves either
 a complete message in new/ or, at most, a stale file in tmp/ that `clean_tmp` removes at start.
+All of it (mailbox directories, the spool file, its writes and fsyncs) runs on the commit
+threads: the event loop only buffers bytes and waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import itertools
 import logging
 import os
+import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -122,6 +126,7 @@ class Maildir:
     root: Path
     hostname: str
     _ready: dict[Path, None] = field(default_factory=dict)  # insertion-ordered set
+    _ready_lock: threading.Lock = field(default_factory=threading.Lock)  # commit threads add
     dirsync: DirSync = field(default_factory=DirSync)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
@@ -131,7 +136,10 @@ class Maildir:
         return mailbox_path(self.root, box)
 
     def ensure(self, box: Mailbox) -> Path:
-        """Create <root>/<domain>/<localpart>/{tmp,new,cur}, durably, once per process."""
+        """Create <root>/<domain>/<localpart>/{tmp,new,cur}, durably, once per process.
+
+        Blocking: `open` runs it on a commit thread.
+        """
         base = self.mailbox_dir(box)
         if base in self._ready:
             return base
@@ -150,96 +158,134 @@ class Maildir:
         # A new directory entry is durable only once its parent directory is synced.
         for parent in {p.parent for p in created}:
             _fsync_dir(parent)
-        _remember(self._ready, base, None)
+        with self._ready_lock:
+            _remember(self._ready, base, None)
         return base
 
-    def open(self, recipients: Iterable[Mailbox], header: bytes, qid: str) -> Spool:
-        """A spool file in the first mailbox's tmp/, with `header` written, for `qid`."""
+    def _ensure_all(self, boxes: list[Mailbox]) -> None:
+        for box in boxes:
+            self.ensure(box)
+
+    async def open(self, recipients: Iterable[Mailbox], header: bytes, qid: str) -> Spool:
+        """A spool for `qid` in the first mailbox's tmp/, with `header` buffered.
+
+        Mailboxes this process has not used yet are created (or checked) on a commit thread,
+        so only a message to a new mailbox pays that round trip.
+        """
         boxes = list(dict.fromkeys(recipients))
-        bases = [self.ensure(b) for b in boxes]
-        now = time.time()
-        name = (
-            f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}_{qid}"
-            f".{self.hostname}"
-        )
-        tmp = bases[0] / "tmp" / name
-        spool = Spool(qid, tmp, [b / "new" / name for b in bases], self.dirsync)
-        spool.write(header)
+        if any(self.mailbox_dir(b) not in self._ready for b in boxes):
+            await asyncio.wrap_future(self.executor.submit(self._ensure_all, boxes))
+        bases = [self.mailbox_dir(b) for b in boxes]
+        name = spool_name(time.time(), os.getpid(), next(_counter), qid, self.hostname)
+        file = SpoolFile(bases[0] / "tmp" / name, [b / "new" / name for b in bases], self.dirsync)
+        spool = Spool(qid, file, self.executor)
+        spool.buffer(header)
         return spool
 
     def clean_tmp(self) -> int:
-        """Remove partial files left in tmp/ by a crash; returns how many."""
+        """Remove, from every tmp/, what `stale_tmp_file` calls stale; returns how many.
+
+        Run at start-up, before this process writes anything (see `_writer_alive`).
+        """
         removed = 0
         if not self.root.is_dir():
             return 0
+        now = time.time()
         for tmpdir in self.root.glob("*/*/tmp"):
             for entry in os.scandir(tmpdir):
-                if entry.is_file(follow_symlinks=False):
-                    try:
-                        os.unlink(entry.path)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if not stale_tmp_file(entry.name, now - max(st.st_mtime, st.st_atime),
+                                          self.hostname, _writer_alive):
+                        continue
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # its writer finished (or cleaned up) meanwhile
         return removed
 
 
-@dataclass
-class Spool:
-    """One message on its way to disk. Not thread-safe: one session owns it.
+def spool_name(now: float, pid: int, n: int, qid: str, hostname: str) -> str:
+    """A Maildir file name unique on this host: time, microseconds, pid, counter, queue id."""
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{pid}Q{n}_{qid}.{hostname}"
 
-    The first SPOOL_BUFFER bytes are kept in memory (and counted in the session's ledger), so a
-    typical small message is created, written, fsynced and linked in one call on the commit
-    thread instead of costing the event loop an open(); a larger one goes to its tmp/ file as
-    soon as it passes the buffer and is streamed from then on.
+
+_SPOOL_NAME = re.compile(r"\d+\.M\d+P(\d+)Q\d+_[0-9A-F]{12}\.(.+)")
+
+# The Maildir convention: a tmp/ file nobody has touched for 36 hours is abandoned.
+TMP_STALE_AFTER = 36 * 3600
+
+
+def stale_tmp_file(name: str, idle: float, hostname: str, alive: Callable[[int], bool]) -> bool:
+    """May a start-up remove tmp/ file `name`, untouched for `idle` seconds?
+
+    Another program (an IMAP server, a second elemta) may be writing any tmp/ file, so only
+    what the convention calls abandoned goes, and elemta's own leftovers: files named by
+    `spool_name` with this hostname whose writing process is gone. A live process with that
+    pid may be another elemta on this maildir (or an unrelated process that reused the pid):
+    its file stays, until it is 36 hours old.
+    """
+    if idle > TMP_STALE_AFTER:
+        return True
+    m = _SPOOL_NAME.fullmatch(name)
+    if m is None or m.group(2) != hostname:
+        return False
+    return not alive(int(m.group(1)))
+
+
+def _writer_alive(pid: int) -> bool:
+    """May process `pid` still be writing a file in tmp/?"""
+    if pid == os.getpid():
+        # Called before this process writes anything: the file is a leftover of an earlier
+        # process that had the same pid (a container's pid 1, say).
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+@dataclass
+class SpoolFile:
+    """A message's file in tmp/ and its way into new/. Blocking: every method runs on a commit
+    thread, and only ever one at a time (`Spool` sees to that), so this object alone opens,
+    writes and closes its descriptor.
     """
 
-    queue_id: str
     tmp: Path
     targets: list[Path]
     dirsync: DirSync
-    size: int = 0
     fd: int = -1
-    _pending: list[bytes] = field(default_factory=list)
-    _pending_len: int = 0
-    _closed: bool = False
+    done: bool = False  # committed or aborted: nothing left to do
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of this message held in memory right now."""
-        return self._pending_len
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        self._pending.append(data)
-        self._pending_len += len(data)
-        if self._pending_len >= SPOOL_BUFFER:
-            self._flush()
-
-    def _flush(self) -> None:
+    def append(self, data: bytes) -> None:
         if self.fd < 0:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-        view = memoryview(b"".join(self._pending))
-        self._pending, self._pending_len = [], 0
+        view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def commit(self) -> None:
-        """Write what is buffered, fdatasync the file, move it into every new/ (hard links for all
-        but the last, which takes the tmp/ name by rename), fsync those dirs. Blocking: run in a
-        thread.
+    def commit(self, data: bytes) -> None:
+        """Append `data`, fdatasync the file, move it into every new/ (hard links for all but
+        the last, which takes the tmp/ name by rename), fsync those dirs.
 
         On any failure every file placed in new/ is removed again and OSError propagates: the
         caller answers 452 4.3.1 and nothing is left behind.
         """
         placed: list[Path] = []
         try:
-            self._flush()
+            self.append(data)
             # The data and what reading it back needs (size, blocks); the directory entry is
             # made durable by the new/ fsync below. Cheaper than fsync (no timestamps).
             os.fdatasync(self.fd)
-            os.close(self.fd)
-            self._closed = True
+            fd, self.fd = self.fd, -1
+            os.close(fd)
             *linked, last = self.targets
             for target in linked:
                 os.link(self.tmp, target)
@@ -248,6 +294,7 @@ class Spool:
             placed.append(last)
             for newdir in dict.fromkeys(t.parent for t in self.targets):
                 self.dirsync.sync(newdir)
+            self.done = True
         except OSError:
             for target in placed:
                 _unlink_quietly(target)
@@ -255,14 +302,121 @@ class Spool:
             raise
 
     def abort(self) -> None:
-        self._pending, self._pending_len = [], 0
-        if self.fd < 0:
-            return  # never reached the disk
-        if not self._closed:
-            self._closed = True
+        if self.done:
+            return
+        self.done = True
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
             with contextlib.suppress(OSError):
-                os.close(self.fd)
+                os.close(fd)
         _unlink_quietly(self.tmp)
+
+
+class Spool:
+    """One message on its way to disk, as its session (on the event loop) sees it.
+
+    The first SPOOL_BUFFER bytes are kept in memory (and counted in the session's ledger), so a
+    typical small message is created, written, fsynced and linked in one call on a commit
+    thread (`commit`). A larger one is written out each time the buffer fills (`write`), and
+    the session waits for that write before reading more from its client.
+
+    Ownership: the event loop never touches the file. Each piece of file-system work is one
+    job on the commit executor, and the session starts a job only when the previous one has
+    finished. `commit` cannot be split by cancellation: once started it runs to its end on
+    its thread, and a session that ends any other way (`discard`) has its file removed by a
+    job queued after whatever job is running.
+    """
+
+    def __init__(self, queue_id: str, file: SpoolFile, executor: ThreadPoolExecutor) -> None:
+        self.queue_id = queue_id
+        self.file = file
+        self.size = 0
+        self._executor = executor
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._writing = 0  # bytes handed to the running job
+        self._job: Future[None] | None = None  # the latest job; None: the file does not exist
+        self._finished = False  # commit or discard called: no more jobs from the session
+        self.stored: asyncio.Future[None] | None = None  # the commit's outcome, once started
+        self._gone: Future[None] | None = None  # done once a discarded file is removed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of this message held in memory right now."""
+        return self._pending_len + self._writing
+
+    def buffer(self, data: bytes) -> bool:
+        """Keep `data`; True when the buffer is full and `flush` is due."""
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_len += len(data)
+        return self._pending_len >= SPOOL_BUFFER
+
+    async def write(self, data: bytes) -> None:
+        """Add `data`, writing the buffer out (on a commit thread) when it is full."""
+        if self.buffer(data):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the buffer to the tmp/ file. OSError propagates; `discard` then cleans up."""
+        job = asyncio.wrap_future(self._submit(self.file.append))
+        try:
+            await asyncio.shield(job)  # a cancelled session must not cancel a queued write
+        except asyncio.CancelledError:
+            # The session is going away and `discard` follows: how this write ends is moot.
+            job.add_done_callback(_ignore_outcome)
+            raise
+        finally:
+            self._writing = 0
+
+    async def commit(self) -> None:
+        """Write what is left, fsync and link the message (SpoolFile.commit); OSError if not.
+
+        Once started, the commit runs to its end even if the caller is cancelled meanwhile;
+        `stored` then tells how it ended.
+        """
+        self._finished = True
+        self.stored = asyncio.wrap_future(self._submit(self.file.commit))
+        await asyncio.shield(self.stored)
+
+    def discard(self) -> None:
+        """The message will not be committed: drop it, and its file once no job is using it."""
+        if self._finished:
+            return  # committing (the commit cleans up after itself), or discarded already
+        self._finished = True
+        self._pending, self._pending_len = [], 0
+        if self._job is not None:  # else no job ever ran: there is no file
+            self._gone = Future()
+            # Runs on the finishing job's thread, or here at once if it has finished.
+            self._job.add_done_callback(self._abort_after)
+
+    async def discarded(self) -> None:
+        """Return once a discarded message's file is gone (at once if it never had one)."""
+        if self._gone is not None:
+            await asyncio.shield(asyncio.wrap_future(self._gone))
+
+    def _abort_after(self, _job: Future[None]) -> None:
+        gone = self._gone
+        assert gone is not None
+        try:
+            abort = self._executor.submit(self.file.abort)
+        except RuntimeError:  # the interpreter is exiting: the next start-up removes the file
+            gone.set_result(None)
+            return
+        abort.add_done_callback(lambda _: gone.set_result(None))
+
+    def _submit(self, job: Callable[[bytes], None]) -> Future[None]:
+        assert self._job is None or self._job.done(), "one job at a time"
+        data = b"".join(self._pending)
+        self._pending, self._pending_len = [], 0
+        self._writing = len(data)
+        self._job = self._executor.submit(job, data)
+        return self._job
+
+
+def _ignore_outcome(job: asyncio.Future[None]) -> None:
+    if not job.cancelled():
+        job.exception()  # retrieved, so asyncio does not log it as lost
 
 
 def _unlink_quietly(path: Path) -> None:
