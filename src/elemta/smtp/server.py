@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .. import __version__
 from ..config import Config
@@ -295,6 +295,15 @@ class ElemtaSMTP(SMTP):
         if self.ctx.open_sessions() > self.ctx.config.server.max_connections:
             return REPLY_TOO_MANY_CONNECTIONS
         return self.ctx.admission.connection(len(self.ctx.sessions))
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client's failed handshake (a protocol or cipher we refuse, or garbage) is bad
+            # input, not our fault: one line. aiosmtpd closes the connection and sends nothing.
+            peer = self.session.peer if self.session else "?"
+            log.info("%s: STARTTLS handshake failed: %s", peer, error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
+        return await super().handle_exception(error)
 
     def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
         """Tell the client why we are going away and close (draining, timeouts)."""
