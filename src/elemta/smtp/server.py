@@ -54,6 +54,7 @@ _ENHANCED = {
     "252": "2.0.0",
     "421": "4.3.0",
     "451": "4.3.0",
+    "454": "4.7.0",
     "500": "5.5.2",
     "501": "5.5.4",
     "502": "5.5.1",
@@ -367,7 +368,7 @@ class ElemtaSMTP(SMTP):
         return f"{code}{sep}{enhanced} {text}"
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
-        if _bad_helo(hostname):
+        if not hostname or _bad_helo(hostname):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._in_helo = True
@@ -377,7 +378,7 @@ class ElemtaSMTP(SMTP):
             self._in_helo = False
 
     async def smtp_HELO(self, hostname: str | None) -> None:
-        if _bad_helo(hostname):
+        if not hostname or _bad_helo(hostname):
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
         self._in_helo = True
@@ -385,6 +386,11 @@ class ElemtaSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._in_helo = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # EHLO offers no AUTH (an inbound MX); aiosmtpd's own AUTH would ask for TLS first
+        # and then fail every mechanism.
+        await self.push("502 Command not implemented")
 
     # -- DATA, streamed --------------------------------------------------------------------
     async def smtp_DATA(self, arg: str | None) -> None:
