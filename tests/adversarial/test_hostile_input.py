@@ -240,14 +240,15 @@ def _polls_for_input(pid: int, local_port: int, remote_port: int) -> bool | None
     return None
 
 
-def _owner(pid: int, local_port: int, remote_port: int) -> int:
+def _owner(pid: int, local_port: int, remote_port: int) -> int | None:
+    """The daemon process holding the socket; None while it is not accepted yet."""
     target = f"socket:[{_tcp_row(local_port, remote_port)[9]}]"
     for p in _tree(pid):
         for fd in os.listdir(f"/proc/{p}/fd"):
             with contextlib.suppress(FileNotFoundError):
                 if os.readlink(f"/proc/{p}/fd/{fd}") == target:
                     return p
-    raise AssertionError("no daemon process holds the socket")
+    return None
 
 
 def _stopped_reading(pid: int, local_port: int, remote_port: int) -> bool:
@@ -256,7 +257,7 @@ def _stopped_reading(pid: int, local_port: int, remote_port: int) -> bool:
     is idle in epoll_wait (a reader paused only until its task consumes the buffer leaves
     that task runnable, so the loop would not be idle)."""
     owner = _owner(pid, local_port, remote_port)
-    return (_recv_queue(local_port, remote_port) > 0
+    return (owner is not None and _recv_queue(local_port, remote_port) > 0
             and _polls_for_input(pid, local_port, remote_port) is False
             and Path(f"/proc/{owner}/task/{owner}/wchan").read_text() == "do_epoll_wait")
 
