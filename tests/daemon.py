@@ -183,3 +183,13 @@ def rss_of(pid: int) -> int:
     """Resident set size in bytes from /proc (no psutil needed in the test process)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 15) -> None:
+    """Waits for an event (a file appears, a state is reached) instead of sleeping a guessed
+    time; fails naming `what` if it does not happen within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)

@@ -103,9 +103,13 @@ class DataDecoder:
         stuffed = dot >= 0 and dot + len(DOT_LINE) <= len(portion)
         out = self._take(portion, stuffed) if portion and self.state is DataState.NOMINAL else b""
         if rest is None:
-            if self.state is DataState.NOMINAL and len(self._carry) - 2 > _MAX_CONTENT:
-                # The line in progress is already too long. The CRLF in front of it ends
-                # the previous line, which a line parser has counted by now.
+            # The line in progress is already too long: its octets after the CRLF that ends
+            # the previous line, less a last CR, which the next chunk may pair with its LF
+            # (TCP may split a line between CR and LF; the verdict may not depend on it).
+            started = len(self._carry) - len(CRLF) - self._carry.endswith(b"\r")
+            if self.state is DataState.NOMINAL and started > _MAX_CONTENT:
+                # The CRLF in front of it ends the previous line, which a line parser has
+                # counted by now.
                 ended = 0 if self._first else 2
                 over = self.size_limit is not None and self.size + ended > self.size_limit
                 self._fail(DataState.TOO_MUCH if over else DataState.TOO_LONG)

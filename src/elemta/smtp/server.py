@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .. import __version__
 from ..config import Config
@@ -59,6 +59,7 @@ _ENHANCED = {
     "252": "2.0.0",
     "421": "4.3.0",
     "451": "4.3.0",
+    "454": "4.7.0",
     "500": "5.5.2",
     "501": "5.5.4",
     "502": "5.5.1",
@@ -311,6 +312,15 @@ class ElemtaSMTP(SMTP):
         refusal = self.ctx.admission.connection(len(self.ctx.sessions))
         return None if refusal is None else refusal_reply(refusal)
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client's failed handshake (a protocol or cipher we refuse, or garbage) is bad
+            # input, not our fault: one line. aiosmtpd closes the connection and sends nothing.
+            peer = self.session.peer if self.session else "?"
+            log.info("%s: STARTTLS handshake failed: %s", peer, error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
+        return await super().handle_exception(error)
+
     def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
         """Tell the client why we are going away and close (draining, timeouts)."""
         transport = self.transport
@@ -373,7 +383,7 @@ class ElemtaSMTP(SMTP):
         return f"{code}{sep}{enhanced} {text}"
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
-        if _bad_helo(hostname):
+        if not hostname or _bad_helo(hostname):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._in_helo = True
@@ -383,7 +393,7 @@ class ElemtaSMTP(SMTP):
             self._in_helo = False
 
     async def smtp_HELO(self, hostname: str | None) -> None:
-        if _bad_helo(hostname):
+        if not hostname or _bad_helo(hostname):
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
         self._in_helo = True
@@ -391,6 +401,11 @@ class ElemtaSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._in_helo = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # EHLO offers no AUTH (an inbound MX); aiosmtpd's own AUTH would ask for TLS first
+        # and then fail every mechanism.
+        await self.push("502 Command not implemented")
 
     # -- DATA, streamed --------------------------------------------------------------------
     async def smtp_DATA(self, arg: str | None) -> None:
