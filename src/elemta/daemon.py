@@ -129,19 +129,20 @@ class Daemon:
         self.observe.start(self.governor, lambda: self.ctx.draining,
                            serve_http=self.worker is None,
                            sock=self.inherited_api[0] if self.inherited_api else None)
-        socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         loop = asyncio.get_running_loop()
-        factory = session_factory(self.ctx)
-        for sock in socks:
-            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
-            self.servers.append(server)
-            log.info("SMTP listening on %s", _describe(sock))
+        # Handlers before the first "SMTP listening" line: whoever saw it may signal us at once.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # A worker starts with SIGHUP blocked (supervisor._spawn): one that came meanwhile is
         # delivered now, to the handler, and the worker reloads.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
+        factory = session_factory(self.ctx)
+        for sock in socks:
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self.servers.append(server)
+            log.info("SMTP listening on %s", _describe(sock))
         await self.systemd.ready(self.governor)
         self._ready = True
         if self.worker is not None:
