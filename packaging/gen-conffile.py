@@ -24,6 +24,10 @@ PACKAGE_VALUES = {
         '"/var/lib/elemta/mail"',
         "StateDirectory=elemta in elemta.service: the only writable place",
     ),
+    ("delivery", "queue_dir"): (
+        '"/var/lib/elemta/queue"',
+        "StateDirectory=elemta in elemta.service: the only writable place",
+    ),
 }
 
 HEADER = """\

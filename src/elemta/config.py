@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import recipients
+from .queue import routing
 from .units import format_duration, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/elemta/elemta.toml")
@@ -203,6 +204,42 @@ class DeliveryConfig:
         "\"file:PATH\" (one address or @domain per line) or \"any\""
     )
     aliases: str = _f("", "str", "Alias file, \"address: mailbox, mailbox\" per line (empty: none)")
+    transport: str = _f(
+        "maildir", "transport", "Where accepted mail goes: \"maildir\" (stored directly under "
+        "maildir_root) or queued for \"lmtp:unix:/PATH\" / \"lmtp:HOST:PORT\""
+    )
+    route: tuple[routing.Route, ...] = _f(
+        [], "routes", "[[delivery.route]] tables: domain = ..., transport = ... (overrides "
+        "transport for that recipient domain)"
+    )
+    queue_dir: str = _f("var/queue", "str", "The delivery queue's directory (queued transports)")
+    minimal_backoff_time: float = _f(
+        300.0, "duration", "First retry of a deferred recipient after this long", minimum=1
+    )
+    maximal_backoff_time: float = _f(
+        4000.0, "duration", "Longest wait between two delivery attempts", minimum=1
+    )
+    maximal_queue_lifetime: float = _f(
+        432000.0, "duration", "A recipient still deferred after this long is failed", minimum=1
+    )
+    queue_minfree: int = _f(
+        78643200, "size", "Free space the queue and Maildir filesystems keep: below it MAIL "
+        "gets 452 4.3.1"
+    )
+    active_limit: int = _f(
+        1000, "int", "Queued messages held in memory for delivery at once", minimum=1,
+        maximum=1_000_000,
+    )
+    concurrency: int = _f(20, "int", "Deliveries running at once, in total", minimum=1,
+                          maximum=10_000)
+    destination_concurrency: int = _f(
+        10, "int", "Deliveries running at once to one transport destination", minimum=1,
+        maximum=10_000,
+    )
+    stuck_queue_age: float = _f(
+        3600.0, "duration", "/health warns when the oldest queued message (or a transport "
+        "unreachable) is older than this", minimum=1
+    )
 
 
 @dataclass(frozen=True)
@@ -342,6 +379,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "listen1": parse_listen,
     "domains": _domain_list,
     "recipients": recipients.parse_mode,
+    "transport": routing.parse_spec,
+    "routes": routing.parse_routes,
 }
 
 
@@ -450,6 +489,12 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 "[api] token_file (a file holding a bearer token) so that /metrics and "
                 "/api/stats are not open to the network"
             )
+        problems.extend(f"{where('delivery', 'route')}: {problem}"
+                        for problem in routing.problems(d.route, d.domains))
+        if d.maximal_backoff_time < d.minimal_backoff_time:
+            problems.append(f"{where('delivery', 'maximal_backoff_time')}: "
+                            f"{d.maximal_backoff_time:g}s is below minimal_backoff_time "
+                            f"({d.minimal_backoff_time:g}s)")
         if cfg.server.event_loop == "uvloop" and not uvloop_available():
             problems.append(f"{where('server', 'event_loop')}: \"uvloop\" but the uvloop module "
                             "is not installed (apt install python3-uvloop, or use \"auto\")")
@@ -549,6 +594,9 @@ def _toml_value(kind: str, value: Any) -> str:
         return "[" + ", ".join(toml_string(str(v)) for v in value) + "]"
     if kind == "listen1":
         return toml_string(str(value))
+    if kind == "routes":
+        return "[" + ", ".join(f"{{ domain = {toml_string(r.domain)}, transport = "
+                               f"{toml_string(r.transport)} }}" for r in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

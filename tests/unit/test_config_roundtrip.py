@@ -34,6 +34,12 @@ HOSTNAME = st.lists(LABEL, min_size=1, max_size=4).map(".".join).filter(
 IPV4 = st.ip_addresses(v=4).map(str)
 IPV6 = st.ip_addresses(v=6).map(str)
 PORT = st.integers(0, 65535)
+TRANSPORTS = st.one_of(
+    st.just("maildir"),
+    st.tuples(st.one_of(IPV4, HOSTNAME), st.integers(1, 65535)).map(lambda t: f"lmtp:{t[0]}:{t[1]}"),
+    st.tuples(IPV6, st.integers(1, 65535)).map(lambda t: f"lmtp:[{t[0]}]:{t[1]}"),
+    st.from_regex(r"/[a-z0-9/._-]{1,30}", fullmatch=True).map(lambda p: f"lmtp:unix:{p}"),
+)
 
 
 def _number(meta: dict[str, Any], default_max: float, integer: bool) -> st.SearchStrategy[Any]:
@@ -86,6 +92,13 @@ def strategy(section: str, f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
     if kind == "recipients":
         # "file:PATH" must name a readable map: tests/unit/test_recipient_map.py covers it.
         return st.sampled_from(["maildir", "any"])
+    if kind == "transport":
+        return TRANSPORTS
+    if kind == "routes":
+        # Routed domains must be [delivery] domains: draw from the defaults.
+        return st.lists(st.fixed_dictionaries({
+            "domain": st.sampled_from(["localhost", "example.test"]), "transport": TRANSPORTS}),
+            max_size=2, unique_by=lambda r: r["domain"])
     raise AssertionError(f"no strategy for [{section}] {f.name} (kind {kind!r}): add one here")
 
 

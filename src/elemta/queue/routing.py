@@ -1,0 +1,111 @@
+"""Which transport a recipient's domain goes to: spec syntax, [[delivery.route]] tables, lookup.
+
+A spec is kept as its string in the Config (a description); the daemon builds transports from
+it. "maildir" is the direct store (no queue); every other spec is a queued transport. This is
+the one place that parses specs for config; `delivery.parse_transport` builds the objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+MAILDIR = "maildir"
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str
+    transport: str
+
+
+def parse_spec(value: object) -> str:
+    """"maildir", "lmtp:unix:/abs/path" or "lmtp:HOST:PORT" ([v6]:PORT); ValueError if not."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a transport string, got {type(value).__name__} {value!r}")
+    spec = value.strip()
+    if spec == MAILDIR:
+        return spec
+    if not spec.startswith("lmtp:"):
+        raise ValueError(f"unknown transport {value!r} (use \"maildir\", "
+                         "\"lmtp:unix:/run/dovecot/lmtp\" or \"lmtp:HOST:PORT\")")
+    rest = spec[5:]
+    if rest.startswith("unix:"):
+        path = rest[5:]
+        if not path.startswith("/") or "\x00" in path or any(c < " " for c in path):
+            raise ValueError(f"{value!r}: the LMTP socket must be an absolute path")
+        return spec
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", rest)
+    if m is None:
+        raise ValueError(f"cannot parse {value!r} (use \"lmtp:HOST:PORT\" or \"lmtp:[::1]:24\")")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port {port} out of range 1-65535")
+    if m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: [{host}] is not an IPv6 address") from None
+    elif not _HOST.fullmatch(host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or IPv4 address")
+    return spec
+
+
+def parse_routes(value: object) -> tuple[Route, ...]:
+    """[[delivery.route]] tables (TOML gives a list of dicts), each exactly domain + transport."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected [[delivery.route]] tables, got {type(value).__name__}")
+    out: list[Route] = []
+    for n, item in enumerate(value, 1):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"route {n}: expected a table with domain and transport, "
+                             f"got {item!r}")
+        extra = sorted(set(item) - {"domain", "transport"})
+        if extra or "domain" not in item or "transport" not in item:
+            raise ValueError(f"route {n}: needs exactly the keys domain and transport"
+                             + (f" (unknown: {', '.join(map(str, extra))})" if extra else ""))
+        domain = item["domain"]
+        if not isinstance(domain, str) or not _DOMAIN.fullmatch(d := domain.strip().lower()
+                                                                .rstrip(".")):
+            raise ValueError(f"route {n}: {domain!r} is not a domain name")
+        try:
+            spec = parse_spec(item["transport"])
+        except ValueError as exc:
+            raise ValueError(f"route {n}: {exc}") from None
+        out.append(Route(d, spec))
+    return tuple(out)
+
+
+def problems(routes: Sequence[Route], domains: Iterable[str]) -> list[str]:
+    known = set(domains)
+    seen: set[str] = set()
+    out = []
+    for r in routes:
+        if r.domain in seen:
+            out.append(f"domain {r.domain!r} routed twice")
+        seen.add(r.domain)
+        if r.domain not in known:
+            out.append(f"domain {r.domain!r} is not one of [delivery] domains (no mail for it "
+                       "is accepted)")
+    return out
+
+
+def transport_for(domain: str, default: str, routes: Sequence[Route]) -> str:
+    """The spec that delivers mail for `domain`."""
+    for r in routes:
+        if r.domain == domain:
+            return r.transport
+    return default
+
+
+def queued(spec: str) -> bool:
+    return spec != MAILDIR
+
+
+def any_queued(default: str, routes: Sequence[Route]) -> bool:
+    return queued(default) or any(queued(r.transport) for r in routes)
