@@ -22,6 +22,11 @@ from .memory.governor import Governor, count_tasks
 from .memory.sampler import Sampler
 from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
+from .queue import routing
+from .queue import transports as queue_transports
+from .queue.intake import QueueIntake
+from .queue.manager import Manager
+from .queue.store import QueueStore
 from .reload import log_rejected, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
@@ -72,6 +77,9 @@ def _describe(sock: socket.socket) -> str:
 
 
 REPORT_EVERY = 0.5  # seconds between a worker's reports to its supervisor
+# On stop, deliveries in flight get this long to end and be recorded (a cancelled one is
+# delivered again after the restart).
+QUEUE_STOP_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class Daemon:
     started: float = field(default_factory=time.time)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     observe: Observability = field(init=False)
+    queue: Manager | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         store = Maildir(Path(self.config.delivery.maildir_root),
@@ -115,6 +124,15 @@ class Daemon:
         self._ready = False
         self._report_task: asyncio.Task[None] | None = None
         ctx.admission = self.governor
+        d = self.config.delivery
+        if routing.any_queued(d.transport, d.route):
+            qstore = QueueStore(Path(d.queue_dir))
+            self.queue = Manager(self.config, qstore,
+                                 lambda spec: queue_transports.build(spec, store),
+                                 self.governor.delivery_concurrency, store.executor,
+                                 observer=self.observe.delivery)
+            ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
+            self.observe.queue = self.queue.stats
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
 
@@ -125,6 +143,8 @@ class Daemon:
         ensure_postmasters(self.ctx.store.root, self.config.delivery.domains)  # before serving
         log.info("recipients: %s", self.ctx.recipients.map.description)
         self.governor.start()  # first sample (and its log line) before serving
+        if self.queue is not None:
+            await self.queue.start()
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
         self.observe.start(self.governor, lambda: self.ctx.draining,
                            serve_http=self.worker is None,
@@ -226,6 +246,8 @@ class Daemon:
             await server.wait_closed()
         if self._report_task is not None:
             self._report_task.cancel()
+        if self.queue is not None:
+            await self.queue.stop(QUEUE_STOP_TIMEOUT)
         await self.governor.stop()
         await self.systemd.close()
         await asyncio.sleep(0)

@@ -104,6 +104,29 @@ EVENTS: dict[str, Event] = {
             "(unless the message says the connection closed before the reply).",
         ),
         Event(
+            "message_delivered", "293447a0a0f0470ea02175ae391ff04e", INFO,
+            "Queued message delivered to one recipient",
+            ("queue_id", "recipient", "transport", "relay", "dsn", "delay", "reply"),
+            "The delivery agent handed the message on for this recipient and the server\n"
+            "accepted it (reply). DELAY is the time since the message was accepted.",
+        ),
+        Event(
+            "message_deferred", "5ef37f3e336d44daa539c5d8f5175b4b", NOTICE,
+            "Queued message deferred for one recipient",
+            ("queue_id", "recipient", "transport", "relay", "dsn", "delay", "reply"),
+            "The server answered 4xx for this recipient (or could not be reached: the reply\n"
+            "says why). The queue retries with back-off until maximal_queue_lifetime;\n"
+            "'elemta queue flush' retries now.",
+        ),
+        Event(
+            "message_failed", "97fb004b487c42fab221887af943295a", WARNING,
+            "Queued message failed for one recipient",
+            ("queue_id", "recipient", "transport", "relay", "dsn", "delay", "reply"),
+            "The server answered 5xx for this recipient, or it was still deferred at\n"
+            "maximal_queue_lifetime. The message stays in the queue's failed state\n"
+            "('elemta queue show ID'; 'elemta queue delete ID' removes it); no bounce is sent yet.",
+        ),
+        Event(
             "config_reloaded", "0946329d9eae45a1b3e87632f4764ab5", NOTICE,
             "Configuration reloaded", ("config_path", "result"),
             "SIGHUP re-read the configuration. When result is 'rejected' the old configuration\n"

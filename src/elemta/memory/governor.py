@@ -208,6 +208,16 @@ def data_refusal(session_bytes: int, per_session_limit: int) -> Refusal | None:
 
 # -- the governor -----------------------------------------------------------------------------
 
+def delivery_concurrency(state: MemoryState, breaker: BreakerState, configured: int) -> int:
+    """How many deliveries may run now: all at normal, half at warning, none (paused) at
+    critical or while the breaker is open. Running deliveries finish; only new ones wait."""
+    if breaker is BreakerState.OPEN or state is MemoryState.CRITICAL:
+        return 0
+    if state is MemoryState.WARNING:
+        return max(1, configured // 2)
+    return configured
+
+
 @dataclass(frozen=True)
 class GovernorEvent:
     """What subscribers receive: the event name (as in events.py) and the snapshots around it."""
@@ -283,6 +293,7 @@ class Governor:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._psi: PressureTrigger | None = None
+        self._last_concurrency: int | None = None
 
     @property
     def psi_wakeups(self) -> int:
@@ -295,6 +306,18 @@ class Governor:
             self._observe(self.sampler.sample(), monitor=False)
         assert self._snapshot is not None
         return self._snapshot
+
+    def delivery_concurrency(self) -> int:
+        """The governor's decision on delivery concurrency now; logged when it changes."""
+        snap = self.snapshot
+        n = delivery_concurrency(snap.state, snap.breaker, self.config.delivery.concurrency)
+        last = self._last_concurrency
+        if n != last:
+            self._last_concurrency = n
+            if last is not None:
+                log.warning("delivery concurrency %d -> %d (memory %s, breaker %s)", last, n,
+                            snap.state.value, snap.breaker.value)
+        return n
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback` on every state change; returns a function that unsubscribes."""

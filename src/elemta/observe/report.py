@@ -27,6 +27,7 @@ class Inputs:
     started: float  # wall time the daemon started
     profiling: bool  # [api] enable_profiling
     stalled: tuple[str, ...] = ()  # worker processes whose loop stopped reporting
+    queue: dict[str, Any] | None = None  # the queue manager's stats (queued transports only)
 
 
 def health(i: Inputs) -> tuple[int, dict[str, Any]]:
@@ -50,6 +51,10 @@ def health(i: Inputs) -> tuple[int, dict[str, Any]]:
         reasons.append(f"memory warning: {_binding(snap)}")
     else:
         status = "ok"
+    if status != "unhealthy" and i.queue is not None and i.queue["stuck"]:
+        # Intake still works: a stuck queue is a warning, not a reason to fail over.
+        status = "warning"
+        reasons.extend(f"queue stuck: {why}" for why in i.queue["stuck"])
     body: dict[str, Any] = {
         "status": status,
         "reasons": reasons,
@@ -146,5 +151,6 @@ def stats(i: Inputs) -> dict[str, Any]:
         "event_loop": {"heartbeat_age_seconds": round(i.heartbeat_age, 3),
                        "stall_after_seconds": STALL_AFTER},
         "draining": i.draining,
+        "queue": i.queue,
         "profiling": {"enabled": i.profiling, "tracing": tracemalloc.is_tracing()},
     }

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .. import runtime
 from ..config import Config
@@ -21,6 +22,7 @@ from .heap import HeapReport, SelfHeap
 from .heartbeat import Heartbeat, install_test_block
 from .http import AdminApp, AdminServer
 from .metrics import SamplesSource, SmtpStats, SnapshotSource, build_registry
+from .queuemetrics import DeliveryStats, QueueCollector
 
 log = logging.getLogger("elemta.observe")
 
@@ -39,6 +41,10 @@ class Observability:
         self.source: SnapshotSource | None = None
         self._draining: Callable[[], bool] = lambda: False
         self.registry = build_registry(self._snapshot, self.smtp, self.heartbeat.age)
+        # The queue manager, when a queued transport is configured, sets `queue` (its stats).
+        self.queue: Callable[[], dict[str, Any]] | None = None
+        self.delivery = DeliveryStats(self.registry)
+        self.registry.register(QueueCollector(self._queue))
         # The supervisor replaces it with WorkerHeaps (its workers hold the sessions).
         self.profiler: HeapReport | None = SelfHeap() if config.api.enable_profiling else None
         self.server: AdminServer | None = None
@@ -46,6 +52,9 @@ class Observability:
 
     def _snapshot(self) -> Snapshot | None:
         return self.source.snapshot if self.source is not None else None
+
+    def _queue(self) -> dict[str, Any] | None:
+        return self.queue() if self.queue is not None else None
 
     def inputs(self) -> report.Inputs:
         return report.Inputs(
@@ -56,6 +65,7 @@ class Observability:
             started=self.started,
             profiling=self.profiler is not None,
             stalled=self._stalled(),
+            queue=self._queue(),
         )
 
     def start(self, source: SnapshotSource | None, draining: Callable[[], bool],

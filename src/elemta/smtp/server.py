@@ -24,6 +24,7 @@ from .. import __version__
 from ..config import Config
 from ..events import emit
 from ..memory.refusal import Refusal
+from ..queue.intake import QueueIntake
 from ..recipients import RecipientRefusal, Recipients
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
@@ -138,6 +139,8 @@ class SmtpContext:
     template: SessionTemplate | None = field(default=None, init=False)
     # Who may receive mail ([delivery] recipients, aliases); SIGHUP re-reads its maps.
     recipients: Recipients = field(init=False)
+    # Set when a queued transport is configured: messages for it go to the queue.
+    queue: QueueIntake | None = None
 
     def __post_init__(self) -> None:
         self.handler = Handler(self)  # stateless: one for all sessions, not one each
@@ -421,9 +424,15 @@ class ElemtaSMTP(SMTP):
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         qid = new_queue_id()
+        queue = self.ctx.queue
+        routes = queue.routes(envelope.mailboxes, self.ctx.config.delivery) if queue else None
         try:
-            spool = await self.ctx.store.open(
-                envelope.mailboxes, self._trace_headers(envelope, qid), qid)
+            if queue is not None and routes is not None:
+                sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+                spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid)
+            else:
+                spool = await self.ctx.store.open(
+                    envelope.mailboxes, self._trace_headers(envelope, qid), qid)
         except OSError as exc:
             log.warning("cannot prepare the mailboxes: %s", exc.strerror or exc)
             await self.push(REPLY_STORAGE)
@@ -431,18 +440,20 @@ class ElemtaSMTP(SMTP):
         self.in_data = True
         self._spool = spool
         try:
-            status = await self._receive(spool, envelope)
+            status = await self._receive(spool, envelope, lf=routes is None)
         finally:
             self.in_data = False
             self._decoder = None
             self._spool = None
         await spool.discarded()  # a refused message's file is gone before the reply says so
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if queue is not None and routes is not None and status.startswith("250"):
+            queue.wake()
         await self.push(status)
         if self.ctx.draining:
             self.shutdown_now()
 
-    async def _receive(self, spool: Spool, envelope: ElemtaEnvelope) -> str:
+    async def _receive(self, spool: Spool, envelope: ElemtaEnvelope, lf: bool = True) -> str:
         decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
         timeout = self.ctx.config.server.data_timeout
         write_failed: OSError | None = None
@@ -465,7 +476,8 @@ class ElemtaSMTP(SMTP):
                         # Maildir files use the local newline convention, as Postfix and
                         # Dovecot's LDA write them. A full buffer is written out on a commit
                         # thread, and the client is not read meanwhile.
-                        await spool.write(to_lf(out))
+                        # Queued messages keep CRLF (the transports send them as they are).
+                        await spool.write(to_lf(out) if lf else out)
                     except OSError as exc:
                         write_failed = exc
                 if over_budget is None:
@@ -530,7 +542,7 @@ class ElemtaSMTP(SMTP):
              f"queued {spool.queue_id} from=<{sender}> rcpts={rcpts} size={spool.size}{gone}",
              queue_id=spool.queue_id, sender=sender, recipients=rcpts, size=spool.size)
 
-    def _trace_headers(self, envelope: ElemtaEnvelope, qid: str) -> bytes:
+    def _trace_headers(self, envelope: ElemtaEnvelope, qid: str, queued: bool = False) -> bytes:
         session = self._session()
         peer = session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
@@ -544,6 +556,8 @@ class ElemtaSMTP(SMTP):
             f"\tby {_header_text(self.hostname)} (elemta {__version__}) with {proto} id {qid}"
             f"{for_clause};\n\t{email.utils.formatdate(time.time(), localtime=True)}\n"
         )
+        if queued:  # the final delivery adds Return-Path (RFC 5321 4.4), from the envelope
+            return received.replace("\n", "\r\n").encode("ascii")
         return f"Return-Path: <{_header_text(sender)}>\n{received}".encode("ascii")
 
 

@@ -1,0 +1,413 @@
+"""The delivery manager: takes due messages into a bounded active set, runs their deliveries
+with bounded concurrency (in total, set by the memory governor, and per destination), and
+records each recipient's result on disk before anything else happens to the message.
+
+Memory is O(active): the rest of the queue stays on disk, found through the directories
+(store.due lists incoming/ and the due deferred/ buckets only). Counts and ages come from a
+periodic census of the directories; metrics, /api/stats, /health and `elemta queue` read them
+here (`stats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from ..config import Config
+from ..delivery.base import Envelope, RecipientResult, Reply, Transport
+from ..events import emit
+from . import policy
+from .store import Census, Meta, QueueStore, valid_id
+
+log = logging.getLogger("elemta.queue")
+_T = TypeVar("_T")
+
+TICK = 1.0  # the scheduler looks at the due directories at least this often
+CENSUS_EVERY = 10.0
+_DSN = {policy.DELIVERED: "2.0.0", policy.PENDING: "4.0.0", policy.FAILED: "5.0.0"}
+_EVENT = {policy.DELIVERED: "message_delivered", policy.PENDING: "message_deferred",
+          policy.FAILED: "message_failed"}
+_STATUS = {policy.DELIVERED: "sent", policy.PENDING: "deferred", policy.FAILED: "bounced"}
+
+
+class DeliveryObserver(Protocol):
+    def delivery(self, transport: str, result: str, seconds: float) -> None: ...
+
+
+class NullDeliveryObserver:
+    def delivery(self, transport: str, result: str, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class Active:
+    meta: Meta
+    path: Path  # where its record is now
+    state: str  # "incoming" or "deferred" (the directory of `path`)
+    running: int = 0  # deliveries (one per transport) in flight
+    then: str | None = None  # "delete" / "hold", asked for while it was being delivered
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one record write at a time
+
+
+def settings_of(config: Config) -> policy.Backoff:
+    d = config.delivery
+    return policy.Backoff(d.minimal_backoff_time, d.maximal_backoff_time,
+                          d.maximal_queue_lifetime)
+
+
+def dsn_of(reply: Reply, state: str) -> str:
+    first = reply.text.split(" ", 1)[0]
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(reply.code)[0]:
+        return first
+    return _DSN[state]
+
+
+class Manager:
+    def __init__(self, config: Config, store: QueueStore,
+                 transport: Callable[[str], Transport], concurrency: Callable[[], int],
+                 executor: ThreadPoolExecutor, *, observer: DeliveryObserver | None = None,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.config = config
+        self.store = store
+        self._make_transport = transport
+        self._concurrency = concurrency
+        self._executor = executor
+        self.observer = observer or NullDeliveryObserver()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.active: dict[str, Active] = {}
+        self._ready: deque[tuple[str, str]] = deque()  # (queue id, transport spec)
+        self.running = 0
+        self._by_dest: Counter[str] = Counter()
+        self.limit = 0
+        self._transports: dict[str, Transport] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._census_task: asyncio.Task[None] | None = None
+        self.census: Census | None = None
+        self.failing_since: dict[str, float] = {}  # spec -> first of an unbroken run of 4xx
+        self._stopping = False
+
+    async def _run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._run_io(self.store.init)
+        self.census = await self._run_io(self.store.census)
+        c = self.census
+        log.info("queue %s: %s message(s), %d bytes", self.store.root,
+                 ", ".join(f"{n} {s}" for s, n in c.messages.items()), c.bytes)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name="elemta-queue")
+        self._census_task = loop.create_task(self._census_loop(), name="elemta-queue-census")
+
+    def wake(self) -> None:
+        """New mail in incoming/ (or a flush): look now instead of at the next tick."""
+        self._wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        """No new deliveries; running ones get `timeout` to finish and be recorded, then are
+        cancelled (their recipients stay pending: delivered again after the restart)."""
+        self._stopping = True
+        for task in (self._task, self._census_task):
+            if task is not None:
+                task.cancel()
+        if self._jobs:
+            _, left = await asyncio.wait(set(self._jobs), timeout=timeout)
+            for job in left:
+                job.cancel()
+            if left:
+                await asyncio.wait(left)
+        for t in self._transports.values():
+            with contextlib.suppress(Exception):
+                await t.close()
+
+    # -- scheduling ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.limit = self._concurrency()
+                await self._fill()
+                self._pump()
+            except OSError as exc:
+                log.error("queue %s: %s", self.store.root, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            self._wake.clear()
+
+    async def _census_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CENSUS_EVERY)
+            try:
+                self.census = await self._run_io(self.store.census)
+            except OSError as exc:
+                log.error("queue %s: census: %s", self.store.root, exc)
+
+    async def _fill(self) -> None:
+        room = self.config.delivery.active_limit - len(self.active)
+        if room <= 0 or self.limit <= 0:  # paused by the governor: the rest stays on disk
+            return
+        found = await self._run_io(self._load_due, self._clock(), room,
+                                   frozenset(self.active))
+        for path, meta in found:
+            if meta.id in self.active:
+                continue
+            a = Active(meta, path, "deferred" if path.parent.parent.name == "deferred"
+                       else "incoming")
+            self.active[meta.id] = a
+            specs = list(dict.fromkeys(r.transport for r in meta.pending()))
+            if not specs:  # every recipient recorded before a crash: just finish it
+                job = asyncio.get_running_loop().create_task(self._settle(a))
+                self._jobs.add(job)
+                job.add_done_callback(self._jobs.discard)
+                continue
+            a.running = len(specs)
+            self._ready.extend((meta.id, s) for s in specs)
+
+    def _load_due(self, now: float, room: int,
+                  skip: frozenset[str]) -> list[tuple[Path, Meta]]:
+        out = []
+        for path in self.store.due(now, room, skip):
+            try:
+                out.append((path, self.store.read(path)))
+            except FileNotFoundError:
+                continue  # moved meanwhile (an admin command)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("queue: unreadable record %s (left in place): %s", path, exc)
+        return out
+
+    def _pump(self) -> None:
+        """Start ready deliveries while the total and per-destination limits allow."""
+        per_dest = self.config.delivery.destination_concurrency
+        skipped: list[tuple[str, str]] = []
+        while self._ready and self.running < self.limit and not self._stopping:
+            qid, spec = self._ready.popleft()
+            if self._by_dest[spec] >= per_dest:
+                skipped.append((qid, spec))
+                continue
+            self.running += 1
+            self._by_dest[spec] += 1
+            job = asyncio.get_running_loop().create_task(self._deliver(qid, spec),
+                                                         name=f"elemta-deliver-{qid}")
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+        self._ready.extendleft(reversed(skipped))
+
+    def _transport(self, spec: str) -> Transport:
+        t = self._transports.get(spec)
+        if t is None:
+            t = self._transports[spec] = self._make_transport(spec)
+        return t
+
+    # -- one delivery ----------------------------------------------------------------------
+    async def _deliver(self, qid: str, spec: str) -> None:
+        a = self.active[qid]
+        try:
+            rcpts = [r for r in a.meta.pending() if r.transport == spec]
+            env = Envelope(qid, a.meta.sender, tuple(r.address for r in rcpts),
+                           self.store.body(qid), a.meta.size)
+            transport = self._transport(spec)
+            started = time.monotonic()
+            try:
+                results: Sequence[RecipientResult] = await transport.deliver(env)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in the transport: the queue keeps the message
+                log.exception("queue %s: transport %s raised", qid, spec)
+                results = [RecipientResult(r, Reply(451, f"4.3.0 internal error: {exc!r}"),
+                                           spec) for r in env.recipients]
+            seconds = time.monotonic() - started
+            self._record(a, spec, transport.name, rcpts, results, seconds)
+        finally:
+            self.running -= 1
+            self._by_dest[spec] -= 1
+        a.running -= 1
+        await self._settle(a)
+        self._pump()
+
+    def _record(self, a: Active, spec: str, name: str, rcpts: list[Any],
+                results: Sequence[RecipientResult], seconds: float) -> None:
+        now = self._clock()
+        by_address = {r.recipient: r for r in results}
+        kinds = set()
+        for r in rcpts:
+            res = by_address.get(r.address)
+            reply = res.reply if res else Reply(451, "4.3.0 no reply for this recipient")
+            r.state = policy.outcome(reply.code)
+            r.reply = str(reply)
+            r.relay = res.relay if res else spec
+            kinds.add(r.state)
+            self.observer.delivery(name, reply.kind, seconds)
+            self._log_result(a.meta, r.address, name, r.relay, reply, r.state, now)
+        if kinds == {policy.PENDING}:
+            self.failing_since.setdefault(spec, now)
+        else:
+            self.failing_since.pop(spec, None)
+
+    def _log_result(self, meta: Meta, rcpt: str, transport: str, relay: str, reply: Reply,
+                    state: str, now: float) -> None:
+        delay = max(0.0, now - meta.created)
+        dsn = dsn_of(reply, state)
+        emit(log, _EVENT[state],
+             f"{meta.id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, dsn={dsn}, "
+             f"status={_STATUS[state]} ({reply})",
+             queue_id=meta.id, recipient=rcpt, transport=transport, relay=relay, dsn=dsn,
+             delay=round(delay, 3), reply=str(reply))
+
+    async def _settle(self, a: Active) -> None:
+        """Write the message's record after a delivery: in place while others of its
+        deliveries run (so their results survive a crash), else its next state."""
+        async with a.lock:
+            if a.running > 0:
+                a.path = await self._run_io(self.store.write, a.meta, a.state, a.path)
+                return
+            await self._finish(a)
+
+    async def _finish(self, a: Active) -> None:
+        m = a.meta
+        now = self._clock()
+        try:
+            if a.then == "delete":
+                await self._run_io(self.store.remove, a.path, m.id)
+                log.info("%s: removed (elemta queue delete)", m.id)
+                return
+            pending = m.pending()
+            if pending:
+                m.attempts += 1
+                if policy.expired(m.created, now, self.config.delivery.maximal_queue_lifetime):
+                    for r in pending:
+                        r.state = policy.FAILED
+                        reply = Reply(550, f"5.4.7 delivery time expired (last reply: {r.reply})")
+                        self._log_result(m, r.address, "queue", r.relay, reply, policy.FAILED,
+                                         now)
+                else:
+                    m.next_attempt = policy.next_attempt(m.attempts, now, settings_of(self.config),
+                                                         self._rng)
+            if a.then == "hold":
+                await self._run_io(self.store.write, m, "hold", a.path)
+            elif m.pending():
+                await self._run_io(self.store.write, m, "deferred", a.path)
+            elif any(r.state == policy.FAILED for r in m.recipients):
+                await self._run_io(self.store.write, m, "failed", a.path)
+            else:
+                await self._run_io(self.store.remove, a.path, m.id)
+                log.info("%s: removed (delivered to every recipient)", m.id)
+        except OSError as exc:
+            # The record stays where it was: the message is tried again (a duplicate for the
+            # recipients just delivered, the window elemta(8) describes).
+            log.error("%s: cannot record the delivery: %s", m.id, exc)
+        finally:
+            self.active.pop(m.id, None)
+
+    # -- what the admin sees and does ------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The queue's one set of figures (metrics, /api/stats, /health, `elemta queue`)."""
+        c = self.census
+        now = self._clock()
+        messages = dict(c.messages) if c else {}
+        messages["active"] = len(self.active)
+        oldest = None if c is None or c.oldest is None else max(0.0, now - c.oldest)
+        stuck_age = self.config.delivery.stuck_queue_age
+        stuck = []
+        if oldest is not None and oldest > stuck_age:
+            stuck.append(f"oldest queued message is {oldest:.0f}s old")
+        for spec, since in self.failing_since.items():
+            if now - since > stuck_age:
+                stuck.append(f"{spec} deferring every recipient for {now - since:.0f}s")
+        return {"messages": messages, "bytes": c.bytes if c else 0,
+                "oldest_age_seconds": oldest,
+                "concurrency": {"limit": self.limit, "running": self.running},
+                "stuck": stuck}
+
+    async def listing(self, limit: int = 1000) -> dict[str, Any]:
+        entries, total = await self._run_io(self._list, limit)
+        return {"total": total, "messages": entries}
+
+    def _list(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        out: list[dict[str, Any]] = []
+        total = 0
+        now = self._clock()
+        for state, path in self.store.records():
+            total += 1
+            if len(out) >= limit:
+                continue
+            try:
+                meta = self.store.read(path)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+            out.append(describe(meta, "active" if meta.id in self.active else state, now))
+        return out, total
+
+    async def show(self, qid: str) -> dict[str, Any] | None:
+        if not valid_id(qid):
+            return None
+        if qid in self.active:
+            return describe(self.active[qid].meta, "active", self._clock())
+        found = await self._run_io(self.store.locate, qid)
+        if found is None:
+            return None
+        state, path = found
+        meta = await self._run_io(self.store.read, path)
+        return describe(meta, state, self._clock())
+
+    async def act(self, verb: str, qid: str | None) -> str:
+        """flush [ID], delete ID, hold ID, release ID: a one-line answer (KeyError: no such
+        message; ValueError: not possible in its state)."""
+        if verb == "flush" and qid is None:
+            n = await self._run_io(self.store.flush_deferred)
+            self.wake()
+            return f"{n} deferred message(s) scheduled now"
+        if qid is None or not valid_id(qid):
+            raise KeyError(qid)
+        a = self.active.get(qid)
+        if a is not None:
+            if verb in ("delete", "hold"):
+                a.then = verb
+                return f"{qid}: being delivered; {verb} applies when this attempt ends"
+            return f"{qid}: being delivered now"
+        found = await self._run_io(self.store.locate, qid)
+        if found is None:
+            raise KeyError(qid)
+        state, path = found
+        meta = await self._run_io(self.store.read, path)
+        if verb == "delete":
+            await self._run_io(self.store.remove, path, qid)
+            return f"{qid}: deleted"
+        if verb == "hold":
+            if state == "hold":
+                return f"{qid}: already on hold"
+            if state == "failed":
+                raise ValueError(f"{qid}: failed, nothing to hold")
+            await self._run_io(self.store.write, meta, "hold", path)
+            return f"{qid}: on hold"
+        if verb in ("release", "flush"):
+            if verb == "release" and state != "hold":
+                raise ValueError(f"{qid}: not on hold")
+            if state == "failed":
+                raise ValueError(f"{qid}: failed, no recipient left to try")
+            if state != "incoming":
+                await self._run_io(self.store.write, meta, "incoming", path)
+            self.wake()
+            return f"{qid}: scheduled now"
+        raise ValueError(f"unknown verb {verb!r}")
+
+
+def describe(meta: Meta, state: str, now: float) -> dict[str, Any]:
+    return {"id": meta.id, "state": state, "age": round(max(0.0, now - meta.created), 1),
+            "size": meta.size, "sender": meta.sender, "attempts": meta.attempts,
+            "next_attempt": meta.next_attempt or None,
+            "recipients": [{"address": r.address, "state": r.state, "transport": r.transport,
+                            "reply": r.reply, "relay": r.relay} for r in meta.recipients]}

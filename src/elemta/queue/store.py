@@ -1,0 +1,265 @@
+"""The queue on disk. Blocking: every function here runs on an executor thread.
+
+    <queue_dir>/tmp/                 files being written (never read as queue state)
+    <queue_dir>/body/<id>            the message: CRLF, not dot-stuffed, trace header on top
+    <queue_dir>/incoming/<id>        meta record of a message due now (new, flushed, released)
+    <queue_dir>/deferred/<b>/<id>    meta record of a message due at bucket b (policy.BUCKET)
+    <queue_dir>/hold/<id>            meta record of a message on hold (never tried)
+    <queue_dir>/failed/<id>          meta record of a message no recipient of which is pending
+                                     and at least one failed (kept for the admin / the bounce)
+
+A message's state is where its meta record is. Two files, not one: the body is written once and
+never again, the small meta record is replaced atomically at every state change (temp file,
+fsync, rename, directory fsync), so a change costs one small file's fsync instead of rewriting
+the message. Accepting costs the body's fdatasync, the meta's fsync and the fsyncs of body/ and
+incoming/ (shared by concurrent accepts: DirSync). Each record has a sequence number: a crash
+between a move's rename and its unlink leaves two records of one message, and the higher wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..store.maildir import DirSync, SpoolFile, _fsync_dir
+from . import policy
+
+STATES = ("incoming", "deferred", "hold", "failed")
+_ID = re.compile(r"[0-9A-F]{12}")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def valid_id(qid: str) -> bool:
+    return _ID.fullmatch(qid) is not None
+
+
+@dataclass
+class Recipient:
+    address: str
+    transport: str  # the spec that delivers it
+    state: str = policy.PENDING
+    reply: str = ""  # the last reply, "451 4.4.1 ..." as the server sent it
+    relay: str = ""
+
+
+@dataclass
+class Meta:
+    id: str
+    sender: str
+    created: float
+    size: int
+    recipients: list[Recipient]
+    attempts: int = 0
+    next_attempt: float = 0.0
+    seq: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Meta:
+        raw = json.loads(data)
+        rcpts = [Recipient(**r) for r in raw.pop("recipients")]
+        return cls(recipients=rcpts, **raw)
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == policy.PENDING]
+
+
+@dataclass(frozen=True)
+class Census:
+    """What the queue holds, counted from the directories (no record is read)."""
+
+    messages: dict[str, int]
+    bytes: int
+    oldest: float | None  # creation time (body mtime) of the oldest message
+
+
+@dataclass
+class QueueStore:
+    root: Path
+    dirsync: DirSync = field(default_factory=DirSync)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def init(self) -> None:
+        """Create the layout (durably) and remove what crashed writers left in tmp/."""
+        created = []
+        for sub in ("", "tmp", "body", *STATES):
+            p = self.path(sub) if sub else self.root
+            if not p.is_dir():
+                p.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+                created.append(p)
+        for parent in {p.parent for p in created}:
+            _fsync_dir(parent)
+        for entry in os.scandir(self.path("tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+    # -- one record ------------------------------------------------------------------------
+    def write(self, meta: Meta, state: str, old: Path | None = None) -> Path:
+        """Put `meta` (seq + 1) in `state` atomically; remove the `old` record if elsewhere."""
+        meta.seq += 1
+        dest_dir = self._state_dir(state, meta)
+        if state == "deferred" and not dest_dir.is_dir():
+            dest_dir.mkdir(mode=_DIR_MODE, exist_ok=True)
+            self.dirsync.sync(dest_dir.parent)
+        tmp = self.path("tmp", f"{meta.id}.{os.getpid()}.meta")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            os.write(fd, meta.to_json())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dest = dest_dir / meta.id
+        os.rename(tmp, dest)
+        self.dirsync.sync(dest_dir)
+        if old is not None and old != dest:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+            self.dirsync.sync(old.parent)
+        return dest
+
+    def _state_dir(self, state: str, meta: Meta) -> Path:
+        if state == "deferred":
+            return self.path("deferred", str(policy.bucket_of(meta.next_attempt)))
+        return self.path(state)
+
+    def read(self, path: Path) -> Meta:
+        return Meta.from_json(path.read_bytes())
+
+    def remove(self, meta_path: Path, qid: str) -> None:
+        """The record first, then the body: a crash in between leaves only an orphan body."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(meta_path)
+        self.dirsync.sync(meta_path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path("body", qid))
+
+    def body(self, qid: str) -> Path:
+        return self.path("body", qid)
+
+    def locate(self, qid: str) -> tuple[str, Path] | None:
+        """(state, path) of message `qid`'s record, the newest if a crash left two."""
+        found: list[tuple[int, str, Path]] = []
+        candidates = [(s, self.path(s, qid)) for s in ("incoming", "hold", "failed")]
+        candidates += [("deferred", Path(b.path) / qid) for b in self._buckets()]
+        for state, p in candidates:
+            try:
+                found.append((self.read(p).seq, state, p))
+            except (FileNotFoundError, ValueError, TypeError, KeyError):
+                continue
+        if not found:
+            return None
+        _, state, p = max(found)
+        return state, p
+
+    def _buckets(self) -> list[os.DirEntry[str]]:
+        return [e for e in os.scandir(self.path("deferred")) if e.name.isdigit()]
+
+    # -- the schedule ----------------------------------------------------------------------
+    def due(self, now: float, limit: int, skip: set[str] | frozenset[str]) -> list[Path]:
+        """Up to `limit` records due at `now` and not in `skip`: incoming/ first, then the due
+        deferred buckets, oldest first. Lists only those directories."""
+        out: list[Path] = []
+        if limit <= 0:
+            return out
+        for entry in os.scandir(self.path("incoming")):
+            if entry.name not in skip and valid_id(entry.name):
+                out.append(Path(entry.path))
+                if len(out) >= limit:
+                    return out
+        buckets = {int(b.name): b.path for b in self._buckets()}
+        for b in policy.due_buckets(list(buckets), now):
+            empty = True
+            for entry in os.scandir(buckets[b]):
+                empty = False
+                if entry.name not in skip and valid_id(entry.name):
+                    out.append(Path(entry.path))
+                    if len(out) >= limit:
+                        return out
+            if empty:
+                with contextlib.suppress(OSError):  # a writer may be filling it right now
+                    os.rmdir(buckets[b])
+        return out
+
+    def records(self, states: tuple[str, ...] = STATES) -> Iterator[tuple[str, Path]]:
+        """Every record (for `elemta queue`), streamed: nothing is collected here."""
+        for state in states:
+            if state == "deferred":
+                for b in sorted(self._buckets(), key=lambda e: int(e.name)):
+                    for entry in os.scandir(b.path):
+                        if valid_id(entry.name):
+                            yield state, Path(entry.path)
+            else:
+                for entry in os.scandir(self.path(state)):
+                    if valid_id(entry.name):
+                        yield state, Path(entry.path)
+
+    def flush_deferred(self) -> int:
+        """Every deferred record into incoming/ (retry now); returns how many moved."""
+        moved = 0
+        for b in self._buckets():
+            for entry in os.scandir(b.path):
+                if valid_id(entry.name):
+                    os.rename(entry.path, self.path("incoming", entry.name))
+                    moved += 1
+            self.dirsync.sync(Path(b.path))
+        if moved:
+            self.dirsync.sync(self.path("incoming"))
+        return moved
+
+    def census(self) -> Census:
+        counts = dict.fromkeys(STATES, 0)
+        for state, _ in self.records():
+            counts[state] += 1
+        total, oldest = 0, None
+        for entry in os.scandir(self.path("body")):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            total += st.st_size
+            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        return Census(counts, total, oldest)
+
+
+@dataclass
+class QueueFile(SpoolFile):
+    """A message on its way into the queue: the SMTP side's Spool drives it like a Maildir
+    spool file (append, commit, abort; one job at a time on the commit threads)."""
+
+    store: QueueStore | None = None
+    meta: Meta | None = None
+
+    def commit(self, data: bytes) -> None:
+        """Body fdatasync'd, then the meta record, then both renames and directory fsyncs:
+        only then may the session answer 250. On OSError nothing is left in the queue."""
+        assert self.store is not None and self.meta is not None
+        placed: list[Path] = []
+        try:
+            self.append(data)
+            os.fdatasync(self.fd)
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+            self.meta.size = os.stat(self.tmp).st_size
+            body = self.store.body(self.meta.id)
+            os.rename(self.tmp, body)
+            placed.append(body)
+            self.store.dirsync.sync(body.parent)
+            # The record appears (in incoming/) only once its body is durable.
+            placed.append(self.store.write(self.meta, "incoming"))
+            self.done = True
+        except OSError:
+            for p in reversed(placed):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            self.abort()
+            raise
