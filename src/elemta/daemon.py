@@ -24,6 +24,7 @@ from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
 from .queue import routing
 from .queue import transports as queue_transports
+from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
 from .queue.store import QueueStore
@@ -125,7 +126,9 @@ class Daemon:
         self._report_task: asyncio.Task[None] | None = None
         ctx.admission = self.governor
         d = self.config.delivery
+        mail_dirs = [Path(d.maildir_root)]
         if routing.any_queued(d.transport, d.route):
+            mail_dirs.append(Path(d.queue_dir))
             qstore = QueueStore(Path(d.queue_dir))
             self.queue = Manager(self.config, qstore,
                                  lambda spec: queue_transports.build(spec, store),
@@ -133,6 +136,7 @@ class Daemon:
                                  observer=self.observe.delivery)
             ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
             self.observe.queue = self.queue.stats
+        ctx.disk = DiskWatch(mail_dirs, store.executor)
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
 
@@ -145,6 +149,8 @@ class Daemon:
         self.governor.start()  # first sample (and its log line) before serving
         if self.queue is not None:
             await self.queue.start()
+        assert self.ctx.disk is not None
+        await self.ctx.disk.start()
         # Admin endpoint before SMTP: once "SMTP listening" is logged, /health answers too.
         self.observe.start(self.governor, lambda: self.ctx.draining,
                            serve_http=self.worker is None,
@@ -248,6 +254,8 @@ class Daemon:
             self._report_task.cancel()
         if self.queue is not None:
             await self.queue.stop(QUEUE_STOP_TIMEOUT)
+        if self.ctx.disk is not None:
+            await self.ctx.disk.stop()
         await self.governor.stop()
         await self.systemd.close()
         await asyncio.sleep(0)

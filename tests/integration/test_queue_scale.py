@@ -12,9 +12,10 @@ import os
 import time
 from pathlib import Path
 
+from test_queue_daemon import queue_extra
+
 from daemon import Daemon, rss_of, running, wait_until
 from httpclient import get
-from test_queue_daemon import queue_extra
 
 COUNT = int(os.environ.get("ELEMTA_QUEUE_SCALE", "100000"))
 DUE_NOW = 2000  # in incoming/: the manager takes them into its active set at once

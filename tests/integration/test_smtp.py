@@ -357,7 +357,9 @@ def test_full_disk_gives_452_and_recovers(tmp_path: Path) -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
         pytest.skip("cannot mount tmpfs here")
     try:
-        with running(tmp_path) as d:
+        # queue_minfree off: this is the store's own failure path on a 1 MiB filesystem
+        # (test_queue_disk.py has the 452 at MAIL that queue_minfree gives first).
+        with running(tmp_path, "[delivery]\nqueue_minfree = 0\n") as d:
             assert d.send("first@example.test", MSG) == {}
             filler = mnt / "filler"
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT)

@@ -24,6 +24,7 @@ from .. import __version__
 from ..config import Config
 from ..events import emit
 from ..memory.refusal import Refusal
+from ..queue.disk import DiskWatch, declared_size
 from ..queue.intake import QueueIntake
 from ..recipients import RecipientRefusal, Recipients
 from ..sessionboard import SessionBoard
@@ -141,6 +142,8 @@ class SmtpContext:
     recipients: Recipients = field(init=False)
     # Set when a queued transport is configured: messages for it go to the queue.
     queue: QueueIntake | None = None
+    # Free space of the mail filesystems, sampled off the loop ([delivery] queue_minfree).
+    disk: DiskWatch | None = None
 
     def __post_init__(self) -> None:
         self.handler = Handler(self)  # stateless: one for all sessions, not one each
@@ -189,6 +192,11 @@ class Handler:
         refusal = self.ctx.admission.command("MAIL", server.held_bytes)
         if refusal is not None:
             return refusal_reply(refusal)
+        if self.ctx.disk is not None:
+            no_space = self.ctx.disk.refusal(self.ctx.config.delivery.queue_minfree,
+                                             declared_size(options))
+            if no_space is not None:
+                return no_space
         if any(c < " " or c == "\x7f" for c in address):
             return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
