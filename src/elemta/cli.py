@@ -1,4 +1,4 @@
-"""Command line: elemta serve | check-config | stats | mailbox add/list | --version."""
+"""Command line: elemta serve | check-config | stats | queue | mailbox add/list | --version."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    queue = sub.add_parser(
+        "queue", help="list or act on the running daemon's delivery queue (like mailq, "
+        "postqueue and postsuper), through its admin endpoint")
+    queue.add_argument("verb", nargs="?", default="list",
+                       choices=("list", "show", "flush", "delete", "hold", "release"),
+                       help="list (default); show ID; flush [ID] (retry now); delete ID; "
+                       "hold ID; release ID")
+    queue.add_argument("id", nargs="?", metavar="ID", help="queue id (12 hex digits)")
+    queue.add_argument("--api", metavar="URL",
+                       help="admin endpoint base URL (default: from [api] listen in the config)")
+    queue.add_argument("--json", action="store_true", help="print the raw JSON document")
+    queue.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     mailbox = sub.add_parser(
         "mailbox", help="create or list mailboxes (with the default [delivery] recipients = "
         "\"maildir\", only these receive mail)")
@@ -133,6 +145,51 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # `elemta stats | head`: as the Python docs advise, no second
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # error at exit
+    return EXIT_OK
+
+
+def queue(verb: str, qid: str | None, api: str | None, path: str | None, as_json: bool) -> int:
+    from .observe import statsview
+    from .queue import view
+
+    if verb in ("show", "delete", "hold", "release") and not qid:
+        print(f"elemta: queue {verb} needs a queue ID", file=sys.stderr)
+        return EXIT_CONFIG
+    if verb == "list" and qid:
+        verb = "show"
+    token = None
+    if api is None or path is not None:
+        cfg = _load(path)
+        if cfg is None:
+            return EXIT_CONFIG
+        api = api or statsview.default_url(cfg.api.listen)
+        try:
+            token = runtime.api_token(cfg.api.token_file)
+        except runtime.SetupError as exc:
+            print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+    method, sub = {"list": ("GET", ""), "show": ("GET", f"/{qid}"),
+                   "flush": ("POST", f"/{qid}/flush" if qid else "/flush")}.get(
+        verb, ("POST", f"/{qid}/{verb}"))
+    try:
+        doc = view.request(api, method, sub, token)
+    except view.QueueError as exc:
+        print(f"elemta: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if as_json:
+        text = json.dumps(doc, indent=2) + "\n"
+    elif verb == "list":
+        text = view.render_list(doc)
+    elif verb == "show":
+        text = view.render_message(doc)
+    else:
+        text = str(doc.get("result", "")) + "\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
@@ -249,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "stats":
         return stats(args.api, args.config, args.json)
+    if args.command == "queue":
+        return queue(args.verb, args.id, args.api, args.config, args.json)
     if args.command == "mailbox":
         return mailbox(args.action, args.config, getattr(args, "addresses", ()),
                        getattr(args, "count", False))

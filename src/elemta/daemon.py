@@ -24,6 +24,7 @@ from .observe.service import Observability
 from .observe.systemd import SystemdNotifier
 from .queue import routing
 from .queue import transports as queue_transports
+from .queue.admin import QueueAdmin
 from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
@@ -156,6 +157,8 @@ class Daemon:
                            serve_http=self.worker is None,
                            sock=self.inherited_api[0] if self.inherited_api else None)
         loop = asyncio.get_running_loop()
+        if self.queue is not None and self.observe.server is not None:
+            self.observe.server.app.queue = QueueAdmin(self.queue, loop)
         # Handlers before the first "SMTP listening" line: whoever saw it may signal us at once.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)

@@ -70,6 +70,18 @@ class AdminApp:
         }
         if profiler is not None:
             self.routes["/debug/pprof/heap"] = self._heap
+        # The queue's admin requests (queue.admin.QueueAdmin), when a queue is configured:
+        # (method, path below /api/queue) -> (status, JSON body).
+        self.queue: Callable[[str, str], tuple[int, dict[str, Any]]] | None = None
+
+    def queue_route(self, method: str, path: str) -> tuple[int, str, bytes] | None:
+        """/api/queue[/...]: the answer, or None for any other path."""
+        if path != "/api/queue" and not path.startswith("/api/queue/"):
+            return None
+        if self.queue is None:
+            return 404, TEXT, b"no queue: [delivery] transport and routes are all maildir\n"
+        code, body = self.queue(method, path[len("/api/queue"):])
+        return code, JSON, _json(body)
 
     def _metrics(self, query: dict[str, list[str]], accept: str) -> tuple[int, str, bytes]:
         encoder, content_type = choose_encoder(accept)
@@ -142,11 +154,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized(url.path, head):
             return
         route = self.server.app.routes.get(url.path)
-        if route is None:
-            self._send(404, TEXT, f"not found: {url.path}\n".encode(), head=head)
-            return
         try:
-            code, content_type, body = route(parse_qs(url.query), self.headers.get("Accept", ""))
+            queued = self.server.app.queue_route("GET", url.path)
+            if queued is not None:
+                code, content_type, body = queued
+            elif route is None:
+                self._send(404, TEXT, f"not found: {url.path}\n".encode(), head=head)
+                return
+            else:
+                code, content_type, body = route(parse_qs(url.query),
+                                                 self.headers.get("Accept", ""))
         except Exception as exc:  # one line for the client; the log gets the details
             log.error("GET %s failed: %s", url.path, exc, exc_info=True)
             self._send(500, TEXT, b"internal error\n", head=head)
@@ -158,6 +175,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._get(head=True)
+
+    def do_POST(self) -> None:
+        """The queue's mutating verbs; every other path refuses POST as before."""
+        path = urlsplit(self.path).path
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and 0 < int(length) <= 4096:
+            self.rfile.read(int(length))  # no body is used; read it so the reply is not reset
+        elif length != "0":
+            self.close_connection = True  # an unread body must not be taken for a request
+        if not self._authorized(path):
+            return
+        try:
+            queued = self.server.app.queue_route("POST", path)
+        except Exception as exc:
+            log.error("POST %s failed: %s", path, exc, exc_info=True)
+            self._send(500, TEXT, b"internal error\n")
+            return
+        if queued is None:
+            self._not_allowed()
+            return
+        self._send(*queued)
 
     def _not_allowed(self) -> None:
         path = urlsplit(self.path).path

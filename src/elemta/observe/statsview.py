@@ -120,6 +120,15 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     replies = smtp.get("replies", {})
     if replies:
         out.append(("replies", ", ".join(f"{k}: {v}" for k, v in replies.items())))
+    q = doc.get("queue")
+    if q:
+        oldest = q.get("oldest_age_seconds")
+        out.append(("queue", ", ".join(f"{n} {state}" for state, n in q["messages"].items())
+                    + f"; {mib(q['bytes'])}; oldest "
+                    + ("-" if oldest is None else _duration(oldest))))
+        c = q["concurrency"]
+        out.append(("deliveries", f"{c['running']} running of {c['limit']} allowed"
+                    + ("; stuck: " + "; ".join(q["stuck"]) if q["stuck"] else "")))
     loop = doc.get("event_loop", {})
     out.append(("event loop", f"heartbeat {loop.get('heartbeat_age_seconds', 0):.1f}s ago"))
     return out
