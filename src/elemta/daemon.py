@@ -170,11 +170,11 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
         self.systemd.reloading()
-        outcome = reload_config(self.config)
+        outcome = reload_config(self.config, self.worker.shape if self.worker else lambda c: c)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
-            new = self.worker.shape(outcome.config) if self.worker else outcome.config
+            new = outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
             reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
