@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -296,3 +298,52 @@ def test_parse_transport_errors(spec: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("(", r"\(")):
         parse_transport(spec)
 
+
+
+RSS_CHILD = r"""
+import asyncio, sys, time
+from pathlib import Path
+from elemta.delivery.base import Envelope
+from elemta.delivery.lmtp import LmtpTransport
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+async def main(spec, small, big):
+    t = LmtpTransport(spec)
+    env = lambda p: Envelope(p.stem, "a@example.org", ("bob@example.test",), p, p.stat().st_size)
+    # warm-up: imports, executor threads, the connection, the first buffers
+    assert (await t.deliver(env(Path(small))))[0].reply.code == 250
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = status("VmRSS")
+    start = time.monotonic()
+    [r] = await t.deliver(env(Path(big)))
+    took = time.monotonic() - start
+    peak = status("VmHWM")
+    await t.close()
+    print(r.reply.code, base, peak, took)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_50_mib_message_costs_under_2_mib_rss(dc: Dovecot, tmp_path: Path) -> None:
+    big = tmp_path / "big.eml"
+    with open(big, "wb") as f:
+        f.write(b"Subject: big\r\n\r\n")
+        line = b".x" + b"y" * 74 + b"\r\n"  # every line stuffed: the slow path
+        f.write(line * (50 * 1024 * 1024 // len(line)))
+    small, _ = body_file(tmp_path)
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, dc.tcp, str(small), str(big)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    code, base, peak, took = out.split()
+    grew = int(peak) - int(base)
+    print(f"50 MiB via LMTP: RSS {int(base) / 2**20:.1f} MiB, peak +{grew / 2**10:.0f} KiB, "
+          f"{float(took):.2f} s ({50 / float(took):.0f} MiB/s)")
+    assert code == "250"
+    assert grew < 2 * 2**20, f"peak RSS grew by {grew / 2**20:.1f} MiB"
+    [copy] = [m for m in dc.messages("bob") if len(m) > 50_000_000]
+    assert copy.count(b"\n.x") == 50 * 1024 * 1024 // len(line)
