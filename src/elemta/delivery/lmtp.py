@@ -181,7 +181,7 @@ class Refused(Exception):
         self.reply = reply
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" says less
     if isinstance(exc, TimeoutError):
@@ -356,7 +356,7 @@ class LmtpTransport:
                 self._fill(envelope, results, exc.reply, conn)
             except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError) as exc:
                 status = "4.4.1" if conn is None else "4.4.2"
-                self._fill(envelope, results, Reply(451, f"{status} {what}: {_reason(exc)}"),
+                self._fill(envelope, results, Reply(451, f"{status} {what}: {reason(exc)}"),
                            conn)
             finally:
                 if conn is not None:
