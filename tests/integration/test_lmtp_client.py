@@ -347,3 +347,19 @@ def test_50_mib_message_costs_under_2_mib_rss(dc: Dovecot, tmp_path: Path) -> No
     assert grew < 2 * 2**20, f"peak RSS grew by {grew / 2**20:.1f} MiB"
     [copy] = [m for m in dc.messages("bob") if len(m) > 50_000_000]
     assert copy.count(b"\n.x") == 50 * 1024 * 1024 // len(line)
+
+
+def test_bare_lf_cannot_truncate_or_desync(dc: Dovecot, tmp_path: Path) -> None:
+    """Dovecot, like Postfix, ends a line at a bare LF: "\\n.\\n" in a body would end DATA
+    early there and the rest would be read as commands. RFC 5321 2.3.8: a client sends line
+    ends only as CRLF, so the stream turns a bare LF into CRLF (and stuffs the line after it)."""
+    marker = uuid.uuid4().hex.encode()
+    text = b"Subject: " + marker + b"\r\n\r\nx\n.\nafter\n.y\r\nlast\r\n"
+    p1, _ = body_file(tmp_path, text)
+    p2, b2 = body_file(tmp_path)
+    results, t = deliver(dc.tcp, envelope(p1, ["dave@example.test"]),
+                         envelope(p2, ["dave@example.test"]))
+    assert [[r.reply.code for r in rs] for rs in results] == [[250], [250]], results
+    [copy] = [m for m in dc.messages("dave") if marker in m]
+    assert copy.endswith(b"\n\nx\n.\nafter\n.y\nlast\n"), copy
+    assert len(stored(dc, "dave", b2)) == 1 and t.stats.connections == 1

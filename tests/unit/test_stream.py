@@ -1,7 +1,10 @@
 """Dot-stuffing on the fly: what the stream sends decodes, with elemta's own DATA decoder, to
-exactly the body (plus the CRLF the stream adds when the body did not end with one)."""
+exactly the body, except that a bare LF goes out as CRLF (RFC 5321 2.3.8) and a body that does
+not end with CRLF gets one."""
 
 from __future__ import annotations
+
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +32,8 @@ def decode(wire: bytes, step: int) -> bytes:
 
 
 def expected(body: bytes) -> bytes:
+    """The body with each bare LF made CRLF, ending with CRLF (unless empty)."""
+    body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
     return body if body == b"" or body.endswith(b"\r\n") else body + b"\r\n"
 
 
@@ -47,7 +52,9 @@ def test_first_line_and_boundary_dots() -> None:
     assert stuff(b".a\r\n") == b"..a\r\n.\r\n"
     assert stuff(b"a\r\n.b\r\n", 3) == b"a\r\n..b\r\n.\r\n"  # "." starts chunk 2
     assert stuff(b"a\r\n.b\r\n", 2) == b"a\r\n..b\r\n.\r\n"  # CR | LF "." across chunks
-    assert stuff(b"a\n.b") == b"a\n.b\r\n.\r\n"  # a bare LF starts no line
+    assert stuff(b"a\n.b") == b"a\r\n..b\r\n.\r\n"  # a bare LF goes out as CRLF
+    assert stuff(b"a\r\n\n.b", 3) == b"a\r\n\r\n..b\r\n.\r\n"  # CRLF split, then bare LF
+    assert stuff(b"a\r.b\r") == b"a\r.b\r\r\n.\r\n"  # a bare CR is data
     assert stuff(b"") == b".\r\n"
     assert stuff(b"x") == b"x\r\n.\r\n"
 

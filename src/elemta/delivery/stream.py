@@ -14,12 +14,14 @@ starting with "." changes the bytes sent), so the file is read either way.
 from __future__ import annotations
 
 import asyncio
+import re
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 64 * 1024
 CRLF = b"\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 END = b".\r\n"
 
 
@@ -35,6 +37,7 @@ class DotStuffer:
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
+        chunk = self._crlf(chunk)
         out = chunk.replace(b"\r\n.", b"\r\n..")
         if chunk[:1] == b"." and self._last2 == CRLF:
             out = b"." + out
@@ -43,6 +46,16 @@ class DotStuffer:
             out = b"\n." + out[1:]
         self._last2 = (self._last2 + chunk)[-2:]
         return out
+
+    def _crlf(self, chunk: bytes) -> bytes:
+        """A bare LF becomes CRLF (RFC 5321 2.3.8: line ends go out only as CRLF). Dovecot and
+        Postfix end a line at a bare LF, so sent as-is "\n.\n" would end DATA early there."""
+        joined = chunk[:1] == b"\n" and self._last2[-1:] == b"\r"  # CR | LF across chunks
+        if chunk.count(b"\n") == chunk.count(b"\r\n") + joined:
+            return chunk  # the usual case, two memchr-speed counts
+        if joined:
+            return b"\n" + _BARE_LF.sub(b"\r\n", chunk[1:])
+        return _BARE_LF.sub(b"\r\n", chunk)
 
     def finish(self) -> bytes:
         """CRLF when the body did not end with one (the end marker must start a line), then "."."""
