@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import dovecot
 from dovecot import Dovecot
 from elemta.delivery.base import Envelope, RecipientResult
-from elemta.delivery.lmtp import LmtpTransport, TransportSpec, parse_transport
+from elemta.delivery.lmtp import LmtpTransport, Timeouts, TransportSpec, parse_transport
 
 ALL = tuple(f"{u}@example.test" for u in ("alice", "bob", "dave"))
 
@@ -186,20 +187,25 @@ def test_garbage_and_421(tmp_path: Path) -> None:
     """A peer that is not an LMTP server: each kind of failure is a 4xx per recipient."""
     path, _ = body_file(tmp_path)
 
-    async def serve(script: list[bytes]) -> list[RecipientResult]:
+    heard: list[bytes] = []
+
+    async def serve(script: list[bytes], timeouts: Timeouts | None = None,
+                    eight_bit: bool = False) -> list[RecipientResult]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             for out in script:
                 if out:
                     w.write(out)
                     await w.drain()
-                if await r.readline() == b"":
+                heard.append(await r.readline())
+                if heard[-1] == b"":
                     break
             w.close()
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        t = LmtpTransport(f"lmtp:127.0.0.1:{port}", timeouts=None)
+        t = LmtpTransport(f"lmtp:127.0.0.1:{port}", timeouts=timeouts)
         try:
-            return list(await t.deliver(envelope(path, ["a@x.test", "b@x.test"])))
+            env = replace(envelope(path, ["a@x.test", "b@x.test"]), eight_bit=eight_bit)
+            return list(await t.deliver(env))
         finally:
             await t.close()
             server.close()
@@ -216,6 +222,18 @@ def test_garbage_and_421(tmp_path: Path) -> None:
     got = asyncio.run(serve([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n"]))
     assert [r.reply.code for r in got] == [451, 451]
     assert "lost connection" in got[0].reply.text
+    # SIZE= and BODY=8BITMIME when offered (and, for BODY, when the message was received so)
+    heard.clear()
+    got = asyncio.run(serve([b"220 x\r\n", b"250-x\r\n250-SIZE\r\n250 8BITMIME\r\n",
+                             b"250 ok\r\n"], eight_bit=True))
+    assert heard[1] == f"MAIL FROM:<a@example.org> SIZE={path.stat().st_size} BODY=8BITMIME\r\n".encode()
+    heard.clear()
+    got = asyncio.run(serve([b"220 x\r\n", b"250-x\r\n250 8BITMIME\r\n", b"250 ok\r\n"]))
+    assert heard[1] == b"MAIL FROM:<a@example.org>\r\n"
+    # a server that stops answering: the command timeout, not a hang
+    got = asyncio.run(serve([b"220 x\r\n", b"", b""], Timeouts(command=0.3)))
+    assert [str(r.reply) for r in got] == [
+        f"451 4.4.2 conversation with {got[0].relay}: timed out in reply to LHLO"] * 2, got
 
 
 def test_server_dies_mid_data(tmp_path: Path) -> None:

@@ -152,25 +152,32 @@ def parse_reply_line(line: bytes) -> tuple[int, bool, str]:
 
 async def read_reply(reader: asyncio.StreamReader, timeout: float, what: str) -> ServerReply:
     """One (possibly multi-line, RFC 5321 4.2.1) reply. Raises ProtocolError, TimeoutError."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_lines(reader, what)
+    except TimeoutError:
+        raise TimeoutError(f"timed out {what}") from None
+
+
+async def _read_lines(reader: asyncio.StreamReader, what: str) -> ServerReply:
     lines: list[str] = []
     code = 0
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                raw = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                raise ProtocolError(f"lost connection {what}") from exc
-            except asyncio.LimitOverrunError as exc:
-                raise ProtocolError(f"reply line too long {what}") from exc
-            this, last, text = parse_reply_line(raw.rstrip(b"\r\n"))
-            if code and this != code:
-                raise ProtocolError(f"reply codes {code} and {this} mixed in one reply {what}")
-            code = this
-            lines.append(text)
-            if last:
-                return ServerReply(code, tuple(lines))
-            if len(lines) >= REPLY_LINES_LIMIT:
-                raise ProtocolError(f"reply of more than {REPLY_LINES_LIMIT} lines {what}")
+    while True:
+        try:
+            raw = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(f"lost connection {what}") from exc
+        except asyncio.LimitOverrunError as exc:
+            raise ProtocolError(f"reply line too long {what}") from exc
+        this, last, text = parse_reply_line(raw.rstrip(b"\r\n"))
+        if code and this != code:
+            raise ProtocolError(f"reply codes {code} and {this} mixed in one reply {what}")
+        code = this
+        lines.append(text)
+        if last:
+            return ServerReply(code, tuple(lines))
+        if len(lines) >= REPLY_LINES_LIMIT:
+            raise ProtocolError(f"reply of more than {REPLY_LINES_LIMIT} lines {what}")
 
 
 class Refused(Exception):
@@ -185,7 +192,7 @@ def reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" says less
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return str(exc) or "timed out"
     return str(exc) or type(exc).__name__
 
 
@@ -221,37 +228,48 @@ class Connection:
         return await read_reply(self.reader, timeout, what)
 
 
-async def connect(spec: TransportSpec, timeouts: Timeouts, lhlo_name: str) -> Connection:
-    """Connected, greeted and LHLO'd. Raises OSError, TimeoutError, ProtocolError or Refused."""
+async def open_connection(spec: TransportSpec, timeouts: Timeouts) -> Connection:
+    """Connected, not yet greeted. Raises OSError or TimeoutError."""
     async with asyncio.timeout(timeouts.connect):
         if spec.path:
             reader, writer = await asyncio.open_unix_connection(spec.path, limit=REPLY_LINE_LIMIT)
         else:
             reader, writer = await asyncio.open_connection(spec.host, spec.port,
                                                            limit=REPLY_LINE_LIMIT)
-    conn = Connection(reader, writer, spec.path)
+    peer = "" if spec.path else "[{}]:{}".format(*writer.get_extra_info("peername"))
+    return Connection(reader, writer, spec.path or spec.host + peer)
+
+
+def _soft(reply: Reply, what: str) -> Reply:
+    """A refusal to talk at all says nothing about the recipients: retry (Postfix defers too)."""
+    return reply if reply.code < 500 else Reply(451, f"4.3.0 refused to talk {what}: {reply}")
+
+
+async def greet(conn: Connection, timeouts: Timeouts, lhlo_name: str) -> None:
+    """The 220 greeting and LHLO. Raises OSError, TimeoutError, ProtocolError or Refused."""
+    banner = await read_reply(conn.reader, timeouts.connect, "while receiving the initial greeting")
+    if banner.code != 220:
+        raise Refused(_soft(banner.reply(), "in the greeting"), "in the initial greeting")
+    peer = conn.relay.find("[")
+    if peer > 0 and banner.lines[0]:  # Postfix's relay= shows the name the server gives
+        conn.relay = banner.lines[0].split()[0] + conn.relay[peer:]
+    lhlo = await conn.command(f"LHLO {lhlo_name}", timeouts.command, "in reply to LHLO")
+    if lhlo.code != 250:
+        raise Refused(_soft(lhlo.reply(), "after LHLO"), "in reply to LHLO")
+    for line in lhlo.lines[1:]:
+        keyword, _, params = line.partition(" ")
+        conn.extensions[keyword.upper()] = params
+
+
+async def connect(spec: TransportSpec, timeouts: Timeouts, lhlo_name: str) -> Connection:
+    """Connected, greeted and LHLO'd. Raises OSError, TimeoutError, ProtocolError or Refused."""
+    conn = await open_connection(spec, timeouts)
     try:
-        address = "" if spec.path else "[{}]:{}".format(*writer.get_extra_info("peername"))
-        conn.relay = spec.path or spec.host + address
-        banner = await read_reply(reader, timeouts.connect, "while receiving the initial greeting")
-        if banner.code != 220:
-            raise Refused(banner.reply(), "in the initial greeting")
-        if address and banner.lines[0]:  # Postfix's relay= shows the name the server gives
-            conn.relay = banner.lines[0].split()[0] + address
-        lhlo = await conn.command(f"LHLO {lhlo_name}", timeouts.command, "in reply to LHLO")
-        if lhlo.code != 250:
-            raise Refused(lhlo.reply(), "in reply to LHLO")
-        for line in lhlo.lines[1:]:
-            keyword, _, params = line.partition(" ")
-            conn.extensions[keyword.upper()] = params
+        await greet(conn, timeouts, lhlo_name)
     except BaseException:
         conn.writer.close()
         raise
     return conn
-
-
-def _needs_8bit(envelope: Envelope) -> bool:
-    return False  # the queue does not record the BODY= yet; 8-bit bodies go as-is, like Postfix
 
 
 def _address(addr: str) -> str:
@@ -265,7 +283,7 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
     mail = f"MAIL FROM:{_address(envelope.sender)}"
     if "SIZE" in conn.extensions:
         mail += f" SIZE={envelope.size}"
-    if "8BITMIME" in conn.extensions and _needs_8bit(envelope):
+    if "8BITMIME" in conn.extensions and envelope.eight_bit:
         mail += " BODY=8BITMIME"
     rcpts = [f"RCPT TO:{_address(r)}" for r in envelope.recipients]
     w = conn.writer
@@ -338,13 +356,12 @@ class LmtpTransport:
         results: dict[int, RecipientResult] = {}
         async with self._slots:
             conn: Connection | None = None
-            what = f"connect to {self.spec.where}"
             try:
                 conn = await self._take()
                 if conn is None:
-                    conn = await connect(self.spec, self.timeouts, self.lhlo_name)
+                    conn = await open_connection(self.spec, self.timeouts)
                     self.stats.connections += 1
-                what = f"conversation with {conn.relay}"
+                    await greet(conn, self.timeouts, self.lhlo_name)
                 before = conn.transactions
                 await transact(conn, envelope, self.timeouts, self.executor, results)
                 if conn.transactions > before:
@@ -355,9 +372,9 @@ class LmtpTransport:
             except Refused as exc:
                 self._fill(envelope, results, exc.reply, conn)
             except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError) as exc:
-                status = "4.4.1" if conn is None else "4.4.2"
-                self._fill(envelope, results, Reply(451, f"{status} {what}: {reason(exc)}"),
-                           conn)
+                what = (f"4.4.1 connect to {self.spec.where}" if conn is None
+                        else f"4.4.2 conversation with {conn.relay}")
+                self._fill(envelope, results, Reply(451, f"{what}: {reason(exc)}"), conn)
             finally:
                 if conn is not None:
                     conn.close()
@@ -366,8 +383,6 @@ class LmtpTransport:
     def _fill(self, envelope: Envelope, results: dict[int, RecipientResult], reply: Reply,
               conn: Connection | None) -> None:
         relay = conn.relay if conn is not None else self.spec.where
-        if reply.code >= 500 and conn is None:
-            reply = Reply(451, f"4.3.0 {reply}")  # a 5xx greeting is no verdict on a recipient
         for i, r in enumerate(envelope.recipients):
             if i not in results:
                 results[i] = RecipientResult(r, reply, relay)
