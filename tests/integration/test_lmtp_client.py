@@ -219,6 +219,10 @@ def test_garbage_and_421(tmp_path: Path) -> None:
     got = asyncio.run(serve([b"220 x\r\n", b"250-x\r\n250 PIPELINING\r\n", b"",
                              b"250 ok\r\n250 ok\r\n421 4.4.2 bye\r\n"]))
     assert [r.reply.code for r in got] == [421, 421], got
+    # a 421 to a pipelined MAIL, then the server hangs up: the 421 is the reason
+    got = asyncio.run(serve([b"220 x\r\n", b"250-x\r\n250 PIPELINING\r\n",
+                             b"421 4.3.2 going down\r\n"]))
+    assert [str(r.reply) for r in got] == ["421 4.3.2 going down"] * 2, got
     got = asyncio.run(serve([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n"]))
     assert [r.reply.code for r in got] == [451, 451]
     assert "lost connection" in got[0].reply.text

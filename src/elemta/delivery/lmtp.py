@@ -291,9 +291,10 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
         w.write("".join(c + "\r\n" for c in [mail, *rcpts]).encode())
         await asyncio.wait_for(w.drain(), timeouts.command)
         replies = [await read_reply(conn.reader, timeouts.command, "in reply to MAIL FROM")]
-        for r in envelope.recipients:
-            replies.append(await read_reply(conn.reader, timeouts.command,
-                                            f"in reply to RCPT TO:<{r}>"))
+        if replies[0].code == 250:  # else the connection is closed unread: the RCPTs got 503s
+            for r in envelope.recipients:
+                replies.append(await read_reply(conn.reader, timeouts.command,
+                                                f"in reply to RCPT TO:<{r}>"))
     else:
         replies = [await conn.command(mail, timeouts.command, "in reply to MAIL FROM")]
         if replies[0].code == 250:
@@ -301,7 +302,6 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
                 replies.append(await conn.command(line, timeouts.command,
                                                   f"in reply to RCPT TO:<{r}>"))
     if replies[0].code != 250:
-        # With PIPELINING the RCPTs were sent anyway; their replies (503s) are read and ignored.
         raise Refused(replies[0].reply(), "in reply to MAIL FROM")
     accepted = []
     for i, rr in enumerate(replies[1:]):
