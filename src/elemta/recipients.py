@@ -58,6 +58,8 @@ class AddressProbe(Protocol):
 
     def forget(self) -> None: ...
 
+    def abandon(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -326,20 +328,35 @@ class Recipients:
         self.map = rmap
         self.cache = cache
         self.probe = probe
+        self._probe_target: str | None = None  # the transport `probe` was made for by _set_probe
 
     @classmethod
     def build(cls, delivery: DeliveryConfig, root: Path, executor: Executor) -> Recipients:
         """Reads the map files: at start (config.load has just checked them) and nowhere else."""
-        probe = None
-        if delivery.recipients == "lmtp":
+        r = cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
+                MailboxCache(root, executor))
+        r._set_probe(delivery)
+        return r
+
+    def _set_probe(self, delivery: DeliveryConfig) -> None:
+        """A probe for recipients = "lmtp", asking [delivery] transport; the old one (if its
+        target changed) closes its connection once its question in flight is answered."""
+        target = getattr(delivery, "transport", "maildir") if delivery.recipients == "lmtp" \
+            else None
+        if target == self._probe_target:
+            return
+        if self.probe is not None:
+            self.probe.abandon()
+        self.probe = None
+        if target is not None:
             from .delivery.probe import LmtpProbe  # only this mode needs the LMTP client
-            probe = LmtpProbe(getattr(delivery, "transport", "maildir"))
-        return cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
-                   MailboxCache(root, executor), probe)
+            self.probe = LmtpProbe(target)
+        self._probe_target = target
 
     def reload(self, delivery: DeliveryConfig) -> None:
         """Re-read the map files (SIGHUP); on OSError/MapError the current maps stay."""
         self.map = load_map(delivery.recipients, delivery.aliases, delivery.domains)
+        self._set_probe(delivery)
         self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
         if self.probe is not None:
             self.probe.forget()

@@ -146,3 +146,36 @@ def test_build_takes_the_transport_for_the_probe(tmp_path: Path) -> None:
         r = Recipients.build(delivery, tmp_path, ex)
     assert isinstance(r.probe, LmtpProbe) and r.probe.spec.path == "/run/dovecot/lmtp"
     assert RecipientRefusal.LOOKUP_FAILED.value == "recipient lookup failed"
+
+
+def test_reload_into_and_out_of_lmtp_mode(dc: Dovecot, tmp_path: Path) -> None:
+    """SIGHUP switching recipients to "lmtp" (or its transport) makes a probe for the new
+    target; switching away closes the old probe's connection."""
+    def delivery(mode: str, transport: str) -> config.DeliveryConfig:
+        d = replace(config.DeliveryConfig(), recipients=mode)
+        object.__setattr__(d, "transport", transport)  # the queue branch's key
+        return d
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as ex:
+            r = Recipients.build(delivery("maildir", "maildir"), tmp_path, ex)
+            try:
+                assert r.probe is None
+                r.reload(delivery("lmtp", dc.tcp))
+                assert await r.resolve(Mailbox("example.test", "alice")) == (
+                    Mailbox("example.test", "alice"),)
+                assert await r.resolve(Mailbox("example.test", "nobody")) is \
+                    RecipientRefusal.UNKNOWN_USER
+                old = r.probe
+                assert isinstance(old, LmtpProbe) and old._conn is not None
+                r.reload(delivery("lmtp", dc.unix))
+                assert r.probe is not old and old._conn is None
+                assert isinstance(r.probe, LmtpProbe) and r.probe.spec.path == dc.socket_path
+                assert await r.resolve(Mailbox("example.test", "bob")) == (
+                    Mailbox("example.test", "bob"),)
+                unix = r.probe
+                r.reload(delivery("maildir", dc.unix))
+                assert r.probe is None and unix._conn is None
+            finally:
+                await r.close()
+    asyncio.run(main())

@@ -82,6 +82,7 @@ class LmtpProbe:
         self.connections = 0  # opened
         self.attempts = 0  # connects tried
         self._down_until = 0.0
+        self._abandoned = False
         self.last_error = ""  # why the last question got no answer (logged, and for tests)
 
     def cached(self, address: str) -> bool | None:
@@ -120,34 +121,48 @@ class LmtpProbe:
                                                        else self.missing_ttl))
         return answer
 
+    def abandon(self) -> None:
+        """No longer used (a reload replaced it): close the connection now, or after the
+        question in flight. Synchronous, for the reload path."""
+        self._abandoned = True
+        if not self._lock.locked():
+            self._close()
+
     async def _ask(self, address: str) -> bool | None:
         async with self._lock:
-            if self._conn is None and self.clock() < self._down_until:
-                return None  # last_error still says why
-            # A kept connection the server has since closed fails at once: ask again on a new one.
-            for attempt in (1, 2):
-                fresh = self._conn is None
-                try:
-                    if self._conn is None:
-                        self.attempts += 1
-                        self._conn = await connect(self.spec, self.timeouts, self.lhlo_name)
-                        self.connections += 1
-                    reply = await self._question(self._conn, address)
-                except (OSError, TimeoutError, ProtocolError, Refused) as exc:
+            try:
+                return await self._ask_locked(address)
+            finally:
+                if self._abandoned:
                     self._close()
-                    if fresh or attempt == 2:
-                        self._down_until = self.clock() + DOWN_TTL
-                        self.last_error = f"{self.spec.where}: {reason(exc)}"
-                        log.warning("recipient probe for <%s> failed: %s", address,
-                                    self.last_error)
-                        return None
-                    continue
-                self.lookups += 1
-                answer = verdict(reply)
-                if answer is None:
-                    self.last_error = f"{self.spec.where}: RCPT TO:<{address}>: {reply}"
-                    log.warning("recipient probe: no verdict: %s", self.last_error)
-                return answer
+
+    async def _ask_locked(self, address: str) -> bool | None:
+        if self._conn is None and self.clock() < self._down_until:
+            return None  # last_error still says why
+        # A kept connection the server has since closed fails at once: ask again on a new one.
+        for attempt in (1, 2):
+            fresh = self._conn is None
+            try:
+                if self._conn is None:
+                    self.attempts += 1
+                    self._conn = await connect(self.spec, self.timeouts, self.lhlo_name)
+                    self.connections += 1
+                reply = await self._question(self._conn, address)
+            except (OSError, TimeoutError, ProtocolError, Refused) as exc:
+                self._close()
+                if fresh or attempt == 2:
+                    self._down_until = self.clock() + DOWN_TTL
+                    self.last_error = f"{self.spec.where}: {reason(exc)}"
+                    log.warning("recipient probe for <%s> failed: %s", address,
+                                self.last_error)
+                    return None
+                continue
+            self.lookups += 1
+            answer = verdict(reply)
+            if answer is None:
+                self.last_error = f"{self.spec.where}: RCPT TO:<{address}>: {reply}"
+                log.warning("recipient probe: no verdict: %s", self.last_error)
+            return answer
         return None  # not reached: the loop returns
 
     async def _question(self, conn: Connection, address: str) -> Reply:
