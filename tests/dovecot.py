@@ -32,10 +32,16 @@ USERS = ("alice", "bob", "carol", "dave")
 DOMAIN = "example.test"
 QUOTA_USER = "carol"
 
-_USERS_FILE = "".join(
-    f"{u}@{DOMAIN}:::::::" + ("userdb_quota_rule=*:storage=1K" if u == QUOTA_USER else "") + "\n"
-    for u in USERS
-)
+
+
+def users_file(quota_field: str) -> str:
+    """passwd-file lines; field 8 holds userdb extras (a 1 KiB quota for QUOTA_USER)."""
+    return "".join(f"{u}@{DOMAIN}:::::::" + (quota_field if u == QUOTA_USER else "") + "\n"
+                   for u in USERS)
+
+
+QUOTA_23 = "userdb_quota_rule=*:storage=1K"
+QUOTA_24 = "userdb_quota_storage_size=1K"
 
 CONFIG_23 = """\
 base_dir = @DIR@/run
@@ -90,12 +96,14 @@ mail_gid = mail
 first_valid_uid = 8
 mail_driver = maildir
 mail_path = @DIR@/mail/%{user}
+mail_inbox_path =
+stats_writer_socket_path =
 @EXTRA@
 mail_plugins {
   quota = yes
 }
 quota "User quota" {
-  driver = maildir
+  driver = count
 }
 passdb passwd-file {
   passwd_file_path = @DIR@/users
@@ -252,10 +260,11 @@ def make(extra: str = "") -> Dovecot:
     for sub in ("run", "state", "mail"):
         (d / sub).mkdir()
     shutil.chown(d / "mail", "mail", "mail")
-    (d / "users").write_text(_USERS_FILE)
+    new = v is not None and v >= (2, 4)
+    (d / "users").write_text(users_file(QUOTA_24 if new else QUOTA_23))
     os.chmod(d / "users", 0o644)
     port = free_port()
-    template = CONFIG_24 if v is not None and v >= (2, 4) else CONFIG_23
+    template = CONFIG_24 if new else CONFIG_23
     (d / "dovecot.conf").write_text(
         template.replace("@DIR@", str(d)).replace("@PORT@", str(port)).replace("@EXTRA@", extra))
     return Dovecot(d, port, extra=extra)
