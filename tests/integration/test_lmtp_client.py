@@ -129,11 +129,13 @@ def test_connection_reused_for_the_next_message(dc: Dovecot, tmp_path: Path) -> 
     p1, _b1 = body_file(tmp_path)
     p2, _b2 = body_file(tmp_path)
     p3, b3 = body_file(tmp_path)
+    connects = dc.log.count("Info: Connect from")
     results, t = deliver(dc.tcp, envelope(p1, ["alice@example.test"]),
                          envelope(p2, ["nobody@example.test"]),  # no DATA, RSET next
                          envelope(p3, ["bob@example.test", "alice@example.test"]))
     assert [[r.reply.code for r in rs] for rs in results] == [[250], [550], [250, 250]]
     assert t.stats.connections == 1 and t.stats.messages == 2 and t.stats.reused == 1
+    assert dc.log.count("Info: Connect from") == connects + 1, "Dovecot saw one connection"
     assert len(stored(dc, "alice", b3)) == 1 and len(stored(dc, "bob", b3)) == 1
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from .base import Envelope, RecipientResult, Reply
+from .base import Envelope, RecipientResult, Reply, Transport
 from .stream import send_body
 
 log = logging.getLogger("elemta.delivery.lmtp")
@@ -439,3 +439,7 @@ class LmtpTransport:
         for conn in idle:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.writer.wait_closed(), 5)
+
+
+def _is_a_transport(t: LmtpTransport) -> Transport:
+    return t  # mypy checks here that LmtpTransport keeps to the queue's Protocol
