@@ -227,6 +227,7 @@ class Daemon:
         if self._report_task is not None:
             self._report_task.cancel()
         await self.governor.stop()
+        await self.ctx.recipients.close()
         await self.systemd.close()
         await asyncio.sleep(0)
         await self.observe.stop()
