@@ -201,7 +201,8 @@ class DeliveryConfig:
     )
     recipients: str = _f(
         "maildir", "recipients", "Who may receive mail: \"maildir\" (mailboxes that exist), "
-        "\"file:PATH\" (one address or @domain per line) or \"any\""
+        "\"file:PATH\" (one address or @domain per line), \"lmtp\" (ask the LMTP server of "
+        "[delivery] transport at RCPT) or \"any\""
     )
     aliases: str = _f("", "str", "Alias file, \"address: mailbox, mailbox\" per line (empty: none)")
     transport: str = _f(
@@ -482,7 +483,9 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
         problems.extend(_tls_problems(cfg.tls, where))
         d = cfg.delivery
         problems.extend(f"{where('delivery', key)}: {problem}"
-                        for key, problem in recipients.problems(d.recipients, d.aliases, d.domains))
+                        for key, problem in recipients.problems(
+                            d.recipients, d.aliases, d.domains,
+                            getattr(d, "transport", "maildir")))
         if not is_loopback(cfg.api.listen) and not cfg.api.token_file:
             problems.append(
                 f"{where('api', 'listen')}: {cfg.api.listen} is not a loopback address: set "

@@ -199,11 +199,11 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
         self.systemd.reloading()
-        outcome = reload_config(self.config)
+        outcome = reload_config(self.config, self.worker.shape if self.worker else lambda c: c)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
-            new = self.worker.shape(outcome.config) if self.worker else outcome.config
+            new = outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
             reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
@@ -260,6 +260,7 @@ class Daemon:
         if self.ctx.disk is not None:
             await self.ctx.disk.stop()
         await self.governor.stop()
+        await self.ctx.recipients.close()
         await self.systemd.close()
         await asyncio.sleep(0)
         await self.observe.stop()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .store.maildir import Mailbox, mailbox_path
 
@@ -32,7 +32,7 @@ POSTMASTER = "postmaster"
 
 if TYPE_CHECKING:
     from .config import DeliveryConfig
-MODES = ("maildir", "any", "file:PATH")
+MODES = ("maildir", "any", "file:PATH", "lmtp")
 
 
 class RecipientRefusal(enum.Enum):
@@ -41,12 +41,26 @@ class RecipientRefusal(enum.Enum):
     BAD_SYNTAX = "bad syntax"
     FOREIGN_DOMAIN = "not one of our domains"
     UNKNOWN_USER = "user unknown"
+    LOOKUP_FAILED = "recipient lookup failed"  # "lmtp": the server could not be asked
 
 
 class Lookup(enum.Enum):
     """`decide` cannot answer alone: the mailbox is accepted if its Maildir exists."""
 
     MAILDIR = "ask the maildir"
+    LMTP = "ask the lmtp server"
+
+
+class AddressProbe(Protocol):
+    """recipients = "lmtp" (delivery/probe.py's LmtpProbe): None when it could not ask."""
+
+    async def exists(self, address: str) -> bool | None: ...
+
+    def forget(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def parse_mailbox(address: str, domains: Collection[str]) -> Mailbox | RecipientRefusal:
@@ -90,19 +104,19 @@ Aliases = Mapping[Mailbox, tuple[Mailbox, ...]]
 
 @dataclass(frozen=True)
 class RecipientMap:
-    mode: str  # "maildir", "any" or "file"
+    mode: str  # "maildir", "any", "file" or "lmtp"
     table: RecipientTable = field(default_factory=RecipientTable)
     aliases: Aliases = field(default_factory=dict)
     description: str = ""  # for the start and reload log lines
 
 
 def parse_mode(value: object) -> str:
-    """[delivery] recipients: "maildir", "any" or "file:PATH" (checked, not read, here)."""
+    """[delivery] recipients: "maildir", "any", "file:PATH" (checked, not read, here) or "lmtp"."""
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
-    if value in ("maildir", "any") or (value.startswith("file:") and value[5:].strip()):
+    if value in ("maildir", "any", "lmtp") or (value.startswith("file:") and value[5:].strip()):
         return value
-    raise ValueError(f"must be \"maildir\", \"any\" or \"file:PATH\", got {value!r}")
+    raise ValueError(f"must be \"maildir\", \"any\", \"file:PATH\" or \"lmtp\", got {value!r}")
 
 
 def table_path(mode: str) -> str | None:
@@ -211,14 +225,21 @@ def load_map(mode: str, aliases_path: str, domains: Collection[str]) -> Recipien
                 f"{len(table.catchall)} catch-all domain(s))")
     elif mode == "maildir":
         what = "maildir (existing mailboxes only)"
+    elif mode == "lmtp":
+        what = "lmtp (asked of the LMTP server at RCPT)"
     aliases = parse_aliases(_read(aliases_path), aliases_path, domains) if aliases_path else {}
     shown = f"{len(aliases)} alias(es) from {aliases_path}" if aliases_path else "no aliases"
     return RecipientMap("file" if path is not None else mode, table, aliases, f"{what}; {shown}")
 
 
-def problems(mode: str, aliases_path: str, domains: Collection[str]) -> list[tuple[str, str]]:
+def problems(mode: str, aliases_path: str, domains: Collection[str],
+             transport: str = "maildir") -> list[tuple[str, str]]:
     """("key", problem) for each map file that cannot be read or parsed: config errors."""
     out: list[tuple[str, str]] = []
+    if mode == "lmtp" and not transport.startswith("lmtp:"):
+        out.append(("recipients", f"\"lmtp\" asks the LMTP server, but [delivery] transport is "
+                                  f"{transport!r}: set transport = \"lmtp:HOST:PORT\" or "
+                                  "\"lmtp:unix:/path\""))
     for key, path, parse in (("recipients", table_path(mode), parse_table),
                              ("aliases", aliases_path or None, parse_aliases)):
         if path is None:
@@ -245,6 +266,8 @@ def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | RecipientR
         if box in rmap.table.addresses or box.domain in rmap.table.catchall:
             return (box,)
         return RecipientRefusal.UNKNOWN_USER
+    if rmap.mode == "lmtp":
+        return Lookup.LMTP
     return Lookup.MAILDIR
 
 
@@ -297,25 +320,58 @@ class MailboxCache:
 
 
 class Recipients:
-    """What the SMTP layer asks at RCPT: the current maps plus the Maildir cache."""
+    """What the SMTP layer asks at RCPT: the current maps plus the Maildir cache (or the
+    LMTP probe for recipients = "lmtp")."""
 
-    def __init__(self, rmap: RecipientMap, cache: MailboxCache) -> None:
+    def __init__(self, rmap: RecipientMap, cache: MailboxCache,
+                 probe: AddressProbe | None = None) -> None:
         self.map = rmap
         self.cache = cache
+        self.probe = probe
+        self._probe_target: str | None = None  # the transport `probe` was made for by _set_probe
 
     @classmethod
     def build(cls, delivery: DeliveryConfig, root: Path, executor: Executor) -> Recipients:
         """Reads the map files: at start (config.load has just checked them) and nowhere else."""
-        return cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
-                   MailboxCache(root, executor))
+        r = cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
+                MailboxCache(root, executor))
+        r._set_probe(delivery)
+        return r
+
+    def _set_probe(self, delivery: DeliveryConfig) -> None:
+        """A probe for recipients = "lmtp", asking [delivery] transport; the old one (if its
+        target changed) closes its connection once its question in flight is answered."""
+        target = getattr(delivery, "transport", "maildir") if delivery.recipients == "lmtp" \
+            else None
+        if target == self._probe_target:
+            return
+        if self.probe is not None:
+            self.probe.abandon()
+        self.probe = None
+        if target is not None:
+            from .delivery.probe import LmtpProbe  # only this mode needs the LMTP client
+            self.probe = LmtpProbe(target)
+        self._probe_target = target
 
     def reload(self, delivery: DeliveryConfig) -> None:
         """Re-read the map files (SIGHUP); on OSError/MapError the current maps stay."""
         self.map = load_map(delivery.recipients, delivery.aliases, delivery.domains)
+        self._set_probe(delivery)
         self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
+        if self.probe is not None:
+            self.probe.forget()
 
     async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
         verdict = decide(self.map, box)
+        if verdict is Lookup.LMTP:
+            found = await self.probe.exists(str(box)) if self.probe is not None else None
+            if found is None:
+                return RecipientRefusal.LOOKUP_FAILED
+            return (box,) if found else RecipientRefusal.UNKNOWN_USER
         if verdict is not Lookup.MAILDIR:
             return verdict
         return (box,) if await self.cache.exists(box) else RecipientRefusal.UNKNOWN_USER
+
+    async def close(self) -> None:
+        if self.probe is not None:
+            await self.probe.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,10 @@ def merge(old: config.Config, new: config.Config) -> config.Config:
     return config.Config(**sections, source=new.source)
 
 
-def reload_config(current: config.Config) -> ReloadOutcome:
+def reload_config(current: config.Config,
+                  shape: Callable[[config.Config], config.Config] = lambda c: c) -> ReloadOutcome:
+    """Load the file again. `shape` turns it into what this process runs (a worker's share of
+    the caps), so that only keys the administrator changed are reported as changed."""
     path = _path_of(current)
     shown = path or str(config.DEFAULT_CONFIG_PATH)
     try:
@@ -76,6 +80,7 @@ def reload_config(current: config.Config) -> ReloadOutcome:
     problems = runtime.problems(new)  # a certificate or token file that would not load
     if problems:
         return ReloadOutcome(shown, None, tuple(problems))
+    new = shape(new)
     changes = diff(current, new)
     restart = tuple(c for c in changes if tuple(c.split(".", 1)) in RESTART_ONLY)
     live = tuple(c for c in changes if c not in restart)

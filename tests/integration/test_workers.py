@@ -308,3 +308,13 @@ def test_heap_profile_comes_from_the_workers(tmp_path: Path) -> None:
         finally:
             for s in held:
                 s.close()
+
+
+def test_a_reload_that_changes_nothing_says_so_in_every_worker(daemon: Daemon) -> None:
+    # Each worker runs its share of max_goroutines; compared with the file as it stands, that
+    # share used to be reported as a changed key on every reload.
+    daemon.proc.send_signal(signal.SIGHUP)
+    for index in (1, 2):
+        daemon.wait_for_log(f"worker {index}: configuration reloaded")
+    lines = [ln for ln in daemon.log.splitlines() if "configuration reloaded" in ln]
+    assert len(lines) == 2 and all("nothing changed" in ln for ln in lines), lines

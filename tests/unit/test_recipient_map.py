@@ -114,7 +114,7 @@ def test_map_file_problems_name_config_file_key_and_map_line(tmp_path: Path) -> 
         f"{path}:3: [delivery] aliases: {bad}:2: expected \"address: mailbox, mailbox\"",
     ]
     path.write_text('[delivery]\nrecipients = "everyone"\n')
-    with pytest.raises(config.ConfigError, match=r"recipients: must be \"maildir\", \"any\" or "):
+    with pytest.raises(config.ConfigError, match=r"recipients: must be \"maildir\", \"any\", "):
         config.load(path)
 
 

@@ -48,6 +48,7 @@ class Envelope:
     recipients: tuple[str, ...]
     body: Path
     size: int  # bytes of the body file
+    eight_bit: bool = False  # received with BODY=8BITMIME: sent on with it where offered
 
 
 class Transport(Protocol):

@@ -17,6 +17,9 @@ def recipient_reply(refusal: RecipientRefusal, box: Mailbox | None = None) -> st
     if refusal is RecipientRefusal.UNKNOWN_USER:
         # Postfix's wording; the address is ours and checked (atext only), safe to echo.
         return f"550 5.1.1 <{box}>: Recipient address rejected: User unknown"
+    if refusal is RecipientRefusal.LOOKUP_FAILED:
+        # RFC 3463 X.4.3 "directory server failure": we could not ask, the address may be fine.
+        return f"451 4.4.3 <{box}>: Recipient address lookup failed, try again later"
     return REPLY_BAD_MAILBOX
 
 

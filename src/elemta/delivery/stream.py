@@ -1,0 +1,107 @@
+"""A body file onto a socket as SMTP/LMTP DATA: dot-stuffed on the fly, in fixed-size chunks.
+
+The queue's body files are CRLF, not dot-stuffed (delivery/base.py). Stuffing is a pure,
+incremental step (`DotStuffer`): a line starts after CRLF (RFC 5321 4.5.2, and what elemta's
+own DataDecoder unstuffs), so a bare LF or CR starts nothing. Only the last two bytes seen are
+carried between chunks, which is all a line start split across a chunk boundary needs.
+
+Reads go to an executor, never the event loop: the read of chunk n+1 runs while chunk n is
+drained into the socket, so the executor costs a thread hop per chunk, not a wait.
+`loop.sendfile` would avoid the copy, but stuffing must look at every byte anyway (a line
+starting with "." changes the bytes sent), so the file is read either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+CRLF = b"\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+END = b".\r\n"
+
+
+class DotStuffer:
+    """Feed the body in chunks of any size; `finish` gives the tail that closes DATA."""
+
+    __slots__ = ("_last2",)
+
+    def __init__(self) -> None:
+        # The CRLF that ends the DATA command line: the body's first line is a line start.
+        self._last2 = CRLF
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        chunk = self._crlf(chunk)
+        out = chunk.replace(b"\r\n.", b"\r\n..")
+        if chunk[:1] == b"." and self._last2 == CRLF:
+            out = b"." + out
+        elif chunk[:2] == b"\n." and self._last2[-1:] == b"\r":
+            # CR in the previous chunk, LF "." in this one: chunk.replace cannot see that pair.
+            out = b"\n." + out[1:]
+        self._last2 = (self._last2 + chunk)[-2:]
+        return out
+
+    def _crlf(self, chunk: bytes) -> bytes:
+        """A bare LF becomes CRLF (RFC 5321 2.3.8: line ends go out only as CRLF). Dovecot and
+        Postfix end a line at a bare LF, so sent as-is "\n.\n" would end DATA early there."""
+        joined = chunk[:1] == b"\n" and self._last2[-1:] == b"\r"  # CR | LF across chunks
+        if chunk.count(b"\n") == chunk.count(b"\r\n") + joined:
+            return chunk  # the usual case, two memchr-speed counts
+        if joined:
+            return b"\n" + _BARE_LF.sub(b"\r\n", chunk[1:])
+        return _BARE_LF.sub(b"\r\n", chunk)
+
+    def finish(self) -> bytes:
+        """CRLF when the body did not end with one (the end marker must start a line), then "."."""
+        return END if self._last2 == CRLF else CRLF + END
+
+
+def stuff(body: bytes, chunk_size: int = CHUNK) -> bytes:
+    """The whole DATA payload for `body` (for tests and small bodies)."""
+    stuffer = DotStuffer()
+    parts = [stuffer.feed(body[i:i + chunk_size]) for i in range(0, len(body), chunk_size)]
+    return b"".join(parts) + stuffer.finish()
+
+
+def _open(path: Path) -> BinaryIO:
+    return open(path, "rb", buffering=0)  # closed by send_body
+
+
+async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor | None,
+                    timeout: float, chunk_size: int = CHUNK) -> int:
+    """Write `path` as DATA content plus the end marker; returns bytes written.
+
+    `timeout` bounds each drain (Postfix's data_xfer timeout is per write, not per message: a
+    large message on a slow link is not an error, a stalled peer is). Raises OSError,
+    TimeoutError or ConnectionError; the caller turns them into per-recipient results.
+    """
+    loop = asyncio.get_running_loop()
+    f = await loop.run_in_executor(executor, _open, path)
+    pending: asyncio.Future[bytes] = loop.run_in_executor(executor, f.read, chunk_size)
+    try:
+        stuffer = DotStuffer()
+        sent = 0
+        while True:
+            chunk = await pending
+            if not chunk:
+                break
+            pending = loop.run_in_executor(executor, f.read, chunk_size)
+            data = stuffer.feed(chunk)
+            writer.write(data)
+            sent += len(data)
+            await asyncio.wait_for(writer.drain(), timeout)
+        tail = stuffer.finish()
+        writer.write(tail)
+        await asyncio.wait_for(writer.drain(), timeout)
+        return sent + len(tail)
+    finally:
+        # A read may still be in flight when the peer failed: let it finish before closing.
+        # (its result or error no longer matters).
+        await asyncio.wait([pending])
+        await loop.run_in_executor(executor, f.close)

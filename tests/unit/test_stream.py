@@ -1,0 +1,65 @@
+"""Dot-stuffing on the fly: what the stream sends decodes, with elemta's own DATA decoder, to
+exactly the body, except that a bare LF goes out as CRLF (RFC 5321 2.3.8) and a body that does
+not end with CRLF gets one."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elemta.delivery.stream import DotStuffer, stuff
+from elemta.smtp.dataparse import DataDecoder, DataState
+
+# Pieces that make every dot/CR/LF arrangement likely; at most 200 of them keep every line
+# under the 1000-octet limit, which the decoder (rightly) enforces.
+PIECES = [b"\r\n", b".", b"\r", b"\n", b"a", b"\r\n.", b"..", b".\r\n", b"\r\n.\r\n"]
+bodies = st.lists(st.sampled_from(PIECES), max_size=200).map(b"".join)
+
+
+def decode(wire: bytes, step: int) -> bytes:
+    decoder = DataDecoder(None)
+    out = []
+    for i in range(0, len(wire), step):
+        got, rest = decoder.feed(wire[i:i + step])
+        out.append(got)
+        if rest is not None:
+            assert rest == b"" and i + step >= len(wire), "end marker before the end"
+            assert decoder.state is DataState.NOMINAL
+            return b"".join(out)
+    raise AssertionError("no end marker")
+
+
+def expected(body: bytes) -> bytes:
+    """The body with each bare LF made CRLF, ending with CRLF (unless empty)."""
+    body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
+    return body if body == b"" or body.endswith(b"\r\n") else body + b"\r\n"
+
+
+@settings(max_examples=2000)
+@given(bodies, st.integers(1, 70), st.integers(1, 70))
+def test_stuffed_stream_decodes_to_the_body(body: bytes, chunk: int, wire_step: int) -> None:
+    assert decode(stuff(body, chunk), wire_step) == expected(body)
+
+
+@given(bodies, st.integers(1, 70))
+def test_chunk_size_does_not_change_the_bytes(body: bytes, chunk: int) -> None:
+    assert stuff(body, chunk) == stuff(body, len(body) + 1)
+
+
+def test_first_line_and_boundary_dots() -> None:
+    assert stuff(b".a\r\n") == b"..a\r\n.\r\n"
+    assert stuff(b"a\r\n.b\r\n", 3) == b"a\r\n..b\r\n.\r\n"  # "." starts chunk 2
+    assert stuff(b"a\r\n.b\r\n", 2) == b"a\r\n..b\r\n.\r\n"  # CR | LF "." across chunks
+    assert stuff(b"a\n.b") == b"a\r\n..b\r\n.\r\n"  # a bare LF goes out as CRLF
+    assert stuff(b"a\r\n\n.b", 3) == b"a\r\n\r\n..b\r\n.\r\n"  # CRLF split, then bare LF
+    assert stuff(b"a\r.b\r") == b"a\r.b\r\r\n.\r\n"  # a bare CR is data
+    assert stuff(b"") == b".\r\n"
+    assert stuff(b"x") == b"x\r\n.\r\n"
+
+
+def test_a_lone_dot_line_cannot_end_the_message_early() -> None:
+    s = DotStuffer()
+    wire = s.feed(b"a\r\n") + s.feed(b".") + s.feed(b"\r\nb\r\n") + s.finish()
+    assert wire == b"a\r\n..\r\nb\r\n.\r\n"
