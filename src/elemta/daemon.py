@@ -132,7 +132,8 @@ class Daemon:
             mail_dirs.append(Path(d.queue_dir))
             qstore = QueueStore(Path(d.queue_dir))
             self.queue = Manager(self.config, qstore,
-                                 lambda spec: queue_transports.build(spec, store),
+                                 lambda spec: queue_transports.build(
+                                     spec, store, d.destination_concurrency),
                                  self.governor.delivery_concurrency, store.executor,
                                  observer=self.observe.delivery)
             ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
@@ -206,6 +207,11 @@ class Daemon:
             new = outcome.config
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
+            if self.queue is not None:
+                self.queue.config = new
+            elif routing.any_queued(new.delivery.transport, new.delivery.route):
+                log.warning("[delivery] now names a queued transport, but this daemon started "
+                            "without a queue: restart it; until then mail goes to maildir_root")
             reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
                               self.ctx.store.executor)
             self.observe.reconfigure(new)

@@ -24,8 +24,6 @@ RESTART_ONLY = (
     ("server", "pin_workers"),
     ("server", "event_loop"),
     ("delivery", "maildir_root"),
-    ("delivery", "transport"),
-    ("delivery", "route"),
     ("delivery", "queue_dir"),
     ("api", "listen"),
     ("api", "enable_profiling"),

@@ -57,6 +57,8 @@ def test_mixed_routes_queue_the_message_and_deliver_each_recipient_its_way(tmp_p
         assert b"\r" not in data and data.endswith(b"\n\nline\n.dot\n")
         # The LMTP recipient: deferred, with why, in the record and the log.
         wait_until(lambda: "status=deferred" in d.log, "a deferral logged")
+        wait_until(lambda: [r["attempts"] for r in records(tmp_path / "queue").values()] == [1],
+                   "the attempt recorded")
         (rec,) = records(tmp_path / "queue").values()
         rcpts = {r["address"]: r for r in rec["recipients"]}  # type: ignore[union-attr]
         assert rcpts[LOCAL]["state"] == "delivered"

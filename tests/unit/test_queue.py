@@ -69,15 +69,17 @@ def test_governor_decides_delivery_concurrency() -> None:
 
 
 @pytest.mark.parametrize("spec", ["maildir", "lmtp:unix:/run/dovecot/lmtp", "lmtp:127.0.0.1:24",
+                                  "lmtp:dovecot.example",
                                   "lmtp:[::1]:24", "lmtp:mail.example.org:2424"])
 def test_transport_specs(spec: str) -> None:
     assert config.build({"delivery": {"transport": spec}}).delivery.transport == spec
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
-    ("smtp:x:25", "unknown transport"), ("lmtp:unix:run/lmtp", "absolute"),
-    ("lmtp:host", "cannot parse"), ("lmtp:host:0", "out of range"), ("lmtp:[fe::1::2]:24", "IPv6"),
-    ("lmtp:bad_host:24", "host name"), (24, "expected a transport string"),
+    ("smtp:x:25", "must be \"maildir\""), ("lmtp:unix:run/lmtp", "absolute"),
+    ("lmtp:host:x", "port must be a number"), ("lmtp:host:0", "from 1 to 65535"),
+    ("lmtp:[fe::1::2]:24", "IPv6"), ("lmtp:bad_host:24", "host name"),
+    ("lmtp:unix:/a\nb", "control character"), (24, "expected a transport string"),
 ])
 def test_bad_transport_is_one_line(spec: object, problem: str) -> None:
     with pytest.raises(config.ConfigError) as exc:
@@ -104,7 +106,7 @@ def test_routes_from_array_of_tables(tmp_path: Path) -> None:
     ([{"domain": "a.test", "transport": "maildir"}] * 2, "routed twice"),
     ([{"domain": "a.test"}], "exactly the keys"),
     ([{"domain": "a.test", "transport": "maildir", "x": 1}], "unknown: x"),
-    ([{"domain": "a.test", "transport": "ftp:x"}], "route 1: unknown transport"),
+    ([{"domain": "a.test", "transport": "ftp:x"}], "route 1: must be \"maildir\""),
 ])
 def test_bad_routes_are_one_line(routes: list[dict[str, object]], problem: str) -> None:
     with pytest.raises(config.ConfigError) as exc:

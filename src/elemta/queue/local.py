@@ -76,20 +76,3 @@ class MaildirAgent:
 
     async def close(self) -> None:
         pass
-
-
-class Unavailable:
-    """A queued transport this build cannot drive: every recipient deferred, saying why."""
-
-    name = "unavailable"
-
-    def __init__(self, spec: str, why: str) -> None:
-        self.spec = spec
-        self.why = why
-
-    async def deliver(self, envelope: Envelope) -> Sequence[RecipientResult]:
-        reply = Reply(451, f"4.3.0 transport {self.spec} unavailable: {self.why}")
-        return [RecipientResult(r, reply, self.spec) for r in envelope.recipients]
-
-    async def close(self) -> None:
-        pass

@@ -1,20 +1,19 @@
 """Which transport a recipient's domain goes to: spec syntax, [[delivery.route]] tables, lookup.
 
 A spec is kept as its string in the Config (a description); the daemon builds transports from
-it. "maildir" is the direct store (no queue); every other spec is a queued transport. This is
-the one place that parses specs for config; `delivery.parse_transport` builds the objects.
+it. "maildir" is the direct store (no queue); every other spec is a queued transport.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..delivery.lmtp import parse_transport
+
 MAILDIR = "maildir"
 
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 
 
@@ -25,35 +24,15 @@ class Route:
 
 
 def parse_spec(value: object) -> str:
-    """"maildir", "lmtp:unix:/abs/path" or "lmtp:HOST:PORT" ([v6]:PORT); ValueError if not."""
+    """"maildir", "lmtp:unix:/abs/path" or "lmtp:HOST[:PORT]" ([v6]:PORT), checked by the LMTP
+    client's own parser (delivery.lmtp.parse_transport, the one place for the syntax); the
+    Config keeps the string."""
     if not isinstance(value, str):
         raise ValueError(f"expected a transport string, got {type(value).__name__} {value!r}")
-    spec = value.strip()
-    if spec == MAILDIR:
-        return spec
-    if not spec.startswith("lmtp:"):
-        raise ValueError(f"unknown transport {value!r} (use \"maildir\", "
-                         "\"lmtp:unix:/run/dovecot/lmtp\" or \"lmtp:HOST:PORT\")")
-    rest = spec[5:]
-    if rest.startswith("unix:"):
-        path = rest[5:]
-        if not path.startswith("/") or "\x00" in path or any(c < " " for c in path):
-            raise ValueError(f"{value!r}: the LMTP socket must be an absolute path")
-        return spec
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", rest)
-    if m is None:
-        raise ValueError(f"cannot parse {value!r} (use \"lmtp:HOST:PORT\" or \"lmtp:[::1]:24\")")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"{value!r}: port {port} out of range 1-65535")
-    if m.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{value!r}: [{host}] is not an IPv6 address") from None
-    elif not _HOST.fullmatch(host):
-        raise ValueError(f"{value!r}: {host!r} is not a host name or IPv4 address")
-    return spec
+    if "\x00" in value or any(c < " " for c in value):
+        raise ValueError(f"{value!r} holds a control character")
+    parse_transport(value)
+    return value
 
 
 def parse_routes(value: object) -> tuple[Route, ...]:
