@@ -115,10 +115,12 @@ def test_kill_9_during_a_burst_loses_no_accepted_message(tmp_path: Path) -> None
         got = message_ids(d, LOCAL)
         dupes = len(got) - len(set(got))
         # The LMTP recipient of every acknowledged message is still queued, deferred.
+        def pending() -> set[str]:
+            return {r["address"] for rec in records(tmp_path / "queue").values()
+                    for r in rec["recipients"] if r["state"] == "pending"}  # type: ignore[union-attr]
+
+        wait_until(lambda: pending() == {REMOTE}, "only the LMTP recipients left pending")
         queued = records(tmp_path / "queue")
-        pending = {r["address"] for rec in queued.values()
-                   for r in rec["recipients"] if r["state"] == "pending"}  # type: ignore[union-attr]
-        assert pending == {REMOTE}
         assert len(queued) >= len(sent)
         print(f"\nkill -9 burst: {len(sent)} acknowledged, {len(set(got))} delivered, "
               f"{dupes} duplicate(s), {len(queued)} queued for the LMTP recipient")

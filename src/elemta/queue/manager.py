@@ -285,8 +285,8 @@ class Manager:
                 log.info("%s: removed (elemta queue delete)", m.id)
                 return
             pending = m.pending()
+            m.attempts += 1
             if pending:
-                m.attempts += 1
                 if policy.expired(m.created, now, self.config.delivery.maximal_queue_lifetime):
                     for r in pending:
                         r.state = policy.FAILED
