@@ -425,3 +425,25 @@ def test_effective_names_the_binding_term_beside_elemtas_own_usage() -> None:
     b = eff.binding
     assert (b.term, b.usage, b.ceiling) == (HOST, 15 * GiB, 16 * GiB)
     assert [t.term for t in eff.terms] == [PROCESS, HOST]
+
+
+def test_delivery_concurrency_follows_memory_and_is_logged(tmp_path: Path, fresh: None,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    usage = fake_v1(tmp_path, 10 * MiB)
+    g = make_governor(tmp_path)
+    assert g.delivery_concurrency() == 20  # [delivery] concurrency
+    with caplog.at_level(logging.INFO, logger="elemta.memory"):
+        usage.write_text(str(80 * MiB))
+        g.connection(0)  # a fresh sample
+        assert g.delivery_concurrency() == 10
+        usage.write_text(str(95 * MiB))
+        g.connection(0)
+        assert g.delivery_concurrency() == 0
+        assert g.delivery_concurrency() == 0  # unchanged: not logged again
+        usage.write_text(str(30 * MiB))
+        g.connection(0)
+        assert g.delivery_concurrency() == 20
+    lines = [r.getMessage() for r in caplog.records if "delivery concurrency" in r.getMessage()]
+    assert lines == ["delivery concurrency 20 -> 10 (memory warning, breaker closed)",
+                     "delivery concurrency 10 -> 0 (memory critical, breaker closed)",
+                     "delivery concurrency 0 -> 20 (memory normal, breaker closed)"]
