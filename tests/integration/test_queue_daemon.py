@@ -125,3 +125,13 @@ def test_kill_9_during_a_burst_loses_no_accepted_message(tmp_path: Path) -> None
         print(f"\nkill -9 burst: {len(sent)} acknowledged, {len(set(got))} delivered, "
               f"{dupes} duplicate(s), {len(queued)} queued for the LMTP recipient")
         assert dupes <= 20  # only messages in delivery at the kill may come twice
+
+
+def test_sigterm_stops_the_queue_manager_cleanly(tmp_path: Path) -> None:
+    with running(tmp_path, queue_extra(tmp_path)) as d:
+        d.send([LOCAL, REMOTE])
+        wait_until(lambda: "status=deferred" in d.log, "a deferral logged")
+        assert d.stop(signal.SIGTERM) == 0
+        assert d.log.rstrip().endswith('"msg": "stopped"}') or d.log.rstrip().endswith("stopped")
+        d.restart()  # the queue is found again: the deferred message is still there
+        wait_until(lambda: "1 deferred" in d.log, "the census at start counts it")
