@@ -135,3 +135,16 @@ def test_sigterm_stops_the_queue_manager_cleanly(tmp_path: Path) -> None:
         assert d.log.rstrip().endswith('"msg": "stopped"}') or d.log.rstrip().endswith("stopped")
         d.restart()  # the queue is found again: the deferred message is still there
         wait_until(lambda: "1 deferred" in d.log, "the census at start counts it")
+
+
+def test_a_stuck_queue_is_a_health_warning_not_unhealthy(tmp_path: Path) -> None:
+    with running(tmp_path, queue_extra(tmp_path) + 'stuck_queue_age = "1s"\n') as d:
+        assert get(d, "/health").json()["status"] == "ok"
+        d.send([REMOTE])
+        wait_until(lambda: get(d, "/health").json()["status"] == "warning", "health warns",
+                   timeout=30)
+        h = get(d, "/health")
+        assert h.status == 200
+        assert any(r.startswith("queue stuck: ") and "deferring every recipient" in r
+                   for r in h.json()["reasons"]), h.json()
+        assert d.send([LOCAL]) == {}  # intake goes on

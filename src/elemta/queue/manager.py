@@ -144,6 +144,8 @@ class Manager:
                 self._pump()
             except OSError as exc:
                 log.error("queue %s: %s", self.store.root, exc)
+            except Exception:  # a bug: logged, and the scheduler goes on
+                log.exception("queue scheduler")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK)
             self._wake.clear()
@@ -314,7 +316,10 @@ class Manager:
 
     # -- what the admin sees and does ------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """The queue's one set of figures (metrics, /api/stats, /health, `elemta queue`)."""
+        """The queue's one set of figures (metrics, /api/stats, /health, `elemta queue`).
+
+        Called from the admin endpoint's threads: it only copies (no iteration over a dict the
+        loop may change meanwhile)."""
         c = self.census
         now = self._clock()
         messages = dict(c.messages) if c else {}
@@ -324,7 +329,7 @@ class Manager:
         stuck = []
         if oldest is not None and oldest > stuck_age:
             stuck.append(f"oldest queued message is {oldest:.0f}s old")
-        for spec, since in self.failing_since.items():
+        for spec, since in list(self.failing_since.items()):
             if now - since > stuck_age:
                 stuck.append(f"{spec} deferring every recipient for {now - since:.0f}s")
         return {"messages": messages, "bytes": c.bytes if c else 0,
