@@ -69,9 +69,9 @@ def test_mixed_routes_queue_the_message_and_deliver_each_recipient_its_way(tmp_p
         # The body file in the queue is CRLF, unstuffed, starts with Received: (no Return-Path).
         body = (tmp_path / "queue" / "body" / str(rec["id"])).read_bytes()
         assert body.startswith(b"Received: from ") and body.endswith(b"\r\nline\r\n.dot\r\n")
-        # Figures, from the queue manager (its census runs every 10 s).
+        # Figures, from the queue manager (its census follows changes within a second or so).
         wait_until(lambda: get(d, "/api/stats").json()["queue"]["messages"]["deferred"] == 1,
-                   "the census counts the deferred message", timeout=30)
+                   "the census counts the deferred message", timeout=10)
         stats = get(d, "/api/stats").json()["queue"]
         assert stats["bytes"] == len(body) and stats["concurrency"]["limit"] == 20
         metrics = get(d, "/metrics").body.decode()
@@ -145,6 +145,6 @@ def test_a_stuck_queue_is_a_health_warning_not_unhealthy(tmp_path: Path) -> None
                    timeout=30)
         h = get(d, "/health")
         assert h.status == 200
-        assert any(r.startswith("queue stuck: ") and "deferring every recipient" in r
-                   for r in h.json()["reasons"]), h.json()
+        # The oldest message's age or the transport deferring everything: whichever comes first.
+        assert any(r.startswith("queue stuck: ") for r in h.json()["reasons"]), h.json()
         assert d.send([LOCAL]) == {}  # intake goes on

@@ -32,7 +32,11 @@ log = logging.getLogger("elemta.queue")
 _T = TypeVar("_T")
 
 TICK = 1.0  # the scheduler looks at the due directories at least this often
+# The census (counting the directories: O(queue) file-system work, O(1) memory) runs after
+# changes, at most every CENSUS_GAP seconds and never more than a tenth of the time, and at
+# least every CENSUS_EVERY seconds.
 CENSUS_EVERY = 10.0
+CENSUS_GAP = 1.0
 _DSN = {policy.DELIVERED: "2.0.0", policy.PENDING: "4.0.0", policy.FAILED: "5.0.0"}
 _EVENT = {policy.DELIVERED: "message_delivered", policy.PENDING: "message_deferred",
           policy.FAILED: "message_failed"}
@@ -94,6 +98,7 @@ class Manager:
         self._transports: dict[str, Transport] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # the census is out of date
         self._task: asyncio.Task[None] | None = None
         self._census_task: asyncio.Task[None] | None = None
         self.census: Census | None = None
@@ -117,6 +122,7 @@ class Manager:
     def wake(self) -> None:
         """New mail in incoming/ (or a flush): look now instead of at the next tick."""
         self._wake.set()
+        self._changed.set()
 
     async def stop(self, timeout: float) -> None:
         """No new deliveries; running ones get `timeout` to finish and be recorded, then are
@@ -152,11 +158,15 @@ class Manager:
 
     async def _census_loop(self) -> None:
         while True:
-            await asyncio.sleep(CENSUS_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), CENSUS_EVERY)
+            self._changed.clear()
+            started = time.monotonic()
             try:
                 self.census = await self._run_io(self.store.census)
             except OSError as exc:
                 log.error("queue %s: census: %s", self.store.root, exc)
+            await asyncio.sleep(max(CENSUS_GAP, 10 * (time.monotonic() - started)))
 
     async def _fill(self) -> None:
         room = self.config.delivery.active_limit - len(self.active)
@@ -313,6 +323,7 @@ class Manager:
             log.error("%s: cannot record the delivery: %s", m.id, exc)
         finally:
             self.active.pop(m.id, None)
+            self._changed.set()
 
     # -- what the admin sees and does ------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -371,6 +382,12 @@ class Manager:
     async def act(self, verb: str, qid: str | None) -> str:
         """flush [ID], delete ID, hold ID, release ID: a one-line answer (KeyError: no such
         message; ValueError: not possible in its state)."""
+        try:
+            return await self._act(verb, qid)
+        finally:
+            self._changed.set()
+
+    async def _act(self, verb: str, qid: str | None) -> str:
         if verb == "flush" and qid is None:
             n = await self._run_io(self.store.flush_deferred)
             self.wake()
