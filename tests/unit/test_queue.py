@@ -402,3 +402,27 @@ def test_restart_resumes_from_disk(tmp_path: Path) -> None:
     mgr, store = make_manager(tmp_path, {"t1": t}, [1000.0])
     asyncio.run(settle(mgr))
     assert len(t.calls) == 1 and store.locate("0123456789AB") is None
+
+
+def test_flush_leaves_a_message_being_delivered_alone(tmp_path: Path) -> None:
+    """Its record is in a deferred/ bucket while it is delivered: moving it to incoming/ would
+    leave a second record after the delivery is written (and a second delivery)."""
+    async def go() -> None:
+        t = Scripted({"a@x.test": Reply(451, "4.0.0 later")})
+        now = [1000.0]
+        mgr, store = make_manager(tmp_path, {"t1": t}, now)
+        put(store, meta())
+        await settle(mgr)  # deferred, in a bucket
+        now[0] = 2000.0
+        t.hang = asyncio.Event()
+        mgr.limit = 20
+        await mgr._fill()
+        mgr._pump()
+        await asyncio.sleep(0.01)
+        assert t.running == 1
+        assert await mgr.act("flush", None) == "0 deferred message(s) scheduled now"
+        t.hang.set()
+        await settle(mgr)
+        assert [s for s, _ in store.records()] == ["deferred"]
+
+    asyncio.run(go())

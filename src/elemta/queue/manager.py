@@ -99,6 +99,9 @@ class Manager:
         self._jobs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # the census is out of date
+        # Taking records into the active set and the admin's moves of records exclude each
+        # other, so a record is never moved under a delivery that read it.
+        self._moving = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._census_task: asyncio.Task[None] | None = None
         self.census: Census | None = None
@@ -169,6 +172,10 @@ class Manager:
             await asyncio.sleep(max(CENSUS_GAP, 10 * (time.monotonic() - started)))
 
     async def _fill(self) -> None:
+        async with self._moving:
+            await self._take_due()
+
+    async def _take_due(self) -> None:
         room = self.config.delivery.active_limit - len(self.active)
         if room <= 0 or self.limit <= 0:  # paused by the governor: the rest stays on disk
             return
@@ -383,13 +390,14 @@ class Manager:
         """flush [ID], delete ID, hold ID, release ID: a one-line answer (KeyError: no such
         message; ValueError: not possible in its state)."""
         try:
-            return await self._act(verb, qid)
+            async with self._moving:
+                return await self._act(verb, qid)
         finally:
             self._changed.set()
 
     async def _act(self, verb: str, qid: str | None) -> str:
         if verb == "flush" and qid is None:
-            n = await self._run_io(self.store.flush_deferred)
+            n = await self._run_io(self.store.flush_deferred, frozenset(self.active))
             self.wake()
             return f"{n} deferred message(s) scheduled now"
         if qid is None or not valid_id(qid):

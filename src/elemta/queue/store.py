@@ -203,12 +203,13 @@ class QueueStore:
                     if valid_id(entry.name):
                         yield state, Path(entry.path)
 
-    def flush_deferred(self) -> int:
-        """Every deferred record into incoming/ (retry now); returns how many moved."""
+    def flush_deferred(self, skip: frozenset[str] = frozenset()) -> int:
+        """Every deferred record not in `skip` (being delivered) into incoming/ (retry now);
+        returns how many moved."""
         moved = 0
         for b in self._buckets():
             for entry in os.scandir(b.path):
-                if valid_id(entry.name):
+                if valid_id(entry.name) and entry.name not in skip:
                     os.rename(entry.path, self.path("incoming", entry.name))
                     moved += 1
             self.dirsync.sync(Path(b.path))
