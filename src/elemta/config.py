@@ -569,6 +569,13 @@ def warnings(cfg: Config) -> list[str]:
             f"{', '.join(cfg.delivery.domains)} is accepted and its mailbox created on delivery; "
             "anyone can create mailboxes without bound"
         )
+    d = cfg.delivery
+    if routing.queued(d.transport) and d.recipients == "maildir":
+        out.append(
+            f"{cfg.source}: [delivery] transport = {d.transport!r} with recipients = \"maildir\": "
+            "only users with a mailbox under maildir_root are accepted, not the LMTP server's "
+            "users (recipients = \"lmtp\" asks the server)"
+        )
     if not is_loopback(cfg.api.listen):
         out.append(
             f"{cfg.source}: [api] listen ({cfg.api.listen}) is not a loopback address: the "

@@ -426,3 +426,10 @@ def test_flush_leaves_a_message_being_delivered_alone(tmp_path: Path) -> None:
         assert [s for s, _ in store.records()] == ["deferred"]
 
     asyncio.run(go())
+
+
+def test_lmtp_transport_with_maildir_recipients_is_warned_about() -> None:
+    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24"}}, "w.toml")
+    assert any("recipients = \"lmtp\" asks the server" in w for w in config.warnings(cfg))
+    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24", "recipients": "lmtp"}})
+    assert not any("asks the server" in w for w in config.warnings(cfg))
