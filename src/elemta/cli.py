@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    check.add_argument("--explain", action="store_true",
+                       help="instead of the configuration, print the memory limit the daemon "
+                       "would use on this machine, its source, the headroom and the worst case")
     stats = sub.add_parser(
         "stats", help="print the running daemon's /api/stats (sending the bearer token of "
         "[api] token_file when the config is read: without --api, or with --config)"
@@ -152,13 +155,19 @@ def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
     return None
 
 
-def check_config(path: str | None) -> int:
+def check_config(path: str | None, explain: bool = False) -> int:
+    from . import capacity
+
     cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
-    for warning in config.warnings(cfg):
+    machine, sample = capacity.read_machine()
+    for warning in (*config.warnings(cfg), *capacity.warnings(cfg, machine)):
         print(f"elemta: warning: {warning}", file=sys.stderr)
-    sys.stdout.write(config.to_toml(cfg))
+    if explain:
+        sys.stdout.write("".join(f"{line}\n" for line in capacity.explain(cfg, machine, sample)))
+    else:
+        sys.stdout.write(config.to_toml(cfg))
     return EXIT_OK
 
 
@@ -246,7 +255,7 @@ def serve_workers(cfg: config.Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, args.explain)
     if args.command == "stats":
         return stats(args.api, args.config, args.json)
     if args.command == "mailbox":
