@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    stats.add_argument("--watch", "-w", metavar="SECONDS", nargs="?", type=float, const=2.0,
+                       help="refresh every SECONDS (default 2) in place until Ctrl-C, with "
+                       "rates since the last refresh; with --json one document per line")
     mailbox = sub.add_parser(
         "mailbox", help="create or list mailboxes (with the default [delivery] recipients = "
         "\"maildir\", only these receive mail)")
@@ -111,7 +114,7 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
     return EXIT_OK
 
 
-def stats(api: str | None, path: str | None, as_json: bool) -> int:
+def stats(api: str | None, path: str | None, as_json: bool, watch: float | None = None) -> int:
     from .observe import statsview
 
     token = None
@@ -126,6 +129,8 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
             print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
                   file=sys.stderr)
             return EXIT_CONFIG
+    if watch is not None:
+        return stats_watch(api, token, as_json, watch)
     try:
         doc = statsview.fetch(api, token)
     except statsview.StatsError as exc:
@@ -137,6 +142,48 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
     except BrokenPipeError:  # `elemta stats | head`: as the Python docs advise, no second
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # error at exit
     return EXIT_OK
+
+
+def stats_watch(api: str, token: bytes | None, as_json: bool, every: float) -> int:
+    """`elemta stats --watch`: a frame every `every` seconds until Ctrl-C (exit 0). An
+    unreachable daemon is shown in the frame, not fatal: it may be restarting."""
+    import time
+
+    from .observe import statsview
+
+    if every <= 0:
+        print("elemta: --watch SECONDS must be positive", file=sys.stderr)
+        return EXIT_CONFIG
+    tty = sys.stdout.isatty()
+    prev: tuple[float, dict[str, object]] | None = None
+    try:
+        while True:
+            started = time.monotonic()
+            doc, error = None, None
+            try:
+                doc = statsview.fetch(api, token)
+            except statsview.StatsError as exc:
+                error = f"elemta: {exc}"
+            if as_json:
+                out = json.dumps(doc if doc is not None else {"error": error}) + "\n"
+            else:
+                rate = None
+                if doc is not None and prev is not None:
+                    rate = statsview.rates(prev[1], doc, started - prev[0])
+                header = (f"every {every:g}s: {api}/api/stats  "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}  (Ctrl-C quits)")
+                out = (statsview.CLEAR if tty else "") + statsview.frame(doc, error, header, rate)
+                out += "" if tty else "\n"
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            if doc is not None:
+                prev = (started, doc)
+            time.sleep(max(0.0, every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
@@ -257,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config, args.explain)
     if args.command == "stats":
-        return stats(args.api, args.config, args.json)
+        return stats(args.api, args.config, args.json, args.watch)
     if args.command == "mailbox":
         return mailbox(args.action, args.config, getattr(args, "addresses", ()),
                        getattr(args, "count", False))
