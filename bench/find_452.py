@@ -18,10 +18,9 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from daemon import running  # noqa: E402
-from realcgroup import join, memory_cgroup  # noqa: E402
-
-from elemta.units import parse_size  # noqa: E402
+from daemon import running
+from elemta.units import parse_size
+from realcgroup import join, memory_cgroup
 
 
 def main() -> None:
