@@ -118,9 +118,17 @@ def warnings(cfg: Config, machine: Machine) -> list[str]:
             f"the {reaction:.2f}s a burst needs to go from memory_warning_threshold "
             f"({m.memory_warning_threshold}) to the limit ({format_size(limit)}, {what}) when "
             f"[server] max_connections ({s.max_connections}) sessions hold their buffers: "
-            f"lower monitoring_interval to {max(0.01, reaction - REACTION_SECONDS):.2f}s or less"
+            + (f"lower monitoring_interval to {reaction - REACTION_SECONDS:.2f}s or less"
+               if reaction > REACTION_SECONDS + 0.01 else
+               "no interval is short enough; lower max_connections to "
+               f"{fitting_sessions(cfg, limit)} (whose buffers fit) or raise the limit")
         )
     return out
+
+
+def fitting_sessions(cfg: Config, limit: int) -> int:
+    """Sessions whose DATA buffers fit between the warning threshold and `limit`."""
+    return max(1, int((1 - cfg.memory.memory_warning_threshold) * limit // SESSION_BUFFERS))
 
 
 def reaction_window(cfg: Config, limit: int) -> float | None:
@@ -134,7 +142,7 @@ def reaction_window(cfg: Config, limit: int) -> float | None:
     the measured ingest rate per worker."""
     m = cfg.memory
     headroom = (1 - m.memory_warning_threshold) * limit
-    if cfg.server.max_connections * SESSION_BUFFERS <= headroom:
+    if cfg.server.max_connections <= fitting_sessions(cfg, limit):
         return None
     window = headroom / (INGEST_BYTES_PER_SECOND * worker_count(cfg.server))
     return window if m.monitoring_interval + REACTION_SECONDS > window else None

@@ -121,3 +121,10 @@ def test_explain_names_limit_source_and_headroom() -> None:
     first = out.stdout.splitlines()[0]
     assert first.startswith("effective memory limit: ") and "source " in first
     assert "headroom: " in out.stdout and "worst case: 1000 sessions" in out.stdout
+
+
+def test_a_limit_too_small_for_the_sessions_buffers_says_lower_max_connections() -> None:
+    # 160 MiB: 40 MiB from 75% to the limit hold the buffers of 124 sessions, not 1000.
+    machine = capacity.Machine(16 * GiB, 160 * MiB, LimitSource.CGROUP_V1, None)
+    lines = capacity.warnings(config.Config(), machine)
+    assert "no interval is short enough; lower max_connections to 124" in lines[-1]
