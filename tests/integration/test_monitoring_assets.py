@@ -7,12 +7,14 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from daemon import Daemon
+from daemon import running
 from httpclient import get
+from realcgroup import MiB, join, memory_cgroup
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "packaging" / "prometheus" / "elemta-alerts.yml"
@@ -107,13 +109,36 @@ def _names_used() -> set[str]:
     return names
 
 
-def test_every_metric_in_the_rules_and_dashboard_is_exported(daemon: Daemon) -> None:
-    daemon.send("user@example.test")
-    exported = {line.split("{")[0].split(" ")[0] for line in
-                get(daemon, "/metrics").body.decode().splitlines()
+def test_dashboard_is_valid_grafana_json_built_by_its_script() -> None:
+    built = subprocess.run([sys.executable, str(ROOT / "packaging" / "grafana" /
+                                                 "build-dashboard.py")],
+                           capture_output=True, text=True, check=True).stdout
+    doc = json.loads(DASHBOARD.read_text())
+    assert json.loads(built) == doc, "elemta.json is stale: rerun build-dashboard.py"
+    assert doc["schemaVersion"] == 39 and doc["uid"] and doc["title"] == "elemta"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in doc["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert p["type"] == "row" or p["targets"], p["title"]
+    titles = " ".join(p["title"] for p in doc["panels"])
+    for wanted in ("thresholds", "limit", "cgroup working set", "PSI", "GC", "max_goroutines",
+                   "Sessions", "Replies by class", "452 and 552", "Messages and bytes",
+                   "heartbeat"):
+        assert wanted in titles, wanted
+
+
+def test_every_metric_in_the_rules_and_dashboard_is_exported(tmp_path: Path) -> None:
+    # In a real memory cgroup with a limit, so the cgroup figures exist as under systemd.
+    with memory_cgroup(512 * MiB) as cg, running(tmp_path, preexec_fn=join(cg)) as daemon:
+        daemon.send("user@example.test")
+        text = get(daemon, "/metrics").body.decode()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
                 if line and not line.startswith("#")}
     recorded = set(_RECORD.findall(RULES.read_text()))
     used = _names_used()
-    assert {"elemta_memory_term_ratio", "elemta_health_status"} <= used
+    assert {"elemta_memory_term_ratio", "elemta_health_status",
+            "elemta_cgroup_memory_working_set_bytes", "elemta:smtp_replies_452:ratio_rate5m"} <= used
     missing = sorted(n for n in used if n not in exported and n not in recorded)
     assert not missing, f"named in the rules/dashboard but not in a daemon's /metrics: {missing}"
