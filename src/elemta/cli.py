@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print the effective configuration"
     )
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    check.add_argument("--explain", action="store_true",
+                       help="instead of the configuration, print the memory limit the daemon "
+                       "would use on this machine, its source, the headroom and the worst case")
     stats = sub.add_parser(
         "stats", help="print the running daemon's /api/stats (sending the bearer token of "
         "[api] token_file when the config is read: without --api, or with --config)"
@@ -47,6 +50,42 @@ def _parser() -> argparse.ArgumentParser:
                        help="admin endpoint base URL (default: from [api] listen in the config)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON document")
     stats.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    stats.add_argument("--watch", "-w", metavar="SECONDS", nargs="?", type=float, const=2.0,
+                       help="refresh every SECONDS (default 2) in place until Ctrl-C, with "
+                       "rates since the last refresh; with --json one document per line")
+    load = sub.add_parser(
+        "loadtest", help="drive N concurrent SMTP sessions at a daemon and report rate, "
+        "replies by code, latency and (with --api) the daemon's memory")
+    load.add_argument("target", nargs="?", metavar="HOST:PORT",
+                      help="SMTP server (default: the first [server] listen of the config); "
+                      "loopback only unless --allow-remote")
+    load.add_argument("--connections", "-n", type=int, default=50, metavar="N",
+                      help="concurrent sessions (default 50)")
+    load.add_argument("--size", "-s", default="10KiB", metavar="SIZE[:W],...",
+                      help="message size, or sizes with relative weights, e.g. "
+                      "1KiB:70,100KiB:25,5MiB:5 (default 10KiB)")
+    load.add_argument("--per-connection", "-m", type=int, default=1, metavar="M",
+                      help="messages per connection (default 1)")
+    stop = load.add_mutually_exclusive_group()
+    stop.add_argument("--count", type=int, metavar="N",
+                      help="messages to attempt in all (default 1000 unless --duration)")
+    stop.add_argument("--duration", "-d", metavar="TIME", help="run this long, e.g. 30s, 2m")
+    load.add_argument("--ramp", metavar="TIME", default="0s",
+                      help="start the sessions evenly over this time (default 0s)")
+    load.add_argument("--from", dest="sender", default="loadtest@localhost", metavar="ADDR")
+    load.add_argument("--to", dest="recipient", default="postmaster@localhost", metavar="ADDR",
+                      help="recipient (default postmaster@localhost, a mailbox elemta makes "
+                      "at start when localhost is in [delivery] domains)")
+    load.add_argument("--timeout", default="60s", metavar="TIME",
+                      help="wait this long for each reply (default 60s)")
+    load.add_argument("--api", metavar="URL", help="poll URL/api/stats every second: the "
+                      "daemon's memory utilization, state and breaker in the progress line")
+    load.add_argument("--allow-remote", action="store_true",
+                      help="allow a target that is not a loopback address")
+    load.add_argument("--json", action="store_true",
+                      help="print the final report as JSON (no progress line)")
+    load.add_argument("--config", "-c", metavar="PATH", help=cfg_help + "; for the default "
+                      "target and the [api] token_file token")
     queue = sub.add_parser(
         "queue", help="list or act on the running daemon's delivery queue (like mailq, "
         "postqueue and postsuper), through its admin endpoint")
@@ -120,7 +159,7 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
     return EXIT_OK
 
 
-def stats(api: str | None, path: str | None, as_json: bool) -> int:
+def stats(api: str | None, path: str | None, as_json: bool, watch: float | None = None) -> int:
     from .observe import statsview
 
     token = None
@@ -135,6 +174,8 @@ def stats(api: str | None, path: str | None, as_json: bool) -> int:
             print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
                   file=sys.stderr)
             return EXIT_CONFIG
+    if watch is not None:
+        return stats_watch(api, token, as_json, watch)
     try:
         doc = statsview.fetch(api, token)
     except statsview.StatsError as exc:
@@ -193,6 +234,128 @@ def queue(verb: str, qid: str | None, api: str | None, path: str | None, as_json
     return EXIT_OK
 
 
+def stats_watch(api: str, token: bytes | None, as_json: bool, every: float) -> int:
+    """`elemta stats --watch`: a frame every `every` seconds until Ctrl-C (exit 0). An
+    unreachable daemon is shown in the frame, not fatal: it may be restarting."""
+    import time
+
+    from .observe import statsview
+
+    if every <= 0:
+        print("elemta: --watch SECONDS must be positive", file=sys.stderr)
+        return EXIT_CONFIG
+    tty = sys.stdout.isatty()
+    prev: tuple[float, dict[str, object]] | None = None
+    try:
+        while True:
+            started = time.monotonic()
+            doc, error = None, None
+            try:
+                doc = statsview.fetch(api, token)
+            except statsview.StatsError as exc:
+                error = f"elemta: {exc}"
+            if as_json:
+                out = json.dumps(doc if doc is not None else {"error": error}) + "\n"
+            else:
+                rate = None
+                if doc is not None and prev is not None:
+                    rate = statsview.rates(prev[1], doc, started - prev[0])
+                header = (f"every {every:g}s: {api}/api/stats  "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}  (Ctrl-C quits)")
+                out = (statsview.CLEAR if tty else "") + statsview.frame(doc, error, header, rate)
+                out += "" if tty else "\n"
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            if doc is not None:
+                prev = (started, doc)
+            time.sleep(max(0.0, every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def loadtest(args: argparse.Namespace) -> int:
+    """`elemta loadtest`: see loadtest.py. Exit 0 when the run completed (whatever the server
+    answered), 2 for a bad option or a target that is not loopback without --allow-remote."""
+    from . import loadtest as lt
+    from .observe import statsview
+    from .units import parse_duration
+
+    def bad(problem: str) -> int:
+        print(f"elemta: loadtest: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    target, token = args.target, None
+    if target is None or args.config is not None:
+        cfg = _load(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+        if target is None:
+            a = cfg.server.listen[0]
+            target = f"[{a.host}]:{a.port}" if ":" in a.host else f"{a.host}:{a.port}"
+        try:
+            token = runtime.api_token(cfg.api.token_file)
+        except runtime.SetupError as exc:
+            return bad(f"{config.locate(cfg, exc.section, exc.key)}: {exc.problem}")
+    host, sep, port_text = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return bad(f"target {target!r}: expected HOST:PORT")
+    try:
+        sizes = lt.SizeDistribution.parse(args.size)
+        durations = {k: parse_duration(getattr(args, k)) for k in ("ramp", "timeout")}
+        duration = parse_duration(args.duration) if args.duration is not None else None
+        if args.connections < 1 or args.per_connection < 1 or (args.count or 1) < 1:
+            raise lt.LoadtestError("--connections, --per-connection and --count must be >= 1")
+        if durations["timeout"] <= 0 or (duration is not None and duration <= 0):
+            raise lt.LoadtestError("--timeout and --duration must be positive")
+        lt.check_target(host, int(port_text), args.allow_remote)
+    except (lt.LoadtestError, ValueError) as exc:
+        return bad(str(exc))
+    plan = lt.Plan(host=host, port=int(port_text), sessions=args.connections, sizes=sizes,
+                   per_connection=args.per_connection,
+                   count=args.count if args.count or duration is not None else 1000,
+                   duration=duration, ramp=durations["ramp"], sender=args.sender,
+                   recipient=args.recipient, timeout=durations["timeout"])
+    fetch = None
+    if args.api:
+        api = args.api
+
+        def fetch() -> dict[str, object]:
+            return statsview.fetch(api, token)
+
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        sys.stderr.write(f"\r\x1b[K{line}" if tty else f"{line}\n")
+        sys.stderr.flush()
+
+    title = (f"elemta loadtest: {target}, {plan.sessions} sessions, {plan.per_connection} "
+             f"message(s) per connection, size {sizes.describe()}, "
+             + (f"{plan.count} messages" if plan.count is not None else f"{duration:g}s")
+             + (f", ramp {plan.ramp:g}s" if plan.ramp else ""))
+    if not args.json:
+        print(title, file=sys.stderr)
+    try:
+        results = asyncio.run(lt.run(plan, fetch, None if args.json else show))
+    except KeyboardInterrupt:
+        print("\nelemta: loadtest interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps({"target": target, "plan": {
+            "sessions": plan.sessions, "per_connection": plan.per_connection,
+            "sizes": dict(zip(map(str, sizes.sizes), sizes.weights, strict=True)),
+            "count": plan.count, "duration": plan.duration, "ramp": plan.ramp},
+            **lt.summary(results)}, indent=2))
+    else:
+        if tty:
+            sys.stderr.write("\n")
+        sys.stdout.write(lt.table(results, title))
+    return EXIT_OK
+
+
 def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
     """The config, or None after one line per problem on stderr. `resources`: also check that
     what the daemon builds from it (certificate, token file, host name) can be built."""
@@ -209,13 +372,19 @@ def _load(path: str | None, *, resources: bool = False) -> config.Config | None:
     return None
 
 
-def check_config(path: str | None) -> int:
+def check_config(path: str | None, explain: bool = False) -> int:
+    from . import capacity
+
     cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
-    for warning in config.warnings(cfg):
+    machine, sample = capacity.read_machine()
+    for warning in (*config.warnings(cfg), *capacity.warnings(cfg, machine)):
         print(f"elemta: warning: {warning}", file=sys.stderr)
-    sys.stdout.write(config.to_toml(cfg))
+    if explain:
+        sys.stdout.write("".join(f"{line}\n" for line in capacity.explain(cfg, machine, sample)))
+    else:
+        sys.stdout.write(config.to_toml(cfg))
     return EXIT_OK
 
 
@@ -303,11 +472,13 @@ def serve_workers(cfg: config.Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, args.explain)
     if args.command == "stats":
-        return stats(args.api, args.config, args.json)
+        return stats(args.api, args.config, args.json, args.watch)
     if args.command == "queue":
         return queue(args.verb, args.id, args.api, args.config, args.json)
+    if args.command == "loadtest":
+        return loadtest(args)
     if args.command == "mailbox":
         return mailbox(args.action, args.config, getattr(args, "addresses", ()),
                        getattr(args, "count", False))

@@ -551,11 +551,17 @@ def warnings(cfg: Config) -> list[str]:
     """Valid but doubtful combinations: printed by check-config and logged at start."""
     out = []
     m, s = cfg.memory, cfg.server
-    if m.per_connection_memory_limit * s.max_connections > m.max_memory_usage:
+    # All sessions at their limit at once (per_connection_memory_limit x max_connections) may
+    # exceed the budget: the governor refuses new work at the critical threshold, so that worst
+    # case is information for `check-config --explain`. Wrong is one session that can carry
+    # the daemon from the critical threshold past its whole budget on its own.
+    room = (1 - m.memory_critical_threshold) * m.max_memory_usage
+    if m.per_connection_memory_limit > room:
         out.append(
             f"{cfg.source}: [memory] per_connection_memory_limit ({m.per_connection_memory_limit})"
-            f" x [server] max_connections ({s.max_connections}) exceeds max_memory_usage "
-            f"({m.max_memory_usage}): sessions at their limit cannot all fit in the budget"
+            f" exceeds the room between memory_critical_threshold ({m.memory_critical_threshold})"
+            f" and max_memory_usage ({m.max_memory_usage}): {int(room)} bytes; one session at "
+            "its limit can exhaust the budget after the governor stopped admitting work"
         )
     if m.max_goroutines < 2 * s.max_connections:
         out.append(

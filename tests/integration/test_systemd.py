@@ -3,6 +3,7 @@ a really frozen event loop, and real socket activation through systemd-socket-ac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -221,9 +222,11 @@ def test_socket_activation_passes_the_admin_socket_too(tmp_path: Path, workers: 
             time.sleep(0.1)
         # The configured ports stay unbound by the daemon (asked of its own sockets: a connect
         # to a "free" port could reach some other process that took it meanwhile).
-        daemon_procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        listening = {c.laddr.port for p in daemon_procs for c in p.net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN}
+        listening: set[int] = set()
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a worker replaced meanwhile
+                listening |= {c.laddr.port for c in p.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN}
         assert {smtp_port, api_port} <= listening, listening
         assert not {unused_smtp, unused_api} & listening, listening
     finally:

@@ -119,6 +119,8 @@ def _registry() -> Any:
         "snapshot": lambda: _full_snapshot,
         "stats": lambda: module.SmtpStats(),
         "heartbeat_age": lambda: (lambda: 0.0),
+        "stall_after": lambda: 5.0,
+        "health_status": lambda: (lambda: "ok"),
     }
     params = inspect.signature(factory).parameters
     unknown = [p for p in params if p not in provide]

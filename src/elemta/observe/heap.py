@@ -1,4 +1,5 @@
-"""Heap profile for /debug/pprof/heap: tracemalloc's top allocations by traceback, as text.
+"""Heap profile for /debug/pprof/heap: tracemalloc's top allocations by traceback, as text
+(or, for ?format=pprof, every allocation site as samples that pprof.py encodes).
 
 tracemalloc is started only when [api] enable_profiling is true, so profiling costs nothing
 when it is off. `diff` compares with the snapshot the previous request took. With [server]
@@ -20,11 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from .pprof import HeapSample
+
 log = logging.getLogger("elemta.observe")
 
 FRAMES = 25
 DEFAULT_TOP = 25
 MAX_TOP = 500
+# The pprof format carries more sites than a text report is read for, but every site costs
+# (a process that imported everything holds ~12000 tracebacks; all of them take ~30 s to
+# collect and encode under tracemalloc), so it too is the largest `top`.
+PPROF_TOP = 1000
+PPROF_MAX_TOP = 5000
 
 _IGNORE = (
     tracemalloc.Filter(False, tracemalloc.__file__),
@@ -71,6 +79,15 @@ class HeapProfiler:
         return "\n".join(lines) + "\n"
 
 
+    def samples(self, top: int = PPROF_TOP) -> list[HeapSample]:
+        """The `top` allocation sites (by traceback, largest first), for the pprof format."""
+        with self._lock:
+            snap = tracemalloc.take_snapshot().filter_traces(_IGNORE)
+        stats = snap.statistics("traceback")[:max(1, min(top, PPROF_MAX_TOP))]
+        return [HeapSample(tuple((f.filename, f.lineno) for f in reversed(st.traceback)),
+                           st.size, st.count) for st in stats]
+
+
 class HeapReport(Protocol):
     """What /debug/pprof/heap asks: this process's profile, or (supervisor) its workers'."""
 
@@ -78,6 +95,11 @@ class HeapReport(Protocol):
 
     def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
         """ValueError (answered 400) for a worker that does not exist."""
+        ...
+
+    def profile(self, worker: int | None = None, top: int = PPROF_TOP) -> list[HeapSample]:
+        """The samples of the pprof format (labelled by worker with workers); ValueError as
+        report()."""
         ...
 
 
@@ -89,12 +111,19 @@ class SelfHeap(HeapProfiler):
             raise ValueError("worker=: this daemon runs no workers ([server] workers = 1)")
         return super().report(top, diff)
 
+    def profile(self, worker: int | None = None, top: int = PPROF_TOP) -> list[HeapSample]:
+        if worker is not None:
+            raise ValueError("worker=: this daemon runs no workers ([server] workers = 1)")
+        return self.samples(top)
+
 
 # With workers the supervisor holds no sessions: it asks each worker for its own report. The
 # worker's answer travels through a file in a private directory: the request (top, diff, a
 # nonce) is written there, the worker gets SIGUSR1, writes its report under the nonce's name
 # and renames it into place; the supervisor waits up to WORKER_TIMEOUT for it.
 WORKER_TIMEOUT = 10.0
+# A pprof answer lists up to PPROF_TOP sites with whole tracebacks: seconds on a busy machine.
+PPROF_WORKER_TIMEOUT = 60.0
 ASK = signal.SIGUSR1
 
 
@@ -110,7 +139,11 @@ def answer_request(profiler: HeapProfiler, directory: Path, index: int) -> None:
     """In a worker, on ASK (off the event loop: a snapshot takes a while)."""
     try:
         request = json.loads(_request_path(directory, index).read_text())
-        text = profiler.report(int(request["top"]), bool(request["diff"]))
+        if request.get("format") == "samples":  # for the supervisor's pprof answer
+            text = json.dumps([[s.frames, s.size, s.count]
+                               for s in profiler.samples(int(request["top"]))])
+        else:
+            text = profiler.report(int(request["top"]), bool(request["diff"]))
         final = _answer_path(directory, index, str(request["nonce"]))
         tmp = final.with_suffix(".tmp")
         tmp.write_text(text)
@@ -132,12 +165,33 @@ class WorkerHeaps:
     def start(self) -> None:
         """The supervisor's own allocations are not traced: it holds no sessions."""
 
-    def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
+    def _chosen(self, worker: int | None) -> list[tuple[int, int]]:
         running = self.workers()
         chosen = [(i, p) for i, p in running if worker is None or i == worker]
         if not chosen:
             raise ValueError(f"worker={worker}: no such worker serving now "
                              f"(serving: {', '.join(str(i) for i, _ in running) or 'none'})")
+        return chosen
+
+    def profile(self, worker: int | None = None, top: int = PPROF_TOP) -> list[HeapSample]:
+        """Every worker's samples, labelled worker=N (a worker that does not answer in time
+        is left out)."""
+        chosen = self._chosen(worker)
+        out: list[HeapSample] = []
+        with self._lock:
+            for index, pid in chosen:
+                text = self._exchange(index, pid, {"format": "samples", "top": top,
+                                                   "diff": False}, PPROF_WORKER_TIMEOUT)
+                if text is None:
+                    continue
+                label = (("worker", str(index)),)
+                out.extend(HeapSample(tuple((str(f), int(n)) for f, n in frames), int(size),
+                                      int(count), label)
+                           for frames, size, count in json.loads(text))
+        return out
+
+    def report(self, top: int = DEFAULT_TOP, diff: bool = False, worker: int | None = None) -> str:
+        chosen = self._chosen(worker)
         head = (f"# elemta heap profile of {len(chosen)} worker process(es), one section each; "
                 f"the supervisor (pid {os.getpid()}) holds no sessions and is not profiled\n")
         with self._lock:
@@ -145,23 +199,32 @@ class WorkerHeaps:
 
     def _ask(self, index: int, pid: int, top: int, diff: bool) -> str:
         title = f"\n## worker {index} (pid {pid})\n"
+        try:
+            text = self._exchange(index, pid, {"top": max(1, min(top, MAX_TOP)), "diff": diff})
+        except ProcessLookupError:
+            return title + "# the worker exited before it could answer\n"
+        if text is None:
+            return title + f"# no answer within {self.timeout:.0f}s\n"
+        return title + text
+
+    def _exchange(self, index: int, pid: int, request: dict[str, object],
+                  timeout: float | None = None) -> str | None:
+        """Ask one worker (see above); None without an answer in time; ProcessLookupError
+        when the worker is gone."""
         for stale in self.directory.glob(f"worker-{index}-*"):
             stale.unlink(missing_ok=True)  # a late answer to a request that timed out
         nonce = uuid.uuid4().hex
-        request = _request_path(self.directory, index)
-        tmp = request.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"top": max(1, min(top, MAX_TOP)), "diff": diff, "nonce": nonce}))
-        os.replace(tmp, request)
+        path = _request_path(self.directory, index)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**request, "nonce": nonce}))
+        os.replace(tmp, path)
         answer = _answer_path(self.directory, index, nonce)
-        try:
-            os.kill(pid, ASK)
-        except ProcessLookupError:
-            return title + "# the worker exited before it could answer\n"
-        deadline = time.monotonic() + self.timeout
+        os.kill(pid, ASK)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while not answer.exists():
             if time.monotonic() > deadline:
-                return title + f"# no answer within {self.timeout:.0f}s\n"
+                return None
             time.sleep(0.02)  # this is the admin HTTP thread, never the event loop
         text = answer.read_text()
         answer.unlink()
-        return title + text
+        return text

@@ -31,13 +31,14 @@ from prometheus_client.exposition import choose_encoder
 
 from .. import __version__
 from ..config import ListenAddress, is_loopback
-from . import report
-from .heap import DEFAULT_TOP, HeapReport
+from . import pprof, report
+from .heap import DEFAULT_TOP, PPROF_TOP, HeapReport
 
 log = logging.getLogger("elemta.http")
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
+PPROF = "application/octet-stream"  # a gzipped profile.proto Profile (go tool pprof)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
 # Connections served at once (a scraper, `elemta stats`, a health check or two, with room).
 MAX_CONNECTIONS = 16
@@ -96,13 +97,18 @@ class AdminApp:
 
     def _heap(self, query: dict[str, list[str]], accept: str) -> tuple[int, str, bytes]:
         assert self.profiler is not None
+        fmt = query.get("format", ["text"])[0]
         try:
-            top = int(query.get("top", [str(DEFAULT_TOP)])[0])
+            top = int(query.get("top", [str(PPROF_TOP if fmt == "pprof" else DEFAULT_TOP)])[0])
             worker = int(query["worker"][0]) if "worker" in query else None
         except ValueError:
             return 400, TEXT, b"top and worker must be integers\n"
         diff = query.get("diff", ["0"])[0] not in ("", "0", "false", "no")
+        if fmt not in ("text", "pprof"):
+            return 400, TEXT, b"format must be text or pprof\n"
         try:
+            if fmt == "pprof":
+                return 200, PPROF, pprof.encode(self.profiler.profile(worker, top))
             return 200, TEXT, self.profiler.report(top, diff, worker).encode()
         except ValueError as exc:  # no such worker
             return 400, TEXT, f"{exc}\n".encode()

@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from ..memory.snapshot import BreakerState, MemoryState, Snapshot
+from .heartbeat import STALL_AFTER
 
 
 class SnapshotSource(Protocol):
@@ -361,8 +362,9 @@ class BuildInfoCollector:
 
 
 class LoopCollector:
-    def __init__(self, heartbeat_age: Callable[[], float]) -> None:
+    def __init__(self, heartbeat_age: Callable[[], float], stall_after: float) -> None:
         self._age = heartbeat_age
+        self._stall_after = stall_after
 
     def describe(self) -> list[Any]:
         return []
@@ -370,19 +372,49 @@ class LoopCollector:
     def collect(self) -> Iterator[Any]:
         yield _gauge("elemta_event_loop_heartbeat_age_seconds",
                      "Seconds since the event loop last ran its heartbeat", self._age())
+        # Alert rules compare the age with this, so they follow the daemon's own bound.
+        yield _gauge("elemta_event_loop_stall_after_seconds",
+                     "Heartbeat age above which /health reports the loop stalled",
+                     self._stall_after)
+
+
+HEALTH_STATUSES = ("ok", "warning", "unhealthy")
+
+
+class HealthCollector:
+    """The /health verdict as a gauge: alert rules see what a load balancer sees."""
+
+    def __init__(self, status: Callable[[], str]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        current = self._status()
+        g = GaugeMetricFamily("elemta_health_status",
+                              "/health verdict: 1 for the current status (unhealthy: 503)",
+                              labels=["status"])
+        for s in HEALTH_STATUSES:
+            g.add_metric([s], 1.0 if s == current else 0.0)
+        yield g
 
 
 def build_registry(
     snapshot: Callable[[], Snapshot | None],
     stats: SmtpStats,
     heartbeat_age: Callable[[], float],
+    stall_after: float = STALL_AFTER,
+    health_status: Callable[[], str] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry for one daemon: elemta's collectors plus process_* and python_gc_*."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     for collector in (MemoryCollector(snapshot), SmtpCollector(stats), BuildInfoCollector(),
-                      LoopCollector(heartbeat_age)):
+                      LoopCollector(heartbeat_age, stall_after)):
         registry.register(collector)
+    if health_status is not None:
+        registry.register(HealthCollector(health_status))
     return registry
 

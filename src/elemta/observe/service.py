@@ -19,7 +19,7 @@ from ..config import Config
 from ..memory.snapshot import Snapshot
 from . import report
 from .heap import HeapReport, SelfHeap
-from .heartbeat import Heartbeat, install_test_block
+from .heartbeat import STALL_AFTER, Heartbeat, install_test_block
 from .http import AdminApp, AdminServer
 from .metrics import SamplesSource, SmtpStats, SnapshotSource, build_registry
 from .queuemetrics import DeliveryStats, QueueCollector
@@ -40,7 +40,8 @@ class Observability:
         self.heartbeat = Heartbeat()
         self.source: SnapshotSource | None = None
         self._draining: Callable[[], bool] = lambda: False
-        self.registry = build_registry(self._snapshot, self.smtp, self.heartbeat.age)
+        self.registry = build_registry(self._snapshot, self.smtp, self.heartbeat.age, STALL_AFTER,
+                                       lambda: str(report.health(self.inputs())[1]["status"]))
         # The queue manager, when a queued transport is configured, sets `queue` (its stats).
         self.queue: Callable[[], dict[str, Any]] | None = None
         self.delivery = DeliveryStats(self.registry)

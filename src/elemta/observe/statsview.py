@@ -138,3 +138,34 @@ def render(doc: dict[str, Any]) -> str:
     table = rows(doc)
     width = max(len(k) for k, _ in table)
     return "".join(f"{k:<{width}}  {v}\n" for k, v in table)
+
+
+def rates(prev: dict[str, Any], doc: dict[str, Any], seconds: float) -> tuple[str, str]:
+    """("rate", "12.0 msg/s, 3.0 conn/s, 0.5 452/s") between two documents `seconds` apart."""
+    def smtp(d: dict[str, Any]) -> tuple[int, int, int]:
+        s = d.get("smtp", {})
+        replies = s.get("replies", {})
+        return (int(s.get("messages_accepted", 0)),
+                int(s.get("connections", {}).get("accepted", 0)),
+                sum(int(n) for k, n in replies.items() if k.startswith("452")))
+
+    before, now = smtp(prev), smtp(doc)
+    per = max(seconds, 1e-9)
+    m, c, r = ((b - a) / per for a, b in zip(before, now, strict=True))
+    return ("rate", f"{m:.1f} msg/s, {c:.1f} conn/s, {r:.1f} 452/s")
+
+
+# Cursor home and clear to the end of the screen: each frame replaces the last, like watch(1).
+CLEAR = "\x1b[H\x1b[J"
+
+
+def frame(doc: dict[str, Any] | None, error: str | None, header: str,
+          rate: tuple[str, str] | None) -> str:
+    """One screen of `elemta stats --watch`: a header, then the table (or why there is none)."""
+    if doc is None:
+        return f"{header}\n\n{error}\n"
+    table = rows(doc)
+    if rate is not None:
+        table.insert(2, rate)
+    width = max(len(k) for k, _ in table)
+    return f"{header}\n\n" + "".join(f"{k:<{width}}  {v}\n" for k, v in table)
