@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,23 +24,42 @@ from daemon import free_port, start, write_config
 
 
 class NotifySocket:
-    """What systemd's end of NOTIFY_SOCKET sees: one datagram per sd_notify() call."""
+    """What systemd's end of NOTIFY_SOCKET sees: one datagram per sd_notify() call.
+
+    Read at once by a thread, as systemd does: a unix datagram socket queues only
+    net.unix.max_dgram_qlen (10) messages, after which the daemon's sd_notify() blocks, and
+    python-systemd holds the GIL while it does (the whole daemon stalled in a test that read
+    nothing for 5 s of watchdog pings).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
         self.messages: list[dict[str, str]] = []
+        self._received: queue.Queue[dict[str, str]] = queue.Queue()
+        threading.Thread(target=self._drain, name="notify-socket", daemon=True).start()
 
-    def wait_for(self, key: str, timeout: float = 20, value: str | None = None) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+    def _drain(self) -> None:
+        while self.sock.fileno() >= 0:
             try:
                 data = self.sock.recv(4096).decode()
             except TimeoutError:
-                break
-            msg = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+                continue
+            except OSError:  # closed by the test
+                return
+            self._received.put(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
+
+    def _next(self, deadline: float) -> dict[str, str] | None:
+        try:
+            return self._received.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+
+    def wait_for(self, key: str, timeout: float = 20, value: str | None = None) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while (msg := self._next(deadline)) is not None:
             self.messages.append(msg)
             if key in msg and (value is None or msg[key] == value):
                 return msg
@@ -48,13 +69,8 @@ class NotifySocket:
         """How many messages carrying `key` arrive within `seconds`."""
         n = 0
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            n += any(line.startswith(key + "=") for line in data.splitlines())
+        while (msg := self._next(deadline)) is not None:
+            n += key in msg
         return n
 
 
