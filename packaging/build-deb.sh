@@ -37,7 +37,10 @@ build_deps() {
 import re, sys
 text = open(sys.argv[1]).read()
 field = re.search(r"^Build-Depends:(.*?)(?=^\S)", text, re.M | re.S).group(1)
-print(" ".join(re.sub(r"\(.*?\)|<.*?>|\[.*?\]", "", d).strip() for d in field.split(",") if d.strip()))
+# Virtual build dependencies name the real packages that provide them.
+real = {"debhelper-compat": "debhelper", "dh-sequence-python3": "dh-python"}
+names = (re.sub(r"\(.*?\)|<.*?>|\[.*?\]", "", d).strip() for d in field.split(","))
+print(" ".join(real.get(n, n) for n in names if n))
 PY
 }
 
@@ -64,7 +67,7 @@ python3 packaging/gen-conffile.py >"$SRC/debian/elemta.toml"
 {
     printf 'elemta (%s) %s; urgency=medium\n\n  * Build for Debian %s.\n\n' "$DEBVERSION" "$RELEASE" "$RELEASE"
     printf ' -- %s  %s\n\n' "$(dpkg-parsechangelog -l packaging/debian/changelog -S Maintainer)" \
-        "$(dpkg-parsechangelog -l packaging/debian/changelog -S Date)"
+        "$(git log -1 --format=%aD 2>/dev/null || date -R)"  # later than the entry below
     cat packaging/debian/changelog
 } >"$SRC/debian/changelog"
 
@@ -73,7 +76,7 @@ if [ -n "${DEBIAN:-}" ]; then
     command -v debootstrap >/dev/null || { echo "build-deb: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
     CACHE=${ELEMTA_BUILD_CACHE:-/var/cache/elemta-build}
     DEPS="$(build_deps) lintian"
-    KEY=$(echo "$RELEASE $DEPS v1" | sha256sum | cut -c1-12)
+    KEY=$(echo "$RELEASE $DEPS v2" | sha256sum | cut -c1-12)
     BASE="$CACHE/$RELEASE-$KEY"
     if [ ! -f "$BASE/ok" ]; then
         # The mirror apt already uses here (deb822 "URIs:" or one-line "deb URL suite").
@@ -83,9 +86,17 @@ if [ -n "${DEBIAN:-}" ]; then
         echo "build-deb: debootstrap $RELEASE build chroot into $BASE (once; a few minutes)" >&2
         rm -rf "$BASE" && mkdir -p "$BASE"
         t0=$(date +%s)
-        debootstrap --variant=buildd --include="$(echo "$DEPS" | tr ' ' ',')" "$RELEASE" "$BASE/root" \
-            "$mirror" >"$BASE/debootstrap.log" 2>&1 || { tail -20 "$BASE/debootstrap.log" >&2; exit 1; }
-        rm -f "$BASE/root/var/cache/apt/archives/"*.deb
+        debootstrap --variant=buildd "$RELEASE" "$BASE/root" "$mirror" >"$BASE/debootstrap.log" 2>&1 \
+            || { tail -20 "$BASE/debootstrap.log" >&2; exit 1; }
+        # apt, not debootstrap, resolves the build dependencies: debootstrap cannot follow
+        # virtual packages (trixie's libnet-ssleay-perl needs perl-openssl-abi-3).
+        cp /etc/resolv.conf "$BASE/root/etc/resolv.conf"
+        mount -t proc proc "$BASE/root/proc"
+        # shellcheck disable=SC2086
+        chroot "$BASE/root" sh -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $DEPS" \
+            >>"$BASE/debootstrap.log" 2>&1 || { umount "$BASE/root/proc"; tail -20 "$BASE/debootstrap.log" >&2; exit 1; }
+        umount "$BASE/root/proc"
+        chroot "$BASE/root" apt-get clean
         echo "$(( $(date +%s) - t0 ))" >"$BASE/build-seconds"
         touch "$BASE/ok"
     fi
