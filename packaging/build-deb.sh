@@ -48,7 +48,8 @@ STAGE=$(mktemp -d /tmp/elemta-deb.XXXXXX)
 CHROOT=""
 cleanup() {
     if [ -n "$CHROOT" ]; then
-        umount "$CHROOT/dev" "$CHROOT/proc" 2>/dev/null || true
+        umount -R "$CHROOT/dev" 2>/dev/null || true
+        umount "$CHROOT/proc" 2>/dev/null || true
         rm -rf --one-file-system "$CHROOT"
     fi
     rm -rf "$STAGE"
@@ -103,7 +104,8 @@ if [ -n "${DEBIAN:-}" ]; then
     CHROOT=$(mktemp -d "$CACHE/run.XXXXXX")
     cp -a "$BASE/root/." "$CHROOT/"
     mount -t proc proc "$CHROOT/proc"
-    mount --bind /dev "$CHROOT/dev"
+    mount --rbind /dev "$CHROOT/dev"  # with /dev/pts: the tests open a pty
+    mount --make-rslave "$CHROOT/dev"  # nothing done under it reaches the host's /dev
     mkdir -p "$CHROOT/build"
     cp -a "$SRC" "$CHROOT/build/"
     echo "build-deb: building $DEBVERSION in a clean $RELEASE chroot ($(chroot "$CHROOT" python3 --version))" >&2

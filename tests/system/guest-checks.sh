@@ -267,11 +267,13 @@ fi
 cp /etc/elemta/elemta.toml /tmp/elemta.toml.before-live
 sed -i 's/^#max_memory_usage = .*/max_memory_usage = "200MiB"/' /etc/elemta/elemta.toml
 t0=$(date +%s%N)
-systemctl reload elemta.service
+systemctl reload elemta.service; reload_rc=$?
 t1=$(date +%s%N)
 live=$(curl -sf http://127.0.0.1:8080/api/stats | python3 -c 'import json,sys; m=json.load(sys.stdin)["memory"]; print(m.get("limit_bytes"), m.get("limit_source"))' 2>&1)
 if ! grep -q '^max_memory_usage = "200MiB"' /etc/elemta/elemta.toml; then
     fail reload-live "could not set max_memory_usage in /etc/elemta/elemta.toml"
+elif [ "$reload_rc" != 0 ]; then
+    fail reload-live "systemctl reload exited $reload_rc after $(( (t1 - t0) / 1000000 )) ms: $(journalctl -u elemta -n 3 -o cat --no-pager | tr '\n' ' ')"
 elif [ "$live" = "209715200 config" ]; then
     pass reload-live "max_memory_usage 200MiB: systemctl reload returned in $(( (t1 - t0) / 1000000 )) ms; the next /api/stats says limit $live"
 else
