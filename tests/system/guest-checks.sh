@@ -336,16 +336,42 @@ CONF
     since=$(date '+%Y-%m-%d %H:%M:%S')
     cat >/tmp/ballast.py <<'PY'
 import sys, time
+cg, hold = sys.argv[1], float(sys.argv[2])
 # Wait until moved into the service's cgroup: only pages touched afterwards are charged there.
 while "elemta.service" not in open("/proc/self/cgroup").read():
     time.sleep(0.05)
+def current():
+    return int(open(cg + "/memory.current").read())
+high = int(open(cg + "/memory.high").read())
 chunks = []
-for _ in range(int(sys.argv[1]) // 4):
-    chunks.append(bytearray(4 << 20))  # zero-filled: every page touched
-print("ballast allocated", flush=True)
-time.sleep(float(sys.argv[2]))
+# Just over MemoryHigh= (not far over: the kernel throttles every task of the cgroup, elemta too,
+# in proportion to the excess), then churn: each new page charged over memory.high makes the
+# kernel reclaim and throttle the ballast, a memory stall that PSI counts.
+while current() < high + (6 << 20):
+    chunks.append(bytearray(1 << 20))
+print(f"ballast: {len(chunks)} MiB, memory.current {current() >> 20} MiB, memory.high {high >> 20} MiB", flush=True)
+end = time.monotonic() + hold
+while time.monotonic() < end:
+    chunks.pop(0)
+    chunks.append(bytearray(1 << 20))
 PY
-    python3 /tmp/ballast.py 200 600 >/tmp/ballast.log 2>&1 &
+    # A second, independent PSI trigger on the same file, with the same trigger systemd wrote:
+    # says whether the kernel signalled at all (diagnostics for a failure below).
+    cat >/tmp/psi-probe.py <<'PY'
+import os, select, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NONBLOCK)
+os.write(fd, b"some 200000 2000000\0")
+p = select.poll()
+p.register(fd, select.POLLPRI)
+n, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    if p.poll(500):
+        n += 1
+        print(f"psi-probe: event {n} at {time.monotonic():.1f}", flush=True)
+PY
+    python3 /tmp/psi-probe.py "$cg/memory.pressure" 150 >/tmp/psi-probe.log 2>&1 &
+    ppid=$!
+    python3 /tmp/ballast.py "$cg" 600 >/tmp/ballast.log 2>&1 &
     bpid=$!
     echo "$bpid" >"$cg/cgroup.procs"
     woken() { journalctl -u elemta --since "$since" -o json --no-pager | grep -q '"MESSAGE_ID":"503fb6c78e9245dd8a62ab4db728789f"'; }
@@ -362,7 +388,8 @@ PY
     reply=$(grep -E '^ *<~?\*? *[0-9]{3} ' /tmp/swaks-pressure.log | tail -1 | sed 's/^ *<~* *//')
     wake_line=$(journalctl -u elemta --since "$since" -o cat --no-pager | grep -m1 "Woken by systemd" | cut -c1-150)
     pressure_events=$(awk '$1=="high"{print "memory.events high=" $2}' "$cg/memory.events"; sed -n 's/^some \(avg10=[0-9.]*\).*/memory.pressure some \1/p' "$cg/memory.pressure")
-    kill "$bpid" 2>/dev/null; wait "$bpid" 2>/dev/null
+    kill "$bpid" "$ppid" 2>/dev/null; wait "$bpid" 2>/dev/null
+    probe="$(grep -c 'psi-probe: event' /tmp/psi-probe.log) kernel PSI events seen by a probe trigger; $(cat /tmp/ballast.log | head -1)"
     oom=$(awk '$1=="oom_kill"{print $2}' "$cg/memory.events")
     recovered() {
         swaks --server 127.0.0.1:25 --from sender@example.test --to postmaster@localhost \
@@ -371,9 +398,9 @@ PY
     wait_for 120 recovered; a=$?
     if [ "$w" = 0 ] && [ "$c" = 0 ] && [ "$r" = 0 ] && [ "$a" = 0 ] && [ "$oom" = 0 ] \
             && [ "$(prop MainPID)" = "$main" ] && [ "$(prop NRestarts)" = "$restarts" ]; then
-        pass memory-pressure "MemoryHigh=200M, 200 MiB ballast in $cg: \$MEMORY_PRESSURE_WATCH=$watch; journal (MESSAGE_ID=503fb6c7...): $wake_line; then RCPT -> $reply; oom_kill=$oom, same MainPID, NRestarts $restarts; ballast gone -> 250 again ($(( $(date +%s) - t0 ))s in all; $pressure_events)"
+        pass memory-pressure "MemoryHigh=200M, ballast just over it in $cg: \$MEMORY_PRESSURE_WATCH=$watch; journal (MESSAGE_ID=503fb6c7...): $wake_line; then RCPT -> $reply; oom_kill=$oom, same MainPID, NRestarts $restarts; ballast gone -> 250 again ($(( $(date +%s) - t0 ))s in all; $pressure_events; $probe)"
     else
-        fail memory-pressure "watch='$watch' woken=$w critical=$c refused=$r ('$reply') recovered=$a oom_kill=$oom MainPID $(prop MainPID) (was $main) NRestarts $(prop NRestarts); journal: $(journalctl -u elemta --since "$since" -o cat --no-pager | grep -iE 'pressure|critical' | head -3 | tr '\n' ' ')"
+        fail memory-pressure "$probe; $pressure_events; watch='$watch' woken=$w critical=$c refused=$r ('$reply') recovered=$a oom_kill=$oom MainPID $(prop MainPID) (was $main) NRestarts $(prop NRestarts); journal: $(journalctl -u elemta --since "$since" -o cat --no-pager | grep -iE 'pressure|critical' | head -3 | tr '\n' ' ')"
     fi
     journalctl -u elemta --since "$since" -o cat --no-pager >"$IO/journal-pressure.log" 2>/dev/null
     rm -f /etc/systemd/system/elemta.service.d/60-pressure.conf
