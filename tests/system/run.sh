@@ -66,10 +66,10 @@ if [ ! -f "$OUT/results.txt" ]; then
     exit 1
 fi
 cat "$OUT/results.txt"
-mkdir -p "$HERE/../../dist/system-test"
-cp "$OUT"/*.txt "$OUT"/*.log "$OUT"/*.json "$WORK/console.log" "$HERE/../../dist/system-test/" 2>/dev/null || true
+mkdir -p "$HERE/../../dist/system-test/$RELEASE"
+cp "$OUT"/*.txt "$OUT"/*.log "$OUT"/*.json "$WORK/console.log" "$HERE/../../dist/system-test/$RELEASE/" 2>/dev/null || true
 pass=$(grep -c '^PASS' "$OUT/results.txt" || true)
 fail=$(grep -c '^FAIL' "$OUT/results.txt" || true)
 skip=$(grep -c '^SKIP' "$OUT/results.txt" || true)
-echo "system-test ($RELEASE): $pass passed, $fail failed, $skip skipped; VM round trip ${vm_seconds}s (boot, install, checks, poweroff); logs in dist/system-test/"
+echo "system-test ($RELEASE): $pass passed, $fail failed, $skip skipped; VM round trip ${vm_seconds}s (boot, install, checks, poweroff); logs in dist/system-test/$RELEASE/"
 [ "$fail" = 0 ]

@@ -3,7 +3,7 @@
 PSI signals a trigger with POLLPRI only (the file always polls readable), so `add_reader` on the
 trigger fd would fire constantly. The fd is registered in a private epoll (EPOLLPRI for a regular
 file, EPOLLIN for a FIFO or socket), whose own fd becomes readable only when the watch fires; the
-loop watches that fd.
+loop watches that fd, and each time it is readable is one wake-up.
 
 systemd >= 254 (`MemoryPressureWatch=`) tells the service where to watch and what to write
 (docs/MEMORY_PRESSURE.md in systemd): `$MEMORY_PRESSURE_WATCH` is the path (the unit's
@@ -165,8 +165,14 @@ class PressureTrigger:
                    drain=mask == select.EPOLLIN, sock=sock, source="systemd")
 
     def _ready(self) -> None:
-        if self._fd < 0 or not self._ep.poll(0):
+        if self._fd < 0:
             return
+        # The loop saw the private epoll readable only because polling the watched fd returned
+        # the requested event. For PSI that poll also consumed it (the kernel resets a trigger's
+        # event on every poll), so the private epoll's own answer is now empty: asking it only
+        # clears its ready list, and the wake-up counts either way. (Requiring a non-empty
+        # answer here lost every PSI wake-up.)
+        self._ep.poll(0)
         if self._drain and not self._read_all():
             return
         self.wakeups += 1
