@@ -387,7 +387,7 @@ PY
     wait_for 60 refused; r=$?
     reply=$(grep -E '^ *<[~*]* *[0-9]{3} ' /tmp/swaks-pressure.log | tail -1 | sed 's/^ *<[~*]* *//')
     wake_line=$(journalctl -u elemta --since "$since" -o cat --no-pager | grep -m1 "Woken by systemd" | cut -c1-150)
-    pressure_events=$(awk '$1=="high"{print "memory.events high=" $2}' "$cg/memory.events"; sed -n 's/^some \(avg10=[0-9.]*\).*/memory.pressure some \1/p' "$cg/memory.pressure")
+    pressure_events=$(awk '$1=="high"{printf "memory.events high=%s ", $2}' "$cg/memory.events"; sed -n 's/^some \(avg10=[0-9.]*\).*/memory.pressure some \1/p' "$cg/memory.pressure" | tr '\n' ' ')
     kill "$bpid" "$ppid" 2>/dev/null; wait "$bpid" 2>/dev/null
     probe="$(grep -c 'psi-probe: event' /tmp/psi-probe.log) kernel PSI events seen by a probe trigger; $(cat /tmp/ballast.log | head -1)"
     oom=$(awk '$1=="oom_kill"{print $2}' "$cg/memory.events")
