@@ -33,14 +33,22 @@ stress: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
-# Debian package: dist/elemta_<version>_all.deb (+ dist/lintian.txt). See packaging/build-deb.sh.
-deb:
-	./packaging/build-deb.sh
+# Debian package: dist/elemta_<version>+debNN_all.deb (+ dist/lintian-<release>.txt). Without DEBIAN it is
+# built on this machine for its release; DEBIAN=bookworm|trixie builds in a clean chroot of that
+# release (cached in /var/cache/elemta-build). See packaging/build-deb.sh.
+DEBIAN ?=
+VERSION = $(shell python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
+RELEASE = $(if $(DEBIAN),$(DEBIAN),$(shell . /etc/os-release && echo $$VERSION_CODENAME))
+SUFFIX = $(if $(filter trixie,$(RELEASE)),+deb13,+deb12)
 
-# Boots a Debian bookworm VM (qemu, systemd as PID 1, cgroup v2), installs the .deb and checks the
-# service end to end. The VM base image is cached in /var/cache/elemta-vm. See tests/system/.
+deb:
+	DEBIAN=$(DEBIAN) ./packaging/build-deb.sh
+
+# Boots a Debian VM of $(DEBIAN) (default: this machine's release) with its own systemd (qemu,
+# cgroup v2), installs that release's .deb and checks the service end to end. The VM base images
+# are cached in /var/cache/elemta-vm. See tests/system/.
 system-test: deb
-	./tests/system/run.sh dist/elemta_$$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')_all.deb
+	./tests/system/run.sh dist/elemta_$(VERSION)$(SUFFIX)_all.deb $(RELEASE)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var

@@ -73,6 +73,15 @@ EVENTS: dict[str, Event] = {
             "Utilization fell back below the warning threshold (minus the hysteresis margin).",
         ),
         Event(
+            "memory_pressure_wakeup", "503fb6c78e9245dd8a62ab4db728789f", INFO,
+            "Woken by systemd's memory pressure watch", (*_MEM, "wakeups"),
+            "systemd (MemoryPressureWatch=, $MEMORY_PRESSURE_WATCH) reported memory pressure in\n"
+            "the service's cgroup, so elemta sampled at once instead of at its next tick, and\n"
+            "collected and trimmed its heap when at or above gc_threshold (threshold is\n"
+            "gc_threshold here). Frequent lines mean the unit runs close to MemoryHigh=:\n"
+            "raise it, or lower max_memory_usage so elemta refuses (452 4.3.1) earlier.",
+        ),
+        Event(
             "breaker_open", "b9527349dfa8418a9aa4fed8b7dd7cfa", ERR,
             "Circuit breaker opened: refusing all new connections", (*_MEM, "samples"),
             "Memory stayed critical for several consecutive samples, so the circuit breaker\n"

@@ -94,8 +94,13 @@ def test_ready_status_watchdog_reload_and_stop(tmp_path: Path, notify: NotifySoc
         # SIGHUP with a changed, valid file: RELOADING=1 then READY=1, same process.
         d.config_path.write_text(d.config_path.read_text().replace(
             'domains = ["example.test", "localhost"]', 'domains = ["example.test", "other.test"]'))
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         d.proc.send_signal(signal.SIGHUP)
-        assert notify.wait_for("RELOADING")["RELOADING"] == "1"
+        reloading = notify.wait_for("RELOADING")
+        assert reloading["RELOADING"] == "1"
+        # Type=notify-reload (systemd >= 253) matches RELOADING=1 to its SIGHUP by this stamp.
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= after
         notify.wait_for("READY")
         d.wait_for_log("configuration reloaded")
         assert "delivery.domains" in d.log

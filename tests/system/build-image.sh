@@ -1,5 +1,6 @@
 #!/bin/sh
-# Builds (once) the Debian bookworm VM base image the system test boots, and prints its directory.
+# Builds (once) the Debian VM base image the system test boots (argument: bookworm or trixie,
+# default bookworm), and prints its directory.
 #
 # The image is cached OUTSIDE the repository under $ELEMTA_VM_CACHE (default /var/cache/elemta-vm),
 # keyed by a hash of the package list and the guest set-up below: change either and a new image is
@@ -11,7 +12,12 @@
 set -eu
 
 CACHE=${ELEMTA_VM_CACHE:-/var/cache/elemta-vm}
-SUITE=bookworm
+SUITE=${1:-bookworm}
+case $SUITE in bookworm|trixie) ;; *) echo "build-image: unknown release $SUITE (bookworm, trixie)" >&2; exit 2 ;; esac
+# The root filesystem sits in a GPT partition with this fixed PARTUUID, and the kernel is told
+# root=PARTUUID=...: trixie's 6.12 kernel names NVMe namespaces asynchronously, so /dev/nvme0n1
+# may be the I/O disk (../shared/notes/vm-testing.md). The same layout boots bookworm.
+PARTUUID=6e1a3f00-e1e7-4a00-9000-00000000e1e7
 # Everything the elemta .deb depends on must already be here: the guest has no network.
 # swaks and curl are the in-guest SMTP and HTTP clients of the checks; man-db lets
 # `systemd-analyze verify` resolve Documentation=man:elemta(8). pytest and hypothesis run the
@@ -34,7 +40,7 @@ runner_script() {
 #!/bin/sh
 # elemta system test runner: run /run.sh from the I/O disk, keep its output there, power off.
 mkdir -p /mnt/io
-if mount /dev/nvme0n2 /mnt/io; then
+if mount LABEL=elemta-io /mnt/io; then
     if [ -x /mnt/io/run.sh ]; then
         /mnt/io/run.sh >/mnt/io/out.log 2>&1
         echo $? >/mnt/io/rc
@@ -61,9 +67,9 @@ WantedBy=multi-user.target
 UNIT
 }
 
-KEY=$( { echo "$SUITE $PACKAGES"; runner_script; runner_unit; echo v2; } | sha256sum | cut -c1-16)
+KEY=$( { echo "$SUITE $PACKAGES $PARTUUID"; runner_script; runner_unit; echo v3-gpt; } | sha256sum | cut -c1-16)
 DIR="$CACHE/$SUITE-$KEY"
-if [ -f "$DIR/base.raw" ] && [ -f "$DIR/vmlinuz" ]; then
+if [ -f "$DIR/base.raw" ] && [ -f "$DIR/vmlinuz" ] && [ -f "$DIR/partuuid" ]; then
     echo "$DIR"
     exit 0
 fi
@@ -96,14 +102,15 @@ rm -f "$apt_clean_dir"/*.deb
 
 cp "$(ls "$ROOT"/boot/vmlinuz-* | sort | tail -1)" "$WORK/vmlinuz"
 truncate -s 3G "$WORK/base.raw"
-mkfs.ext4 -q -L elemta-root -d "$ROOT" "$WORK/base.raw"
+printf 'label: gpt\nstart=2048, size=6287360, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=%s\n' \
+    "$PARTUUID" | sfdisk -q "$WORK/base.raw"
+mkfs.ext4 -q -L elemta-root -E offset=1048576 -d "$ROOT" "$WORK/base.raw" 3070M
+echo "$PARTUUID" >"$WORK/partuuid"
 mkdir -p "$DIR"
-mv "$WORK/base.raw" "$WORK/vmlinuz" "$DIR/"
+mv "$WORK/base.raw" "$WORK/vmlinuz" "$WORK/partuuid" "$DIR/"
 echo "$PACKAGES" >"$DIR/packages"
 echo "$(( $(date +%s) - start ))" >"$DIR/build-seconds"
 echo "build-image: built $DIR in $(cat "$DIR/build-seconds") s" >&2
-# Older images (another package list) are of no further use.
-for old in "$CACHE/$SUITE"-*; do
-    [ "$old" = "$DIR" ] || rm -rf "$old"
-done
+# Older images (another package list or layout) are kept: another checkout (a branch) may still
+# boot them. Remove them by hand (rm -rf $CACHE/<release>-<key>) when no checkout needs them.
 echo "$DIR"

@@ -1,26 +1,27 @@
 #!/bin/sh
-# `make system-test`: boot Debian bookworm with systemd as PID 1 and cgroup v2 in qemu (software
+# `make system-test [DEBIAN=bookworm|trixie]`: boot that Debian release with its own systemd as PID 1 and cgroup v2 in qemu (software
 # emulation; see ../shared/notes/vm-testing.md), install the .deb with apt and check the service
 # end to end (tests/system/guest-checks.sh). Prints one line per check; exit 0 only if none failed.
 #
-# Usage: tests/system/run.sh dist/elemta_<version>_all.deb
+# Usage: tests/system/run.sh dist/elemta_<version>_all.deb [bookworm|trixie]
 # Env: ELEMTA_VM_CACHE (base image cache, default /var/cache/elemta-vm), ELEMTA_VM_TIMEOUT (s, 900),
 #      ELEMTA_VM_KEEP=1 keeps the work directory (console log, journal, disks) for inspection.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DEB=$(readlink -f "${1:?usage: $0 path/to/elemta_VERSION_all.deb}")
+RELEASE=${2:-bookworm}
 TIMEOUT=${ELEMTA_VM_TIMEOUT:-900}
 
-for tool in qemu-system-x86_64 qemu-img mkfs.ext4 debugfs; do
-    command -v "$tool" >/dev/null || { echo "system-test: SKIP: $tool missing (apt-get install qemu-system-x86 qemu-utils e2fsprogs)"; exit 77; }
+for tool in qemu-system-x86_64 qemu-img mkfs.ext4 debugfs sfdisk; do
+    command -v "$tool" >/dev/null || { echo "system-test: SKIP: $tool missing (apt-get install qemu-system-x86 qemu-utils e2fsprogs fdisk)"; exit 77; }
 done
 
 t_image=$(date +%s)
-if ! IMAGE=$("$HERE/build-image.sh"); then
+if ! IMAGE=$("$HERE/build-image.sh" "$RELEASE"); then
     echo "system-test: SKIP: cannot build the VM base image (needs root and a Debian mirror; see above)"
     exit 77
 fi
-echo "system-test: base image $IMAGE (ready in $(( $(date +%s) - t_image ))s; built once in $(cat "$IMAGE/build-seconds")s)"
+echo "system-test ($RELEASE): base image $IMAGE (ready in $(( $(date +%s) - t_image ))s; built once in $(cat "$IMAGE/build-seconds")s)"
 
 WORK=$(mktemp -d /tmp/elemta-vm.XXXXXX)
 [ "${ELEMTA_VM_KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
@@ -43,7 +44,7 @@ timeout "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
     -display none -serial "file:$WORK/console.log" -monitor none -no-reboot -nic none \
     -kernel "$IMAGE/vmlinuz" \
-    -append "root=/dev/nvme0n1 rw console=ttyS0 panic=-1 systemd.unified_cgroup_hierarchy=1 quiet" \
+    -append "root=PARTUUID=$(cat "$IMAGE/partuuid") rw console=ttyS0 panic=-1 systemd.unified_cgroup_hierarchy=1 quiet" \
     -device nvme,serial=elemta,id=nvme0 \
     -drive file="$WORK/root.qcow2",if=none,id=root,format=qcow2 \
     -device nvme-ns,drive=root,bus=nvme0,nsid=1 \
@@ -65,10 +66,10 @@ if [ ! -f "$OUT/results.txt" ]; then
     exit 1
 fi
 cat "$OUT/results.txt"
-mkdir -p "$HERE/../../dist/system-test"
-cp "$OUT"/*.txt "$OUT"/*.log "$OUT"/*.json "$WORK/console.log" "$HERE/../../dist/system-test/" 2>/dev/null || true
+mkdir -p "$HERE/../../dist/system-test/$RELEASE"
+cp "$OUT"/*.txt "$OUT"/*.log "$OUT"/*.json "$WORK/console.log" "$HERE/../../dist/system-test/$RELEASE/" 2>/dev/null || true
 pass=$(grep -c '^PASS' "$OUT/results.txt" || true)
 fail=$(grep -c '^FAIL' "$OUT/results.txt" || true)
 skip=$(grep -c '^SKIP' "$OUT/results.txt" || true)
-echo "system-test: $pass passed, $fail failed, $skip skipped; VM round trip ${vm_seconds}s (boot, install, checks, poweroff); logs in dist/system-test/"
+echo "system-test ($RELEASE): $pass passed, $fail failed, $skip skipped; VM round trip ${vm_seconds}s (boot, install, checks, poweroff); logs in dist/system-test/$RELEASE/"
 [ "$fail" = 0 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from ..config import Config
 from ..events import emit
 from ..units import format_size
 from .leaks import LeakDetector, describe_tasks
-from .pressure import PressureTrigger
+from .pressure import PressureTrigger, systemd_watch
 from .reclaim import Reclaimer
 from .refusal import Refusal
 from .sampler import Sample, Sampler
@@ -294,6 +295,9 @@ class Governor:
         self._stopped = False
         self._psi: PressureTrigger | None = None
         self._last_concurrency: int | None = None
+        self._pressure_woken = 0  # systemd wake-ups not yet handled by the monitor
+        self._pressure_unlogged = 0
+        self._pressure_logged_at = float("-inf")
 
     @property
     def psi_wakeups(self) -> int:
@@ -336,11 +340,43 @@ class Governor:
             snap.usage_source.value, describe(snap), snap.state.value, where,
             "on" if snap.protection else "off (log only)",
         )
-        path = self.sampler.pressure_path
-        if path is not None and self.sampler.root == Path("/"):
-            self._psi = PressureTrigger.arm(path, self._wake.set)
+        if self.sampler.root == Path("/"):
+            self._psi = self._arm_pressure()
         self._task = asyncio.get_running_loop().create_task(self._monitor(), name="memory-monitor")
         return snap
+
+    def _arm_pressure(self) -> PressureTrigger | None:
+        """systemd's watch when it passed one ($MEMORY_PRESSURE_WATCH, systemd >= 254), else
+        (or when that cannot be watched) our own trigger on the cgroup's memory.pressure."""
+        try:
+            watch = systemd_watch(os.environ)
+        except ValueError as exc:
+            log.warning("%s; arming elemta's own trigger instead", exc)
+            watch = None
+        if watch is not None:
+            trigger = PressureTrigger.arm_systemd(watch, self._systemd_pressure)
+            if trigger is not None or watch.path is None:  # /dev/null: systemd said don't
+                return trigger
+        path = self.sampler.pressure_path
+        return PressureTrigger.arm(path, self._wake.set) if path is not None else None
+
+    def _systemd_pressure(self) -> None:
+        self._pressure_woken += 1
+        self._wake.set()
+
+    def _log_pressure_wakeup(self, snap: Snapshot) -> None:
+        """One memory_pressure_wakeup line per monitoring_interval at most: the kernel may
+        signal every PSI window (1-2 s) while the pressure lasts."""
+        woken, self._pressure_woken = self._pressure_woken, 0
+        self._pressure_unlogged += woken
+        now = time.monotonic()
+        if now - self._pressure_logged_at < self.memory.monitoring_interval:
+            return
+        emit(log, "memory_pressure_wakeup",
+             f"Woken by systemd's memory pressure watch ({self._pressure_unlogged} since the "
+             f"last line): {describe(snap)}, state {snap.state.value}",
+             wakeups=self._pressure_unlogged, **self._mem_fields(snap, self.memory.gc_threshold))
+        self._pressure_logged_at, self._pressure_unlogged = now, 0
 
     async def stop(self) -> None:
         if self._psi is not None:
@@ -606,6 +642,8 @@ class Governor:
             if self._stopped:
                 break
             try:
-                self.tick()
+                snap = self.tick()
+                if self._pressure_woken:
+                    self._log_pressure_wakeup(snap)
             except Exception:  # the monitor must outlive any one bad sample
                 log.exception("memory monitor sample failed")

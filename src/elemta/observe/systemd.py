@@ -1,4 +1,5 @@
-"""systemd integration: sd_notify (READY, STATUS, RELOADING, STOPPING, WATCHDOG) and socket activation.
+"""systemd integration: sd_notify (READY, STATUS, RELOADING+MONOTONIC_USEC, STOPPING, WATCHDOG),
+socket activation.
 
 Outside systemd (no NOTIFY_SOCKET, no WATCHDOG_USEC, no LISTEN_FDS) every part is a silent no-op.
 
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -210,7 +212,10 @@ class SystemdNotifier:
 
     def reloading(self) -> None:
         self._reloading = True
-        self.send("RELOADING=1", f"STATUS={self.status()}")
+        # Type=notify-reload (systemd >= 253) wants the CLOCK_MONOTONIC time of the reload's
+        # start beside RELOADING=1; older systemd ignores the field.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={self.status()}")
 
     def reloaded(self, source: SnapshotSource | None = None) -> None:
         self._reloading = False
