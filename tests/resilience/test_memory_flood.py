@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import smtplib
 import socket
 import threading
 import time
@@ -118,6 +119,14 @@ def until(what: str, check: Callable[[], bool], timeout: float = 90.0) -> None:
         time.sleep(0.05)
 
 
+def _accepted_after(d: Daemon) -> bool:
+    try:
+        return d.send("after@example.test", b"Subject: after\r\n\r\nok\r\n") == {}
+    except (smtplib.SMTPConnectError, smtplib.SMTPSenderRefused) as exc:
+        assert exc.smtp_code == 452, exc  # only the governor's refusal may delay it
+        return False
+
+
 def events(d: Daemon) -> list[str]:
     out = []
     for line in d.log.splitlines():
@@ -165,7 +174,10 @@ def test_memory_flood_in_a_real_cgroup(tmp_path: Path, real_cgroup: MemoryCgroup
             for t in threads:
                 t.join(120)
         assert d.proc.poll() is None, "the daemon died"
-        assert d.send("after@example.test", b"Subject: after\r\n\r\nok\r\n") == {}
+        # Mail flows again: the first connection after the flood may still meet a critical
+        # sample (the flood's spool pages are still active in the cgroup's working set on
+        # trixie's 6.12 kernel), so a later one within the bound must get through.
+        until("a message accepted after the flood", lambda: _accepted_after(d))
         ev = events(d)
         stored = {}
         for path in d.maildir.glob("example.test/flood/new/*"):
