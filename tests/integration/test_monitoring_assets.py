@@ -125,7 +125,9 @@ def test_dashboard_is_valid_grafana_json_built_by_its_script() -> None:
     titles = " ".join(p["title"] for p in doc["panels"])
     for wanted in ("thresholds", "limit", "cgroup working set", "PSI", "GC", "max_goroutines",
                    "Sessions", "Replies by class", "452 and 552", "Messages and bytes",
-                   "heartbeat"):
+                   "heartbeat", "Queued messages by state", "Queue bytes",
+                   "Oldest queued message vs stuck_queue_age", "Deliveries by transport and result",
+                   "Delivery duration", "Delivery concurrency"):
         assert wanted in titles, wanted
 
 
