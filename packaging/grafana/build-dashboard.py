@@ -83,6 +83,33 @@ ROWS: list[tuple[str, list[Panel]]] = [
              "[$__rate_interval]))", "refused connections/s ({{reason}})"),
         ], 8, ""),
     ]),
+    # Only with a queued transport ([delivery] transport = "lmtp:..."): empty otherwise.
+    ("Queue and delivery", [
+        ("Queued messages by state", "short", [
+            (f"elemta_queue_messages{{{SEL}}}", "{{state}} {{instance}}"),
+        ], 8, "active: being delivered, also counted in the state of its record."),
+        ("Queue bytes", "bytes", [
+            (f"elemta_queue_bytes{{{SEL}}}", "{{instance}}"),
+        ], 8, "Bytes of queued message bodies; queue_minfree keeps the disk from filling."),
+        ("Oldest queued message vs stuck_queue_age", "s", [
+            (f"elemta_queue_oldest_message_age_seconds{{{SEL}}}", "oldest {{instance}}"),
+            (f"elemta_queue_stuck_age_seconds{{{SEL}}}", "stuck_queue_age"),
+        ], 8, "Above the dashed line /health warns and ElemtaQueueMessageTooOld fires."),
+        ("Deliveries by transport and result", "reqps", [
+            (f"sum by (transport, result) (rate(elemta_deliveries_total{{{SEL}}}"
+             "[$__rate_interval]))", "{{transport}} {{result}}"),
+        ], 8, "Recipient deliveries per second."),
+        ("Delivery duration quantiles", "s", [
+            (f"histogram_quantile({q}, sum by (le) (rate("
+             f"elemta_delivery_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))", f"p{p}")
+            for q, p in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
+        ], 8, "Time one delivery attempt took."),
+        ("Delivery concurrency", "short", [
+            (f'elemta_delivery_concurrency{{{SEL}, state="running"}}', "running"),
+            (f'elemta_delivery_concurrency{{{SEL}, state="limit"}}', "limit (memory governor)"),
+        ], 8, "The limit is concurrency at normal memory use, half at the warning threshold, "
+              "0 at critical."),
+    ]),
 ]
 
 STATS: list[tuple[str, str, str]] = [
@@ -99,10 +126,10 @@ def timeseries(pid: int, title: str, unit: str, targets: list[tuple[str, str]], 
                w: int, description: str) -> dict[str, Any]:
     overrides = []
     if any("threshold_ratio" in e or "_max" in e or "stall_after" in e or "limit" in e
-           for e, _ in targets):
+           or "stuck_age" in e for e, _ in targets):
         overrides.append({
             "matcher": {"id": "byRegexp",
-                        "options": ".*(threshold|max_|limit|stalled).*"},
+                        "options": ".*(threshold|max_|limit|stalled|stuck_queue_age).*"},
             "properties": [{"id": "custom.lineStyle",
                             "value": {"fill": "dash", "dash": [10, 10]}}],
         })
@@ -151,7 +178,7 @@ def dashboard() -> dict[str, Any]:
                       "pluginId": "prometheus", "pluginName": "Prometheus"}],
         "uid": "elemta-overview",
         "title": "elemta",
-        "description": "elemta SMTP daemon: memory governor, load, SMTP replies "
+        "description": "elemta SMTP daemon: memory governor, load, SMTP replies, queue "
                        "(needs the recording rules of elemta-alerts.yml)",
         "tags": ["elemta", "smtp"],
         "schemaVersion": 39,

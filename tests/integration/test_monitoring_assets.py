@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import running
+from daemon import free_port, running, wait_until
 from httpclient import get
 from realcgroup import MiB, join, memory_cgroup
 
@@ -125,20 +125,30 @@ def test_dashboard_is_valid_grafana_json_built_by_its_script() -> None:
     titles = " ".join(p["title"] for p in doc["panels"])
     for wanted in ("thresholds", "limit", "cgroup working set", "PSI", "GC", "max_goroutines",
                    "Sessions", "Replies by class", "452 and 552", "Messages and bytes",
-                   "heartbeat"):
+                   "heartbeat", "Queued messages by state", "Queue bytes",
+                   "Oldest queued message vs stuck_queue_age", "Deliveries by transport and result",
+                   "Delivery duration", "Delivery concurrency"):
         assert wanted in titles, wanted
 
 
 def test_every_metric_in_the_rules_and_dashboard_is_exported(tmp_path: Path) -> None:
-    # In a real memory cgroup with a limit, so the cgroup figures exist as under systemd.
-    with memory_cgroup(512 * MiB) as cg, running(tmp_path, preexec_fn=join(cg)) as daemon:
+    # In a real memory cgroup with a limit, so the cgroup figures exist as under systemd; with a
+    # queued transport, so the queue and delivery series exist: an LMTP port nobody listens on,
+    # where the one message sent is deferred (a delivery result, a duration, an oldest age).
+    extra = (f'[delivery]\ntransport = "lmtp:127.0.0.1:{free_port()}"\n'
+             f'queue_dir = "{tmp_path / "queue"}"\n')
+    with (memory_cgroup(512 * MiB) as cg,
+          running(tmp_path, extra, preexec_fn=join(cg)) as daemon):
         daemon.send("user@example.test")
+        wait_until(lambda: "elemta_deliveries_total{" in get(daemon, "/metrics").body.decode(),
+                   "the deferral counted", timeout=30)
         text = get(daemon, "/metrics").body.decode()
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
                 if line and not line.startswith("#")}
     recorded = set(_RECORD.findall(RULES.read_text()))
     used = _names_used()
     assert {"elemta_memory_term_ratio", "elemta_health_status",
-            "elemta_cgroup_memory_working_set_bytes", "elemta:smtp_replies_452:ratio_rate5m"} <= used
+            "elemta_cgroup_memory_working_set_bytes", "elemta:smtp_replies_452:ratio_rate5m",
+            "elemta_queue_messages", "elemta_deliveries_total"} <= used
     missing = sorted(n for n in used if n not in exported and n not in recorded)
     assert not missing, f"named in the rules/dashboard but not in a daemon's /metrics: {missing}"

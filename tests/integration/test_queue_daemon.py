@@ -140,6 +140,8 @@ def test_sigterm_stops_the_queue_manager_cleanly(tmp_path: Path) -> None:
 def test_a_stuck_queue_is_a_health_warning_not_unhealthy(tmp_path: Path) -> None:
     with running(tmp_path, queue_extra(tmp_path) + 'stuck_queue_age = "1s"\n') as d:
         assert get(d, "/health").json()["status"] == "ok"
+        # The configured age, exported for ElemtaQueueMessageTooOld to compare against.
+        assert "\nelemta_queue_stuck_age_seconds 1.0\n" in get(d, "/metrics").body.decode()
         d.send([REMOTE])
         wait_until(lambda: get(d, "/health").json()["status"] == "warning", "health warns",
                    timeout=30)

@@ -54,6 +54,10 @@ class QueueCollector:
         yield GaugeMetricFamily("elemta_queue_oldest_message_age_seconds",
                                 "Age of the oldest queued message (0: queue empty)",
                                 value=s["oldest_age_seconds"] or 0.0)
+        # The configured age the alert compares against, so a changed config needs no rule edit.
+        yield GaugeMetricFamily("elemta_queue_stuck_age_seconds",
+                                "[delivery] stuck_queue_age: an older message makes /health warn",
+                                value=s["stuck_age_seconds"])
         conc = GaugeMetricFamily("elemta_delivery_concurrency",
                                  "Deliveries allowed by the memory governor (limit) and running",
                                  labels=["state"])

@@ -351,7 +351,7 @@ class Manager:
             if now - since > stuck_age:
                 stuck.append(f"{spec} deferring every recipient for {now - since:.0f}s")
         return {"messages": messages, "bytes": c.bytes if c else 0,
-                "oldest_age_seconds": oldest,
+                "oldest_age_seconds": oldest, "stuck_age_seconds": stuck_age,
                 "concurrency": {"limit": self.limit, "running": self.running},
                 "stuck": stuck}
 
