@@ -159,21 +159,35 @@ def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool
     return EXIT_OK
 
 
-def stats(api: str | None, path: str | None, as_json: bool, watch: float | None = None) -> int:
+def _admin_target(api: str | None, path: str | None) -> tuple[str, bytes | None] | None:
+    """The admin endpoint's URL and bearer token: `api` as given, else [api] listen of the
+    config, with the token of its [api] token_file; None (after one line on stderr) when the
+    config or the token file is unusable."""
     from .observe import statsview
 
     token = None
     if api is None or path is not None:
         cfg = _load(path)
         if cfg is None:
-            return EXIT_CONFIG
+            return None
         api = api or statsview.default_url(cfg.api.listen)
         try:
             token = runtime.api_token(cfg.api.token_file)
         except runtime.SetupError as exc:
             print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
                   file=sys.stderr)
-            return EXIT_CONFIG
+            return None
+    assert api is not None
+    return api, token
+
+
+def stats(api: str | None, path: str | None, as_json: bool, watch: float | None = None) -> int:
+    from .observe import statsview
+
+    target = _admin_target(api, path)
+    if target is None:
+        return EXIT_CONFIG
+    api, token = target
     if watch is not None:
         return stats_watch(api, token, as_json, watch)
     try:
@@ -190,7 +204,6 @@ def stats(api: str | None, path: str | None, as_json: bool, watch: float | None 
 
 
 def queue(verb: str, qid: str | None, api: str | None, path: str | None, as_json: bool) -> int:
-    from .observe import statsview
     from .queue import view
 
     if verb in ("show", "delete", "hold", "release") and not qid:
@@ -198,18 +211,10 @@ def queue(verb: str, qid: str | None, api: str | None, path: str | None, as_json
         return EXIT_CONFIG
     if verb == "list" and qid:
         verb = "show"
-    token = None
-    if api is None or path is not None:
-        cfg = _load(path)
-        if cfg is None:
-            return EXIT_CONFIG
-        api = api or statsview.default_url(cfg.api.listen)
-        try:
-            token = runtime.api_token(cfg.api.token_file)
-        except runtime.SetupError as exc:
-            print(f"elemta: {config.locate(cfg, exc.section, exc.key)}: {exc.problem}",
-                  file=sys.stderr)
-            return EXIT_CONFIG
+    target = _admin_target(api, path)
+    if target is None:
+        return EXIT_CONFIG
+    api, token = target
     method, sub = {"list": ("GET", ""), "show": ("GET", f"/{qid}"),
                    "flush": ("POST", f"/{qid}/flush" if qid else "/flush")}.get(
         verb, ("POST", f"/{qid}/{verb}"))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .recipients import LOCALPART, POSTMASTER
-from .store.maildir import Mailbox, mailbox_path
+from .store.maildir import Mailbox, fsync_dir, mailbox_path
 
 log = logging.getLogger("elemta.mailboxes")
 DIR_MODE = 0o700
@@ -29,14 +29,6 @@ def _owner(path: Path) -> tuple[int, int]:
             continue
         return st.st_uid, st.st_gid
     return os.getuid(), os.getgid()  # pragma: no cover - "/" always exists
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create(root: Path, box: Mailbox) -> bool:
@@ -65,7 +57,7 @@ def create(root: Path, box: Mailbox) -> bool:
         created.append(path)
     # A new directory entry is durable once its parent directory is synced.
     for parent in dict.fromkeys(p.parent for p in created):
-        _fsync_dir(parent)
+        fsync_dir(parent)
     return base in created
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..store.maildir import DirSync, SpoolFile, _fsync_dir
+from ..store.maildir import DirSync, SpoolFile, fsync_dir
 from . import policy
 
 STATES = ("incoming", "deferred", "hold", "failed")
@@ -98,7 +98,7 @@ class QueueStore:
                 p.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
                 created.append(p)
         for parent in {p.parent for p in created}:
-            _fsync_dir(parent)
+            fsync_dir(parent)
         for entry in os.scandir(self.path("tmp")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

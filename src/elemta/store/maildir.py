@@ -53,7 +53,7 @@ def mailbox_path(root: Path, box: Mailbox) -> Path:
     return root / box.domain / box.localpart
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -110,7 +110,7 @@ class DirSync:
                 return
             with state.counter:
                 covers = state.entered
-            _fsync_dir(path)  # raises: `synced` stays, so the next commit in line tries again
+            fsync_dir(path)  # raises: `synced` stays, so the next commit in line tries again
             state.synced = covers
         with self._lock:
             self.fsyncs += 1
@@ -157,7 +157,7 @@ class Maildir:
                 created.append(base / sub)
         # A new directory entry is durable only once its parent directory is synced.
         for parent in {p.parent for p in created}:
-            _fsync_dir(parent)
+            fsync_dir(parent)
         with self._ready_lock:
             _remember(self._ready, base, None)
         return base
