@@ -160,7 +160,7 @@ def fake_v1(root: Path, usage: int) -> Path:
     proc(root, "4:memory:/svc\n", MOUNTS_V1, rss=20 * MiB)
     base = root / "sys/fs/cgroup/memory"
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
-    v1_group(base / "svc", usage=usage, limit=str(100 * MiB), inactive=0)
+    v1_group(base / "svc", usage=usage, limit=str(100 * MiB), clean=0)
     return base / "svc/memory.usage_in_bytes"
 
 
@@ -352,7 +352,7 @@ def test_limit_change_is_an_event(tmp_path: Path, fresh: None) -> None:
     assert g.snapshot.limit == 100 * MiB
     write(tmp_path / "sys/fs/cgroup/memory/svc/memory.limit_in_bytes", str(200 * MiB))
     write(tmp_path / "sys/fs/cgroup/memory/svc/memory.stat",
-          f"hierarchical_memory_limit {200 * MiB}\ntotal_inactive_file 0\n")
+          f"hierarchical_memory_limit {200 * MiB}\ntotal_cache 0\n")
     g.tick()
     assert [e.name for e in seen] == ["cgroup_limit_changed"]
     assert seen[0].previous is not None and seen[0].previous.limit == 100 * MiB
