@@ -21,6 +21,7 @@ from elemta.memory.governor import (
     breaker_step,
     command_refusal,
     connection_refusal,
+    data_entry_refusal,
     effective,
     next_state,
     transition_events,
@@ -28,7 +29,7 @@ from elemta.memory.governor import (
 from elemta.memory.reclaim import own_rss
 from elemta.memory.refusal import Refusal
 from elemta.memory.sampler import Sample, Sampler
-from elemta.memory.snapshot import BreakerState, CgroupFigures, LimitSource, MemoryState, Term
+from elemta.memory.snapshot import BreakerState, CgroupFigures, LimitSource, MemoryState, Term, TermFigures
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -447,3 +448,19 @@ def test_delivery_concurrency_follows_memory_and_is_logged(tmp_path: Path, fresh
     assert lines == ["delivery concurrency 20 -> 10 (memory warning, breaker closed)",
                      "delivery concurrency 10 -> 0 (memory critical, breaker closed)",
                      "delivery concurrency 0 -> 20 (memory normal, breaker closed)"]
+
+
+def test_data_entry_reserves_buffers_for_every_session_in_data() -> None:
+    term = TermFigures(Term.CGROUP, 30 * MiB, 160 * MiB)  # critical at 144 MiB
+    buffers = MiB  # round figures: 114 MiB of room for reservations
+    ok = MemoryState.NORMAL, BreakerState.CLOSED
+    assert data_entry_refusal(*ok, (term,), 0.9, 0, buffers) is None
+    assert data_entry_refusal(*ok, (term,), 0.9, 113, buffers) is None  # the 114th fits
+    assert data_entry_refusal(*ok, (term,), 0.9, 114, buffers) is Refusal.DATA_BUFFERS
+    # Any term that would pass its critical threshold refuses, not only the binding one.
+    roomy = TermFigures(Term.PROCESS, 30 * MiB, 2048 * MiB)
+    assert data_entry_refusal(*ok, (roomy, term), 0.9, 114, buffers) is Refusal.DATA_BUFFERS
+    assert data_entry_refusal(MemoryState.CRITICAL, BreakerState.CLOSED, (roomy,), 0.9, 0,
+                              buffers) is Refusal.MEMORY_CRITICAL
+    assert data_entry_refusal(MemoryState.NORMAL, BreakerState.OPEN, (roomy,), 0.9, 0,
+                              buffers) is Refusal.BREAKER_OPEN
