@@ -68,9 +68,10 @@ def test_real_cgroup_clean_page_cache_is_not_working_set(real_cgroup: MemoryCgro
         reader.close()
         proc.stdin.close()
         proc.wait(20)
-    # The premise: the file is in this cgroup's page cache, most of it on the active list.
+    # The premise: the file is in this cgroup's page cache. Which list the kernel reports it on
+    # differs (here, classic LRU: active after two reads; the trixie VM's 6.12 kernel: neither
+    # active nor inactive yet, both near 0): "usage - inactive_file" failed on both.
     assert files["file"] >= FILE_MIB * MiB * 0.9, files
-    assert files["active"] >= FILE_MIB * MiB / 2, files
     # The small Python process is all the cgroup really needs.
     assert figures.working_set < 40 * MiB, (
         f"working set {figures.working_set / MiB:.1f} MiB counts clean page cache "
