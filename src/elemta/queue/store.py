@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,28 @@ _FILE_MODE = 0o600
 
 def valid_id(qid: str) -> bool:
     return _ID.fullmatch(qid) is not None
+
+
+def stale_tmp(name: str, mtime: float, started: float, alive: Callable[[int], bool]) -> bool:
+    """May tmp/ file `name` ("<id>.<pid>.body" or ".meta") be removed? Its writer is gone, or
+    it is our own pid's but older than this process. Anything else may be in flight."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True  # not ours to be written: nobody finishes it
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return mtime < started
+    return not alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -90,7 +112,7 @@ class QueueStore:
         return self.root.joinpath(*parts)
 
     def init(self) -> None:
-        """Create the layout (durably) and remove what crashed writers left in tmp/."""
+        """Create the layout (durably)."""
         created = []
         for sub in ("", "tmp", "body", *STATES):
             p = self.path(sub) if sub else self.root
@@ -99,9 +121,20 @@ class QueueStore:
                 created.append(p)
         for parent in {p.parent for p in created}:
             fsync_dir(parent)
+
+    def clean_tmp(self, started: float) -> int:
+        """Remove what stopped writers left in tmp/ (names carry the writer's pid); returns
+        how many. `started`: when this process started (a file of our own pid written before
+        is a leftover of an earlier process that had it)."""
+        removed = 0
         for entry in os.scandir(self.path("tmp")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+            try:
+                if stale_tmp(entry.name, entry.stat().st_mtime, started, _alive):
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its writer finished meanwhile
+        return removed
 
     # -- one record ------------------------------------------------------------------------
     def write(self, meta: Meta, state: str, old: Path | None = None) -> Path:
