@@ -34,6 +34,10 @@ _T = TypeVar("_T")
 
 TICK = 1.0  # the scheduler looks at the due directories at least this often
 LOCK_RETRY = 0.2  # seconds between tries for a queue lock another process holds
+# A body with no record this long after its last write is an orphan (a crash between the
+# body's rename and the record's): no commit in flight takes an hour. Swept at start and then
+# this often.
+ORPHAN_AGE = 3600.0
 # The census (counting the directories: O(queue) file-system work, O(1) memory) runs after
 # changes, at most every CENSUS_GAP seconds and never more than a tenth of the time, and at
 # least every CENSUS_EVERY seconds.
@@ -106,6 +110,7 @@ class Manager:
         self._moving = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._census_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self.census: Census | None = None
         self.failing_since: dict[str, float] = {}  # spec -> first of an unbroken run of 4xx
         self._stopping = False
@@ -155,6 +160,25 @@ class Manager:
             log.warning("queue %s: removed %d file(s) a stopped process left in tmp/",
                         self.store.root, removed)
 
+    async def _sweeps(self) -> None:
+        while True:
+            try:
+                found = await self._run_io(lambda: list(self.store.orphans(
+                    self._clock() - ORPHAN_AGE)))
+                if found:
+                    async with self._moving:  # no record of a message not active moves now
+                        removed = await self._run_io(self.store.remove_orphans, found,
+                                                     frozenset(self.active))
+                    if removed:
+                        log.warning("queue %s: removed %d body file(s) without a record, "
+                                    "left by a crash while a message was being queued "
+                                    "(never acknowledged): %s", self.store.root, len(removed),
+                                    " ".join(removed))
+                        self._changed.set()
+            except OSError as exc:
+                log.error("queue %s: orphan sweep: %s", self.store.root, exc)
+            await asyncio.sleep(ORPHAN_AGE)
+
     def forget_lock(self) -> None:
         """In a process forked from the lock's holder: close the inherited descriptor (the
         lock stays with the parent; a copy here would keep it after the parent died)."""
@@ -164,7 +188,7 @@ class Manager:
         """No new deliveries; running ones get `timeout` to finish and be recorded, then are
         cancelled (their recipients stay pending: delivered again after the restart)."""
         self._stopping = True
-        for task in (self._task, self._census_task):
+        for task in (self._task, self._census_task, self._sweep_task):
             if task is not None:
                 task.cancel()
         if self._jobs:
@@ -181,6 +205,8 @@ class Manager:
     # -- scheduling ------------------------------------------------------------------------
     async def _loop(self) -> None:
         await self._own()
+        self._sweep_task = asyncio.get_running_loop().create_task(
+            self._sweeps(), name="elemta-queue-orphans")
         while True:
             try:
                 self.limit = self._concurrency()

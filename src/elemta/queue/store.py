@@ -250,6 +250,41 @@ class QueueStore:
             self.dirsync.sync(self.path("incoming"))
         return moved
 
+    def orphans(self, before: float, batch: int = 4096) -> Iterator[str]:
+        """Bodies last written before `before` that have no record in any state: what a crash
+        between a body's rename and its record's rename leaves. Memory stays bounded: old
+        bodies are checked `batch` at a time against one listing of the records each."""
+        group: set[str] = set()
+        for entry in os.scandir(self.path("body")):
+            try:
+                old = entry.stat(follow_symlinks=False).st_mtime < before
+            except FileNotFoundError:
+                continue
+            if old and valid_id(entry.name):
+                group.add(entry.name)
+                if len(group) >= batch:
+                    yield from self._unrecorded(group)
+                    group = set()
+        if group:
+            yield from self._unrecorded(group)
+
+    def _unrecorded(self, ids: set[str]) -> list[str]:
+        for _, path in self.records():
+            ids.discard(path.name)
+        return sorted(ids)
+
+    def remove_orphans(self, ids: list[str], active: frozenset[str]) -> list[str]:
+        """Remove the bodies of `ids` (from `orphans`) whose record is still nowhere, looked for
+        again one by one: a listing can miss a record that moved between two directories while
+        it ran. The caller holds the moves still (and names the messages being delivered)."""
+        removed = []
+        for qid in ids:
+            if qid not in active and self.locate(qid) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.body(qid))
+                    removed.append(qid)
+        return removed
+
     def census(self) -> Census:
         counts = dict.fromkeys(STATES, 0)
         for state, _ in self.records():
