@@ -298,7 +298,8 @@ class Manager:
         try:
             rcpts = [r for r in a.meta.pending() if r.transport == spec]
             env = Envelope(qid, a.meta.sender, tuple(r.address for r in rcpts),
-                           self.store.body(qid), a.meta.size)
+                           self.store.body(qid), a.meta.size, a.meta.eight_bit,
+                           a.meta.smtputf8)
             transport = self._transport(spec)
             started = time.monotonic()
             try:

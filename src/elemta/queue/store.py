@@ -80,6 +80,8 @@ class Meta:
     attempts: int = 0
     next_attempt: float = 0.0
     seq: int = 0
+    eight_bit: bool = False  # received with BODY=8BITMIME: passed on to the next hop
+    smtputf8: bool = False  # received with SMTPUTF8: passed on likewise
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
