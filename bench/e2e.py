@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
-import dovecot  # tests/dovecot.py (common.py put tests/ on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import dovecot
 import postfix
 from common import Server, elemta, median, smtp_source, table, tree_cpu
 from freshfs import spool_on_fresh_fs
