@@ -7,6 +7,8 @@ the same records beside it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import smtplib
@@ -139,6 +141,18 @@ def test_workers_deliver_new_mail_at_once_and_answer_for_the_queue(tmp_path: Pat
         dc.check_log()
 
 
+def lock_holders(queue: Path, pids: list[int]) -> list[int]:
+    """Which of `pids` have the queue's manager.lock open."""
+    lock = str((queue / "manager.lock").resolve())
+    out = []
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == lock:
+                    out.append(pid)
+    return out
+
+
 def test_kill_9_of_a_worker_mid_burst_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     with dovecot.running() as dc, running(tmp_path, extra(dc, tmp_path / "queue")) as d:
         acked: list[str] = []
@@ -151,6 +165,11 @@ def test_kill_9_of_a_worker_mid_burst_loses_and_duplicates_nothing(tmp_path: Pat
         burst(d, [f"{n}@k.test" for n in range(400)], acked, during=kill_one)
         d.wait_for_log(f"(pid {victim}) was killed by SIGKILL")
         wait_until(lambda: worker_pids(d)[1] != victim, "worker 1 replaced")
+        # Only the supervisor holds the lock, though the replacement was forked while it did:
+        # a worker's copy would keep it after a kill -9 of the supervisor, and the next daemon
+        # would wait for the orphaned workers to drain.
+        assert lock_holders(tmp_path / "queue", [d.proc.pid, *worker_pids(d).values()]) == [
+            d.proc.pid]
         sent = set(acked)
         for user in ("alice", "bob"):
             wait_until(lambda u=user: sent <= set(ids_in(dc, u)),  # type: ignore[misc]

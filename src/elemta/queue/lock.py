@@ -50,6 +50,19 @@ class QueueLock:
         except OSError:
             return "?"
 
+    def forget_inherited(self) -> None:
+        """In a child forked from the holder: close every descriptor of the lock file (a copy
+        kept here would hold the lock after the parent died). By /proc, not by `_fd`: a fork
+        may fall between another thread's open() and its assignment."""
+        self._fd = -1
+        target = str(self.path.resolve())
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == target:
+                    os.close(int(name))
+            except OSError:
+                continue  # the listing's own descriptor, or already closed
+
     def release(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1

@@ -182,7 +182,7 @@ class Manager:
     def forget_lock(self) -> None:
         """In a process forked from the lock's holder: close the inherited descriptor (the
         lock stays with the parent; a copy here would keep it after the parent died)."""
-        self.lock.release()
+        self.lock.forget_inherited()
 
     async def stop(self, timeout: float) -> None:
         """No new deliveries; running ones get `timeout` to finish and be recorded, then are
