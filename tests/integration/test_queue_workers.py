@@ -210,3 +210,34 @@ def test_a_second_daemon_on_the_queue_waits_for_the_first(tmp_path: Path) -> Non
         finally:
             b.stop(signal.SIGKILL)
         assert "Traceback" not in b.log, b.log
+
+
+def test_the_governor_pauses_and_resumes_the_supervisors_deliveries(tmp_path: Path) -> None:
+    q = tmp_path / "queue"
+    with dovecot.running() as dc, running(tmp_path, extra(dc, q)) as d:
+        dc.stop()
+        d.send("alice@example.test", b"Message-ID: <paused@test>\r\n\r\nwait\r\n")
+        wait_until(lambda: [r["attempts"] for r in queued(tmp_path)] == [1], "deferred")
+        normal = d.config_path.read_text()
+        # A budget far below what the daemon uses: critical, so no new delivery may start.
+        d.config_path.write_text(normal + '[memory]\nmax_memory_usage = "4MiB"\n'
+                                          'per_connection_memory_limit = "1MiB"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: get(d, "/api/stats").json()["queue"]["concurrency"]["limit"] == 0,
+                   "the supervisor's governor pauses deliveries")
+        assert re.search(r"^(?!.*worker \d: ).*delivery concurrency 20 -> 0 \(memory critical",
+                         d.log, re.M), d.log[-2000:]
+        dc.start()
+        assert cli(d, "flush").stdout == "1 deferred message(s) scheduled now\n"
+        # A window to observe a negative: the scheduler looks at incoming/ at least every
+        # second, so three seconds cover several of its turns.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert ids_in(dc, "alice") == [], "delivered while paused"
+            time.sleep(0.1)
+        assert [p.parent.name for p in q.glob("incoming/*")] == ["incoming"]
+        d.config_path.write_text(normal)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: ids_in(dc, "alice") == ["paused@test"], "delivered once resumed",
+                   timeout=30)
+        d.wait_for_log("delivery concurrency 0 -> 20 (memory normal")
