@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -445,3 +446,25 @@ def test_stale_tmp_spares_files_a_live_writer_may_finish() -> None:
     assert not stale_tmp("0123456789AB.4242.body", 0.0, 10.0, alive)  # another live process
     assert stale_tmp(f"0123456789AB.{me}.meta", 5.0, 10.0, alive)  # ours, from before our start
     assert not stale_tmp(f"0123456789AB.{me}.meta", 11.0, 10.0, alive)  # ours, being written
+
+
+def test_orphans_are_old_bodies_without_a_record_in_any_state(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    held, later, due = meta("00000000000A"), meta("00000000000B"), meta("00000000000C")
+    for m in (held, later, due):
+        put(store, m)
+    store.write(held, "hold", store.path("incoming", held.id))
+    later.next_attempt = 5000.0
+    store.write(later, "deferred", store.path("incoming", later.id))
+    for qid in ("00000000000D", "00000000000E", "00000000000F"):
+        store.body(qid).write_bytes(b"lost\r\n")
+    old = time.time() - 7200
+    for entry in (store.root / "body").iterdir():
+        os.utime(entry, (old, old))
+    store.body("00000000000F").touch()  # fresh: may be a commit in flight
+    # batch=2: old bodies are checked against the records a few at a time.
+    assert sorted(store.orphans(time.time() - 3600, batch=2)) == ["00000000000D", "00000000000E"]
+    assert store.remove_orphans(["00000000000D", "00000000000E", "00000000000A"],
+                                frozenset({"00000000000E"})) == ["00000000000D"]
+    assert sorted(p.name for p in (store.root / "body").iterdir()) == [
+        "00000000000A", "00000000000B", "00000000000C", "00000000000E", "00000000000F"]
