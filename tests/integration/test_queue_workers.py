@@ -8,6 +8,7 @@ the same records beside it."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -139,6 +140,11 @@ def test_workers_deliver_new_mail_at_once_and_answer_for_the_queue(tmp_path: Pat
         wait_until(lambda: get(d, "/api/stats").json()["queue"]["messages"]["deferred"] == 0,
                    "the census counts it gone")
         dc.check_log()
+        # SIGTERM: workers drain, then the supervisor's manager stops and frees the lock.
+        assert d.stop(signal.SIGTERM) == 0
+        assert re.search(r"^(?!.*worker \d: ).*\bstopped\b", d.log, re.M), d.log[-2000:]
+        with open(q / "manager.lock") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: BlockingIOError otherwise
 
 
 def lock_holders(queue: Path, pids: list[int]) -> list[int]:
