@@ -30,7 +30,7 @@ from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
 from .queue.store import QueueStore
-from .reload import log_rejected, reload_config, reload_recipients
+from .reload import log_rejected, read_recipients, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -131,6 +131,8 @@ class Daemon:
                                  session_bytes=lambda: ctx.session_bytes)
         self._ready = False
         self._report_task: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         ctx.admission = self.governor
         d = self.config.delivery
         mail_dirs = [Path(d.maildir_root)]
@@ -205,13 +207,32 @@ class Daemon:
             await asyncio.sleep(REPORT_EVERY)
 
     def reload(self) -> None:
-        """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
-        self.systemd.reloading()
-        outcome = reload_config(self.config, self.worker.shape if self.worker else lambda c: c)
+        """SIGHUP: a reload task; reloads run one after another, in the order signalled."""
+        task = asyncio.get_running_loop().create_task(self._reload(), name="elemta-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        """RELOADING=1, re-read the file (a broken one keeps the old config), READY=1.
+
+        The files are read and parsed on an executor thread: a recipient map of 100,000 lines
+        takes about a second to parse, and sessions must be answered meanwhile."""
+        async with self._reload_lock:
+            self.systemd.reloading()
+            try:
+                await self._apply_reload()
+            finally:
+                self.systemd.reloaded()
+
+    async def _apply_reload(self) -> None:
+        loop = asyncio.get_running_loop()
+        shape = self.worker.shape if self.worker else lambda c: c
+        outcome = await loop.run_in_executor(None, reload_config, self.config, shape)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
             new = outcome.config
+            loaded = await loop.run_in_executor(None, read_recipients, new.delivery)
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
             if self.queue is not None:
@@ -219,7 +240,7 @@ class Daemon:
             elif self.ctx.queue is None and routing.any_queued(new.delivery.transport, new.delivery.route):
                 log.warning("[delivery] now names a queued transport, but this daemon started "
                             "without a queue: restart it; until then mail goes to maildir_root")
-            reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
+            reload_recipients(self.ctx.recipients, new.delivery, loaded, self.ctx.store.root,
                               self.ctx.store.executor)
             self.observe.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
@@ -229,7 +250,6 @@ class Daemon:
             if outcome.needs_restart:
                 log.warning("changed keys that take effect only after a restart: %s",
                             ", ".join(outcome.needs_restart))
-        self.systemd.reloaded()
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self._stop.is_set():
@@ -272,6 +292,9 @@ class Daemon:
             await self.queue.stop(QUEUE_STOP_TIMEOUT)
         if self.ctx.disk is not None:
             await self.ctx.disk.stop()
+        for task in list(self._reloads):  # a reload still parsing its files is moot now
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         await self.governor.stop()
         await self.ctx.recipients.close()
         await self.systemd.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import config, mailboxes, runtime
 from .events import emit
-from .recipients import MapError, Recipients
+from .recipients import MapError, RecipientMap, Recipients, load_map
 
 log = logging.getLogger("elemta.reload")
 
@@ -93,17 +93,23 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
          config_path=outcome.path, result="rejected")
 
 
-def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, root: Path,
-                      executor: Executor) -> None:
-    """SIGHUP: re-read the recipient map and aliases (even when their paths did not change).
-
-    config.load has just parsed both files; a failure here means they changed in between, and
-    the maps in force stay. Postmaster mailboxes of newly added domains are made off the loop.
-    """
+def read_recipients(delivery: config.DeliveryConfig) -> RecipientMap | Exception:
+    """SIGHUP, off the event loop: re-read the recipient map and aliases (even when their paths
+    did not change). config.load has just parsed both files; a failure here means they changed
+    in between."""
     try:
-        recipients.reload(delivery)
+        return load_map(delivery.recipients, delivery.aliases, delivery.domains)
     except (OSError, MapError, UnicodeDecodeError) as exc:
-        log.error("recipient map not re-read, the previous one stays: %s", exc)
+        return exc
+
+
+def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig,
+                      loaded: RecipientMap | Exception, root: Path, executor: Executor) -> None:
+    """Put the maps read_recipients read in force; after a failure the maps in force stay.
+    Postmaster mailboxes of newly added domains are made off the loop."""
+    if isinstance(loaded, Exception):
+        log.error("recipient map not re-read, the previous one stays: %s", loaded)
     else:
+        recipients.install(loaded, delivery)
         log.info("recipient map re-read: %s", recipients.map.description)
     executor.submit(mailboxes.ensure_postmasters, root, delivery.domains)
