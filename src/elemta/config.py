@@ -498,9 +498,6 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
             )
         problems.extend(f"{where('delivery', 'route')}: {problem}"
                         for problem in routing.problems(d.route, d.domains))
-        if routing.any_queued(d.transport, d.route) and cfg.server.workers != 1:
-            problems.append(f"{where('server', 'workers')}: a queued [delivery] transport runs "
-                            "with workers = 1 only (for now)")
         if d.maximal_backoff_time < d.minimal_backoff_time:
             problems.append(f"{where('delivery', 'maximal_backoff_time')}: "
                             f"{d.maximal_backoff_time:g}s is below minimal_backoff_time "

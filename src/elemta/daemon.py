@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -93,6 +94,11 @@ class WorkerRole:
     report_fd: int  # write end of the pipe the supervisor reads reports from
     shape: Callable[[Config], Config]  # the worker's share of the caps, also after a reload
     board: SessionBoard  # every worker's open sessions: max_connections is daemon-wide
+    queue_fd: int = -1  # the supervisor's queue eventfd: a write wakes its delivery manager
+
+    def wake_queue(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # the counter is full: it is awake anyway
+            os.eventfd_write(self.queue_fd, 1)
 
 
 @dataclass
@@ -132,14 +138,15 @@ class Daemon:
         mail_dirs = [Path(d.maildir_root)]
         if routing.any_queued(d.transport, d.route):
             mail_dirs.append(Path(d.queue_dir))
-            qstore = QueueStore(Path(d.queue_dir))
-            self.queue = Manager(self.config, qstore,
-                                 lambda spec: queue_transports.build(
-                                     spec, store, d.destination_concurrency),
-                                 self.governor.delivery_concurrency, store.executor,
-                                 observer=self.observe.delivery)
-            ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
-            self.observe.queue = self.queue.stats
+            if self.worker is None:
+                self.queue = queue_transports.manager(self.config, store,
+                                                      self.governor.delivery_concurrency,
+                                                      self.observe.delivery)
+                ctx.queue = QueueIntake(self.queue.store, store.executor, wake=self.queue.wake)
+                self.observe.queue = self.queue.stats
+            else:  # the supervisor delivers (supervisor.py): wake it
+                ctx.queue = QueueIntake(QueueStore(Path(d.queue_dir)), store.executor,
+                                        wake=self.worker.wake_queue)
         ctx.disk = DiskWatch(mail_dirs, store.executor)
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
@@ -230,7 +237,7 @@ class Daemon:
             self.governor.reconfigure(new)
             if self.queue is not None:
                 self.queue.config = new
-            elif routing.any_queued(new.delivery.transport, new.delivery.route):
+            elif self.ctx.queue is None and routing.any_queued(new.delivery.transport, new.delivery.route):
                 log.warning("[delivery] now names a queued transport, but this daemon started "
                             "without a queue: restart it; until then mail goes to maildir_root")
             reload_recipients(self.ctx.recipients, new.delivery, loaded, self.ctx.store.root,

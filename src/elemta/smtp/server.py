@@ -453,7 +453,9 @@ class ElemtaSMTP(SMTP):
         try:
             if queue is not None and routes is not None:
                 sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
-                spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid)
+                spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
+                                   "BODY=8BITMIME" in envelope.mail_options,
+                                   envelope.smtp_utf8)
             else:
                 spool = await self.ctx.store.open(
                     envelope.mailboxes, self._trace_headers(envelope, qid), qid)
