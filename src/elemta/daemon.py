@@ -30,7 +30,7 @@ from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
 from .queue.store import QueueStore
-from .reload import log_rejected, read_recipients, reload_config, reload_recipients
+from .reload import Reloads, log_rejected, read_recipients, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -131,8 +131,6 @@ class Daemon:
                                  session_bytes=lambda: ctx.session_bytes)
         self._ready = False
         self._report_task: asyncio.Task[None] | None = None
-        self._reloads: set[asyncio.Task[None]] = set()
-        self._reload_lock = asyncio.Lock()
         ctx.admission = self.governor
         d = self.config.delivery
         mail_dirs = [Path(d.maildir_root)]
@@ -150,6 +148,7 @@ class Daemon:
         ctx.disk = DiskWatch(mail_dirs, store.executor)
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
+        self.reloads = Reloads(self.systemd, self._apply_reload)
 
     async def start(self) -> None:
         raise_fd_limit()
@@ -172,7 +171,7 @@ class Daemon:
         # Handlers before the first "SMTP listening" line: whoever saw it may signal us at once.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reloads.signalled)
         # A worker starts with SIGHUP blocked (supervisor._spawn): one that came meanwhile is
         # delivered now, to the handler, and the worker reloads.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
@@ -206,25 +205,8 @@ class Daemon:
                 return
             await asyncio.sleep(REPORT_EVERY)
 
-    def reload(self) -> None:
-        """SIGHUP: a reload task; reloads run one after another, in the order signalled."""
-        task = asyncio.get_running_loop().create_task(self._reload(), name="elemta-reload")
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
-
-    async def _reload(self) -> None:
-        """RELOADING=1, re-read the file (a broken one keeps the old config), READY=1.
-
-        The files are read and parsed on an executor thread: a recipient map of 100,000 lines
-        takes about a second to parse, and sessions must be answered meanwhile."""
-        async with self._reload_lock:
-            self.systemd.reloading()
-            try:
-                await self._apply_reload()
-            finally:
-                self.systemd.reloaded()
-
     async def _apply_reload(self) -> None:
+        """Re-read the file (a broken one keeps the old config) and the recipient maps."""
         loop = asyncio.get_running_loop()
         shape = self.worker.shape if self.worker else lambda c: c
         outcome = await loop.run_in_executor(None, reload_config, self.config, shape)
@@ -292,9 +274,7 @@ class Daemon:
             await self.queue.stop(QUEUE_STOP_TIMEOUT)
         if self.ctx.disk is not None:
             await self.ctx.disk.stop()
-        for task in list(self._reloads):  # a reload still parsing its files is moot now
-            task.cancel()
-        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await self.reloads.cancel()
         await self.governor.stop()
         await self.ctx.recipients.close()
         await self.systemd.close()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .cpus import worker_cpu
 from .observe.heap import ASK, HeapProfiler, WorkerHeaps, answer_request
+from .reload import Reloads
 from .runtime import hostname, worker_count
 from .sessionboard import SessionBoard
 
@@ -151,6 +152,7 @@ class Supervisor:
         self.systemd = SystemdNotifier(self.board.total,
                                        config.memory.monitoring_interval,
                                        healthy=lambda: not self.stalled())
+        self.reloads = Reloads(self.systemd, self._apply_reload)
         self.queue, self.queue_fd = self._queue_manager(config)
         # /debug/pprof/heap: the workers profile themselves and answer through this directory.
         self.heap_dir: Path | None = None
@@ -219,7 +221,7 @@ class Supervisor:
             self._spawn(slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reloads.signalled)
         watch = loop.create_task(self._watch(), name="elemta-supervisor-watch")
         while not self.stopping and not all(s.ready for s in self.slots):
             await asyncio.sleep(0.05)
@@ -228,6 +230,7 @@ class Supervisor:
             await self.systemd.ready(self.governor)
         await self._stop.wait()
         await self._drain()
+        await self.reloads.cancel()
         if self.queue is not None:  # after the workers: it delivers what they took in last
             from .daemon import QUEUE_STOP_TIMEOUT
 
@@ -423,11 +426,13 @@ class Supervisor:
                 _kill(slot.pid, sig)
         self._stop.set()
 
-    def reload(self) -> None:
+    async def _apply_reload(self) -> None:
+        """Validate the file off the loop (it may name a large recipient map); when it is good,
+        apply what the supervisor runs and forward SIGHUP to the workers, which reload too."""
         from .reload import log_rejected, reload_config
 
-        self.systemd.reloading()
-        outcome = reload_config(self.config)
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(None, reload_config, self.config)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
@@ -441,7 +446,6 @@ class Supervisor:
             for slot in self.slots:
                 if slot.pid:
                     _kill(slot.pid, signal.SIGHUP)
-        self.systemd.reloaded()
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.server.drain_timeout + STOP_MARGIN
