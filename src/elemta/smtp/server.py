@@ -131,6 +131,7 @@ class SmtpContext:
     observer: SmtpObserver = field(default_factory=NullObserver)
     sessions: set[ElemtaSMTP] = field(default_factory=set)
     draining: bool = False
+    accepted: int = 0  # connections this process accepted (logged at stop: balance of workers)
     tls: ssl.SSLContext | None = None
     # Workers: every worker's open sessions, so max_connections caps the whole daemon.
     board: SessionBoard | None = None
@@ -296,6 +297,7 @@ class ElemtaSMTP(SMTP):
     # -- connection lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
+            self.ctx.accepted += 1
             self.ctx.sessions.add(self)
             self.ctx.sessions_changed()
         super().connection_made(transport)
