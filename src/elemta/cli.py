@@ -466,14 +466,11 @@ def serve_workers(cfg: config.Config, plan: WorkerPlan) -> int:
             log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
                      len(inherited.smtp))
         try:
-            reuse = not inherited.smtp and os.environ.get("ELEMTA_ACCEPT") == "reuseport"
-            socks = inherited.smtp or [bind(a, reuse_port=reuse, listen=not reuse)
-                                       for a in cfg.server.listen]
+            socks = inherited.smtp or [bind(a) for a in cfg.server.listen]
 
             async def run() -> int:
                 api = inherited.api[0] if inherited.api else None
-                return await supervisor.Supervisor(cfg, socks, api, workers=plan.count,
-                                                   reuse_port=reuse).run()
+                return await supervisor.Supervisor(cfg, socks, api, workers=plan.count).run()
 
             return asyncio.run(run())
         except runtime.SetupError as exc:

@@ -39,23 +39,16 @@ log = logging.getLogger("elemta.daemon")
 BACKLOG = 1024
 
 
-def bind(addr: ListenAddress, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A listening, non-blocking TCP socket for `addr` (IPv6 sockets are v6-only).
-
-    `reuse_port`: SO_REUSEPORT, so that each worker can listen on its own socket for the same
-    address (the kernel spreads connections over them). `listen` False: bound only, which
-    reserves the address (and learns the port of port 0) without taking a share of them."""
+def bind(addr: ListenAddress) -> socket.socket:
+    """A listening, non-blocking TCP socket for `addr` (IPv6 sockets are v6-only)."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((addr.host, addr.port))
-        if listen:
-            sock.listen(BACKLOG)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()

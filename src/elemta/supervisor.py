@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, ListenAddress
+from .config import Config
 from .cpus import worker_cpu
 from .observe.heap import ASK, HeapProfiler, WorkerHeaps, answer_request
 from .runtime import hostname
@@ -124,8 +124,7 @@ class Slot:
 
 class Supervisor:
     def __init__(self, config: Config, smtp: list[socket.socket],
-                 api: socket.socket | None = None, *, workers: int,
-                 reuse_port: bool = False) -> None:
+                 api: socket.socket | None = None, *, workers: int) -> None:
         # Imported here: prometheus_client must load after prepare_metrics_dir().
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -135,7 +134,6 @@ class Supervisor:
 
         self.config = config
         self.n = workers  # runtime.worker_plan, decided once at start
-        self.reuse_port = reuse_port
         self.socks = smtp
         self.api_sock = api
         self.slots = [Slot(i) for i in range(1, self.n + 1)]
@@ -229,8 +227,7 @@ class Supervisor:
                 n = self.n
                 role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n),
                                   self.board)
-                daemon = Daemon(share(self.config, n), inherited_smtp=self._worker_sockets(),
-                                worker=role)
+                daemon = Daemon(share(self.config, n), inherited_smtp=self.socks, worker=role)
                 asyncio.run(self._serve_worker(daemon, slot.index))
                 code = 0
             except BaseException:
@@ -246,19 +243,6 @@ class Supervisor:
         slot.ready = False
         loop.add_reader(r, self._on_report, slot)
         log.info("worker %d started (pid %d)", slot.index, pid)
-
-    def _worker_sockets(self) -> list[socket.socket]:
-        """In the forked child: the sockets this worker accepts on."""
-        if not self.reuse_port:
-            return self.socks
-        from .daemon import bind
-
-        own = []
-        for sock in self.socks:
-            host, port = sock.getsockname()[:2]
-            own.append(bind(ListenAddress(host, port), reuse_port=True))
-            sock.close()  # the supervisor's reservation; this worker listens on its own
-        return own
 
     async def _serve_worker(self, daemon: Daemon, index: int) -> None:
         """In the forked child: answer heap profile requests (see heap.WorkerHeaps), serve."""
