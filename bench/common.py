@@ -111,7 +111,8 @@ def elemta(extra: str = "", name: str = "elemta") -> Server:
         plan = next((ln for ln in d.log.splitlines() if '"workers: ' in ln or " workers: " in ln),
                     "")
         if plan:
-            text = plan.split("workers: ", 1)[1].split(": usable", 1)[0].rstrip('"}')
+            text = plan.split("workers: ", 1)[1]
+            text = text[:text.find(")") + 1]  # "2 (2 usable CPUs; memory cap 17)"
             print(f"{name}: workers {text}", flush=True)
     return popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
 
