@@ -38,6 +38,13 @@ def test_packaged_conffile_warns_about_nothing_in_config_warnings(tmp_path: Path
     assert config.warnings(config.load(str(packaged_conffile(tmp_path)))) == []
 
 
+def test_packaged_conffile_and_built_in_default_agree_on_workers_auto(tmp_path: Path) -> None:
+    path = packaged_conffile(tmp_path)
+    assert '\n#workers = "auto"\n' in path.read_text()  # shown, left to the default
+    assert config.load(str(path)).server.workers == config.Config().server.workers == "auto"
+    assert config.load(str(path)).server.pin_workers is True
+
+
 def test_check_config_with_the_packaged_conffile_prints_no_warning(tmp_path: Path) -> None:
     out = check_config("--config", str(packaged_conffile(tmp_path)))
     assert out.returncode == 0, out.stderr
