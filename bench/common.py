@@ -92,16 +92,29 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"port {port} not answering")
 
 
+_PLANS_SHOWN: set[str] = set()
+
+
 def elemta(extra: str = "", name: str = "elemta") -> Server:
+    """elemta on the built-in defaults plus `extra`: no [server] workers key unless `extra`
+    names one, so the column without one runs what a package user gets ("auto")."""
     work = spool_dir()
     # Default logging (info: one line per message), as in production. The test harness sets
     # [delivery] recipients = "any": every recipient accepted, as Postfix's empty
     # local_recipient_maps in postfix.py, so both sides do the same work per RCPT.
     try:
-        d = start_elemta(work, extra)
+        d = start_elemta(work, extra, builtin_workers=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    if name not in _PLANS_SHOWN:  # what "auto" decided on this machine, once per column
+        _PLANS_SHOWN.add(name)
+        plan = next((ln for ln in d.log.splitlines() if '"workers: ' in ln or " workers: " in ln),
+                    "")
+        if plan:
+            text = plan.split("workers: ", 1)[1]
+            text = text[:text.find(")") + 1]  # "2 (2 usable CPUs; memory cap 17)"
+            print(f"{name}: workers {text}", flush=True)
     server = popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
     server.settle = partial(_queue_settle, work / "var" / "queue")  # [delivery] queue_dir
     return server

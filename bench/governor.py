@@ -139,7 +139,9 @@ def overhead(rounds: int, messages: int, sessions: int) -> None:
     # an on/off ratio inside that spread is noise, not overhead.
     configs = {"protection on": "[memory]\nmemory_exhaustion_protection = true\n",
                "protection off": off, "off (A/A control)": off}
-    servers = {name: elemta(extra, name) for name, extra in configs.items()}
+    # One process each (as before "auto" became the default): the admission cost per process.
+    servers = {name: elemta("[server]\nworkers = 1\n" + extra, name)
+               for name, extra in configs.items()}
     rates: dict[str, list[float]] = {name: [] for name in configs}
     try:
         for rnd in range(rounds):

@@ -18,14 +18,25 @@ from typing import Any
 
 READY_LINE = "SMTP listening on"
 WORKERS_READY_LINE = "workers ready"  # the supervisor's line once every worker serves
-# ELEMTA_TEST_WORKERS=N runs every daemon these helpers start with [server] workers = N
-# (unless the test's own config names workers): `make test` runs some suites that way.
+# The daemons these helpers start run [server] workers = 1 unless the test's own config names
+# workers (the built-in default "auto" would fork a supervisor and a worker per CPU for every
+# test, and the suite would take longer for no more coverage). ELEMTA_TEST_WORKERS=N (or auto)
+# runs them with workers = N instead: `make test` runs some suites that way.
 WORKERS_ENV = "ELEMTA_TEST_WORKERS"
+# Logged by `elemta serve` before it serves, in both modes: how many workers it decided on.
+PLAN_LINE = re.compile(r"workers: (\d+) \(")
 
 
-def ready_line(config_text: str) -> str:
+def ready_line(config_text: str, log: str = "") -> str | None:
+    """The line that says the daemon serves; None while that cannot be known yet (workers =
+    "auto", or no workers key: the count is in the daemon's own plan line, not yet logged)."""
     m = re.search(r"^workers\s*=\s*(\S+)", config_text, re.M)
-    return READY_LINE if m is None or m.group(1) == "1" else WORKERS_READY_LINE
+    if m is not None and m.group(1).isdigit():
+        return READY_LINE if m.group(1) == "1" else WORKERS_READY_LINE
+    plan = PLAN_LINE.search(log)
+    if plan is None:
+        return None
+    return READY_LINE if plan.group(1) == "1" else WORKERS_READY_LINE
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,9 +58,10 @@ class Daemon:
     host: str = "127.0.0.1"
     _log_fh: Any = field(default=None, repr=False)
 
-    @property
-    def ready_line(self) -> str:
-        return ready_line(self.config_path.read_text())
+    def is_ready(self, since: int = 0) -> bool:
+        log = self.log[since:]
+        line = ready_line(self.config_path.read_text(), log)
+        return line is not None and line in log
 
     @property
     def log(self) -> str:
@@ -69,14 +81,20 @@ class Daemon:
         return sorted(new.iterdir()) if new.is_dir() else []
 
     def wait_for_log(self, text: str, timeout: float = 15) -> None:
+        self._wait(lambda: text in self.log, repr(text), timeout)
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        self._wait(self.is_ready, "the ready line", timeout)
+
+    def _wait(self, seen: Callable[[], bool], what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log:
+            if seen():
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
             time.sleep(0.02)
-        raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log}")
+        raise AssertionError(f"{what} not logged within {timeout}s:\n{self.log}")
 
     def restart(self, env: dict[str, str] | None = None) -> None:
         """Start the daemon again on the same config, ports and maildir (after a crash)."""
@@ -90,7 +108,7 @@ class Daemon:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         deadline = time.monotonic() + 15
-        while self.ready_line not in self.log[mark:]:
+        while not self.is_ready(mark):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"restart failed:\n{self.log[mark:]}")
             time.sleep(0.02)
@@ -110,8 +128,12 @@ class Daemon:
 
 
 def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
-                 host: str = "127.0.0.1", any_recipient: bool = True) -> Path:
+                 host: str = "127.0.0.1", any_recipient: bool = True,
+                 builtin_workers: bool = False) -> Path:
     """A config with the daemon's ports and maildir; `extra` may add keys to any section.
+
+    [server] workers is 1 (see WORKERS_ENV) unless `extra` or ELEMTA_TEST_WORKERS says
+    otherwise; `builtin_workers`: no workers key at all, the built-in default applies.
 
     Sections named in `extra` are merged: a line "[server]" in extra continues that section.
     Most tests mail arbitrary users (user1@example.test, ...), so the harness accepts any
@@ -124,8 +146,10 @@ def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
                      *(['recipients = "any"'] if any_recipient else [])],
         "api": [f'listen = "127.0.0.1:{api_port}"'],
     }
-    if os.environ.get(WORKERS_ENV):
-        sections["server"].append(f"workers = {int(os.environ[WORKERS_ENV])}")
+    workers = os.environ.get(WORKERS_ENV) or ("" if builtin_workers else "1")
+    if workers:
+        sections["server"].append('workers = "auto"' if workers == "auto"
+                                  else f"workers = {int(workers)}")
     current = None
     for line in extra.strip().splitlines():
         s = line.strip()
@@ -144,10 +168,12 @@ def write_config(workdir: Path, port: int, api_port: int, extra: str = "",
 
 def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
           preexec_fn: Callable[[], None] | None = None, host: str = "127.0.0.1",
-          args: tuple[str, ...] = (), wait: bool = True, any_recipient: bool = True) -> Daemon:
+          args: tuple[str, ...] = (), wait: bool = True, any_recipient: bool = True,
+          builtin_workers: bool = False) -> Daemon:
     workdir.mkdir(parents=True, exist_ok=True)
     port, api_port = free_port(host), free_port()
-    config_path = write_config(workdir, port, api_port, extra, host, any_recipient)
+    config_path = write_config(workdir, port, api_port, extra, host, any_recipient,
+                               builtin_workers)
     log_path = workdir / "daemon.log"
     fh = open(log_path, "wb")  # noqa: SIM115 - closed by Daemon.stop
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -161,7 +187,7 @@ def start(workdir: Path, extra: str = "", env: dict[str, str] | None = None,
     d = Daemon(proc, port, api_port, workdir, config_path, log_path, workdir / "mail", host, fh)
     if wait:
         try:
-            d.wait_for_log(d.ready_line)
+            d.wait_ready()
         except BaseException:
             d.stop(signal.SIGKILL)
             raise

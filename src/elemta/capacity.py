@@ -15,11 +15,12 @@ import subprocess
 from dataclasses import dataclass
 
 from .config import SESSION_BUFFERS, Config
+from .cpus import cpu_quota
 from .memory.governor import REFRESH_AFTER, Effective, effective
 from .memory.sampler import Sample, Sampler
 from .memory.snapshot import LimitSource, TermFigures
-from .runtime import worker_count
 from .units import format_size
+from .workerplan import WorkerPlan, configured_plan, plan_workers
 
 # The guide's "Plan Capacity: physical RAM > max_memory_usage * 1.5".
 RAM_FACTOR = 1.5
@@ -38,6 +39,8 @@ class Machine:
     cgroup_limit: int | None  # lowest memory limit of the current cgroup up to the root
     cgroup_source: LimitSource | None  # cgroup-v1 / cgroup-v2
     unit_limit: int | None  # MemoryMax= of elemta.service as systemd has it (None: no limit)
+    cpus: int = 1  # CPUs in this process's affinity mask
+    cpu_quota: float | None = None  # the cgroup's CPU quota in CPUs (None: no quota)
 
 
 def _systemd_unit_limit() -> int | None:
@@ -67,7 +70,8 @@ def read_machine() -> tuple[Machine, Sample]:
         source = LimitSource.CGROUP_V2 if cg.version == 2 else LimitSource.CGROUP_V1
     machine = Machine(ram=sample.host_total,
                       cgroup_limit=cg.limit if cg is not None and source is not None else None,
-                      cgroup_source=source, unit_limit=_systemd_unit_limit())
+                      cgroup_source=source, unit_limit=_systemd_unit_limit(),
+                      cpus=len(os.sched_getaffinity(0)), cpu_quota=cpu_quota())
     return machine, sample
 
 
@@ -81,6 +85,13 @@ def effective_limit(cfg: Config, machine: Machine) -> tuple[int, str]:
                            f"the current cgroup's limit ({machine.cgroup_source.value})"))
     candidates.append((machine.ram, "physical RAM"))
     return min(candidates, key=lambda c: c[0])
+
+
+def worker_plan(cfg: Config, machine: Machine) -> WorkerPlan:
+    """The workers the daemon would start on `machine` (the same rule as runtime.worker_plan)."""
+    if cfg.server.workers != "auto":
+        return configured_plan(int(cfg.server.workers))
+    return plan_workers(machine.cpus, machine.cpu_quota, effective_limit(cfg, machine)[0])
 
 
 def warnings(cfg: Config, machine: Machine) -> list[str]:
@@ -107,7 +118,7 @@ def warnings(cfg: Config, machine: Machine) -> list[str]:
                 f"({binding}); set max_memory_usage to at most {limit}"
             )
     limit, what = effective_limit(cfg, machine)
-    reaction = reaction_window(cfg, limit)
+    reaction = reaction_window(cfg, limit, worker_plan(cfg, machine).count)
     if reaction is not None:
         out.append(
             f"{cfg.source}: [memory] monitoring_interval ({m.monitoring_interval:g}s) is longer than "
@@ -127,7 +138,7 @@ def fitting_sessions(cfg: Config, limit: int) -> int:
     return max(1, int((1 - cfg.memory.memory_warning_threshold) * limit // SESSION_BUFFERS))
 
 
-def reaction_window(cfg: Config, limit: int) -> float | None:
+def reaction_window(cfg: Config, limit: int, workers: int) -> float | None:
     """Seconds a burst needs from the warning threshold to `limit`, when the monitor (every
     monitoring_interval, forced GC and the circuit breaker) is slower than that; else None.
 
@@ -140,7 +151,7 @@ def reaction_window(cfg: Config, limit: int) -> float | None:
     headroom = (1 - m.memory_warning_threshold) * limit
     if cfg.server.max_connections <= fitting_sessions(cfg, limit):
         return None
-    window = headroom / (INGEST_BYTES_PER_SECOND * worker_count(cfg.server))
+    window = headroom / (INGEST_BYTES_PER_SECOND * workers)
     return window if m.monitoring_interval + REACTION_SECONDS > window else None
 
 
@@ -188,4 +199,6 @@ def explain(cfg: Config, machine: Machine, sample: Sample) -> list[str]:
         f"{format_size(s.max_connections * SESSION_BUFFERS)} by elemta's own choice; the monitor "
         f"runs every {m.monitoring_interval:g}s, admission questions re-sample every "
         f"{REFRESH_AFTER * 1000:.0f} ms")
+    plan = worker_plan(cfg, machine)
+    lines.append(f"workers: {plan.describe()}: {plan.explain()}")
     return lines

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, config, runtime
 from .observe import logging as elemta_logging
+from .workerplan import WorkerPlan
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,9 +27,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the config file. "
         "Under systemd: Type=notify (READY/STATUS/RELOADING/STOPPING), watchdog, socket "
         "activation (FileDescriptorName=smtp|api). "
-        "[server] workers = N|\"auto\": a supervisor forks N worker processes on the SMTP "
-        "sockets (restarts dead or hung ones; serves the admin endpoint and talks to systemd "
-        "for all of them). "
+        "[server] workers = \"auto\" (default: the usable CPUs, capped so that the workers' "
+        "baseline memory stays within 25% of the memory limit; logged at start, shown by "
+        "check-config --explain) or N: with more than one, a supervisor forks the worker "
+        "processes on the SMTP sockets (restarts dead or hung ones; serves the admin endpoint "
+        "and talks to systemd for all of them). "
         "Exit status: 0 ok, 1 runtime failure, 2 configuration error. See elemta(8).",
     )
     p.add_argument("--version", action="version", version=f"elemta {__version__}")
@@ -41,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
     check.add_argument("--explain", action="store_true",
                        help="instead of the configuration, print the memory limit the daemon "
-                       "would use on this machine, its source, the headroom and the worst case")
+                       "would use on this machine, its source, the headroom, the worst case "
+                       "and the number of workers")
     stats = sub.add_parser(
         "stats", help="print the running daemon's /api/stats (sending the bearer token of "
         "[api] token_file when the config is read: without --api, or with --config)"
@@ -406,17 +411,18 @@ def serve(path: str | None) -> int:
     cfg = _load(path, resources=True)
     if cfg is None:
         return EXIT_CONFIG
-    if runtime.worker_count(cfg.server) > 1:
-        return serve_workers(cfg)
+    plan = runtime.worker_plan(cfg)
+    if plan.count > 1:
+        return serve_workers(cfg, plan)
     from .daemon import Daemon
     from .observe.systemd import inherited_sockets
 
     elemta_logging.setup(cfg.logging)
     _event_loop(cfg.server.event_loop)
-    import logging
 
     log = logging.getLogger("elemta")
     log.info("elemta %s starting (config: %s)", __version__, cfg.source)
+    _log_plan(log, plan)
     for warning in config.warnings(cfg):
         log.warning("%s", warning)
     inherited = inherited_sockets()  # systemd socket activation (elemta.socket); else bind [server] listen
@@ -434,14 +440,16 @@ def serve(path: str | None) -> int:
     return EXIT_OK
 
 
-def serve_workers(cfg: config.Config) -> int:
-    """[server] workers > 1: the supervisor (supervisor.py)."""
+def _log_plan(log: logging.Logger, plan: WorkerPlan) -> None:
+    log.info("workers: %s: %s", plan.describe(), plan.explain())
+
+
+def serve_workers(cfg: config.Config, plan: WorkerPlan) -> int:
+    """More than one worker: the supervisor (supervisor.py)."""
     from . import supervisor  # imports no prometheus_client at module level
 
     metrics_dir = supervisor.prepare_metrics_dir()  # before anything loads prometheus_client
     try:
-        import logging
-
         from .daemon import bind
         from .observe.systemd import inherited_sockets
 
@@ -449,7 +457,8 @@ def serve_workers(cfg: config.Config) -> int:
         _event_loop(cfg.server.event_loop)
         log = logging.getLogger("elemta")
         log.info("elemta %s starting (config: %s) with %d workers", __version__, cfg.source,
-                 runtime.worker_count(cfg.server))
+                 plan.count)
+        _log_plan(log, plan)
         for warning in config.warnings(cfg):
             log.warning("%s", warning)
         inherited = inherited_sockets()
@@ -461,7 +470,7 @@ def serve_workers(cfg: config.Config) -> int:
 
             async def run() -> int:
                 api = inherited.api[0] if inherited.api else None
-                return await supervisor.Supervisor(cfg, socks, api).run()
+                return await supervisor.Supervisor(cfg, socks, api, workers=plan.count).run()
 
             return asyncio.run(run())
         except runtime.SetupError as exc:

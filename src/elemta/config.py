@@ -185,7 +185,8 @@ class ServerConfig:
         30.0, "duration", "On SIGTERM/SIGINT: time sessions in DATA get to finish", maximum=3600
     )
     workers: int | str = _f(
-        1, "workers", "Worker processes: 1 (one process), 2..64, or \"auto\" (usable CPUs)",
+        "auto", "workers", "Worker processes: 1 (one process), 2..64, or \"auto\" (usable CPUs, "
+        "capped by memory: see elemta.toml(5))",
         minimum=1, maximum=64,
     )
     pin_workers: bool = _f(

@@ -280,4 +280,5 @@ class Daemon:
         await self.systemd.close()
         await asyncio.sleep(0)
         await self.observe.stop()
+        log.info("%d connections accepted since start", self.ctx.accepted)
         log.info("stopped")

@@ -1,4 +1,4 @@
-"""What the daemon builds from its Config at start: host name, worker count, TLS context, API token.
+"""What the daemon builds from its Config at start: host name, worker plan, TLS context, API token.
 
 config.py only describes; the functions here touch the world (resolver, CPUs, files). The daemon
 and the supervisor call them where they start; `check-config` and `serve` call `problems` first,
@@ -15,6 +15,7 @@ import ssl
 import stat
 
 from .config import Config, ServerConfig, TlsConfig, check_hostname, locate
+from .workerplan import WorkerPlan, configured_plan, plan_workers
 
 MIN_TOKEN_LENGTH = 16
 
@@ -45,13 +46,30 @@ def hostname(server: ServerConfig) -> str:
                          f"{exc}; set [server] hostname") from None
 
 
-def worker_count(server: ServerConfig) -> int:
-    """[server] workers as a number: "auto" is the CPUs this process may really use."""
-    if server.workers == "auto":
-        from .cpus import usable_cpus
+def memory_limit(cfg: Config) -> int:
+    """The governor's effective memory limit on this machine now: min(max_memory_usage, the
+    cgroup's limit, RAM), from one sample as the governor takes it."""
+    from .memory.governor import effective
+    from .memory.sampler import Sampler
 
-        return max(1, min(64, int(usable_cpus())))
-    return int(server.workers)
+    sampler = Sampler()
+    try:
+        return effective(sampler.sample(), cfg.memory.max_memory_usage).limit
+    finally:
+        sampler.close()
+
+
+def worker_plan(cfg: Config, limit: int | None = None) -> WorkerPlan:
+    """[server] workers as a plan: a number as configured, or "auto" decided by
+    workerplan.plan_workers from this process's CPUs and the memory `limit` (default: the
+    governor's effective limit, sampled now)."""
+    from .cpus import cpu_quota
+
+    workers = cfg.server.workers
+    if workers != "auto":
+        return configured_plan(int(workers))
+    return plan_workers(len(os.sched_getaffinity(0)), cpu_quota(),
+                        memory_limit(cfg) if limit is None else limit)
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:

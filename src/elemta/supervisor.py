@@ -38,7 +38,7 @@ from .config import Config
 from .cpus import worker_cpu
 from .observe.heap import ASK, HeapProfiler, WorkerHeaps, answer_request
 from .reload import Reloads
-from .runtime import hostname, worker_count
+from .runtime import hostname
 from .sessionboard import SessionBoard
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class Slot:
 
 class Supervisor:
     def __init__(self, config: Config, smtp: list[socket.socket],
-                 api: socket.socket | None = None) -> None:
+                 api: socket.socket | None = None, *, workers: int) -> None:
         # Imported here: prometheus_client must load after prepare_metrics_dir().
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -135,7 +135,7 @@ class Supervisor:
         from .observe.systemd import SystemdNotifier
 
         self.config = config
-        self.n = worker_count(config.server)
+        self.n = workers  # runtime.worker_plan, decided once at start
         self.socks = smtp
         self.api_sock = api
         self.slots = [Slot(i) for i in range(1, self.n + 1)]

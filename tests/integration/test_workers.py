@@ -318,3 +318,21 @@ def test_a_reload_that_changes_nothing_says_so_in_every_worker(daemon: Daemon) -
         daemon.wait_for_log(f"worker {index}: configuration reloaded")
     lines = [ln for ln in daemon.log.splitlines() if "configuration reloaded" in ln]
     assert len(lines) == 2 and all("nothing changed" in ln for ln in lines), lines
+
+
+def test_the_built_in_default_runs_the_workers_auto_decides(tmp_path: Path) -> None:
+    """No workers key: "auto", memory-aware, logged with its inputs, and that many serve."""
+    from elemta import config, runtime
+
+    expected = runtime.worker_plan(config.Config())
+    with running(tmp_path, builtin_workers=True) as d:
+        line = next(ln for ln in d.log.splitlines() if "workers: " in ln and "usable CPU" in ln)
+        assert f"workers: {expected.describe()}: usable CPUs {expected.usable_cpus} = " \
+               f"min(affinity {expected.cpus}, " in line, line
+        if expected.count > 1:
+            assert f"all {expected.count} workers ready" in d.log
+            assert len(children(d.proc.pid)) == expected.count
+        else:
+            assert "supervisor" not in d.log
+        d.send("w@example.test")
+        assert len(d.delivered("w@example.test")) == 1

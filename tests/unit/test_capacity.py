@@ -38,6 +38,13 @@ def test_packaged_conffile_warns_about_nothing_in_config_warnings(tmp_path: Path
     assert config.warnings(config.load(str(packaged_conffile(tmp_path)))) == []
 
 
+def test_packaged_conffile_and_built_in_default_agree_on_workers_auto(tmp_path: Path) -> None:
+    path = packaged_conffile(tmp_path)
+    assert '\n#workers = "auto"\n' in path.read_text()  # shown, left to the default
+    assert config.load(str(path)).server.workers == config.Config().server.workers == "auto"
+    assert config.load(str(path)).server.pin_workers is True
+
+
 def test_check_config_with_the_packaged_conffile_prints_no_warning(tmp_path: Path) -> None:
     out = check_config("--config", str(packaged_conffile(tmp_path)))
     assert out.returncode == 0, out.stderr
@@ -121,6 +128,21 @@ def test_explain_names_limit_source_and_headroom() -> None:
     first = out.stdout.splitlines()[0]
     assert first.startswith("effective memory limit: ") and "source " in first
     assert "headroom: " in out.stdout and "worst case: 1000 sessions" in out.stdout
+    # The default workers = "auto", decided from this machine's CPUs and the limit above.
+    cpus = len(os.sched_getaffinity(0))
+    workers = next(ln for ln in out.stdout.splitlines() if ln.startswith("workers: "))
+    assert f"usable CPUs {min(cpus, 64)} = min(affinity {cpus}, cgroup quota" in workers
+    assert "memory cap " in workers and "25% of the memory limit" in workers
+
+
+def test_the_worker_plan_follows_the_machine() -> None:
+    many = capacity.Machine(256 * GiB, None, None, None, cpus=64)
+    assert capacity.worker_plan(config.Config(), many).describe() == \
+        "17 (64 usable CPUs; memory cap 17)"
+    quota = capacity.Machine(256 * GiB, 512 * MiB, LimitSource.CGROUP_V2, None, cpus=8,
+                             cpu_quota=1.5)
+    assert capacity.worker_plan(config.Config(), quota).describe() == \
+        "2 (2 usable CPUs; memory cap 4)"
 
 
 def test_a_limit_too_small_for_the_sessions_buffers_says_lower_max_connections() -> None:

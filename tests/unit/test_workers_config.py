@@ -19,13 +19,15 @@ def build(server: str) -> config.Config:
 
 @pytest.mark.parametrize(("value", "count"), [("1", 1), ("2", 2), ("64", 64)])
 def test_workers_numbers(value: str, count: int) -> None:
-    assert runtime.worker_count(build(f"workers = {value}").server) == count
+    assert runtime.worker_plan(build(f"workers = {value}")).count == count
 
 
-def test_workers_auto_is_the_usable_cpus() -> None:
+def test_workers_auto_is_the_default_and_the_usable_cpus_within_the_memory_cap() -> None:
     cfg = build('workers = "auto"')
-    assert cfg.server.workers == "auto"
-    assert runtime.worker_count(cfg.server) == min(64, usable_cpus())
+    assert cfg.server.workers == "auto" == config.Config().server.workers
+    plan = runtime.worker_plan(cfg)
+    assert plan.count == min(64, usable_cpus(), plan.memory_cap)
+    assert plan.limit == runtime.memory_limit(cfg) <= cfg.memory.max_memory_usage
 
 
 @pytest.mark.parametrize("bad", ["0", "65", '"two"', "true", "1.5", '"AUTO"'])
