@@ -74,8 +74,7 @@ def test_governor_decides_delivery_concurrency() -> None:
                                   "lmtp:dovecot.example",
                                   "lmtp:[::1]:24", "lmtp:mail.example.org:2424"])
 def test_transport_specs(spec: str) -> None:
-    one = {"workers": 1}  # a queued transport needs workers = 1 (for now); the default is auto
-    assert config.build({"delivery": {"transport": spec}, "server": one}).delivery.transport == spec
+    assert config.build({"delivery": {"transport": spec}}).delivery.transport == spec
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
@@ -94,7 +93,7 @@ def test_bad_transport_is_one_line(spec: object, problem: str) -> None:
 def test_routes_from_array_of_tables(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
     path.write_text('[delivery]\ndomains = ["a.test", "b.test"]\ntransport = "lmtp:127.0.0.1:24"\n'
-                    '[server]\nworkers = 1\n[[delivery.route]]\ndomain = "B.test"\ntransport = "maildir"\n')
+                    '[[delivery.route]]\ndomain = "B.test"\ntransport = "maildir"\n')
     cfg = config.load(path)
     assert cfg.delivery.route == (routing.Route("b.test", "maildir"),)
     assert routing.transport_for("b.test", cfg.delivery.transport, cfg.delivery.route) == "maildir"
@@ -434,11 +433,9 @@ def test_flush_leaves_a_message_being_delivered_alone(tmp_path: Path) -> None:
 
 
 def test_lmtp_transport_with_maildir_recipients_is_warned_about() -> None:
-    one = {"workers": 1}
-    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24"}, "server": one}, "w.toml")
+    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24"}}, "w.toml")
     assert any("recipients = \"lmtp\" asks the server" in w for w in config.warnings(cfg))
-    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24", "recipients": "lmtp"},
-                        "server": one})
+    cfg = config.build({"delivery": {"transport": "lmtp:127.0.0.1:24", "recipients": "lmtp"}})
     assert not any("asks the server" in w for w in config.warnings(cfg))
 
 
