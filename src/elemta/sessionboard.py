@@ -1,5 +1,7 @@
 """Open SMTP sessions per worker process, on one shared memory page, so that max_connections
-caps the whole daemon exactly however unevenly the kernel spreads connections over workers.
+caps the whole daemon exactly however unevenly the kernel spreads connections over workers;
+and the sessions in DATA per worker, so that the governor reserves DATA buffers for all of them
+(each worker's own count let every worker fill the same headroom: OOM-killed with 2 workers).
 
 Created by the supervisor before it forks (an anonymous MAP_SHARED mapping is inherited);
 each worker writes only its own slot, anyone may read the sum. Aligned 8-byte stores are
@@ -17,7 +19,7 @@ _SLOT = struct.Struct("q")
 class SessionBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, _SLOT.size * slots)
+        self._map = mmap.mmap(-1, _SLOT.size * slots * 2)  # sessions, then sessions in DATA
         self._all = struct.Struct(f"{slots}q")
 
     def set(self, slot: int, sessions: int) -> None:
@@ -25,3 +27,9 @@ class SessionBoard:
 
     def total(self) -> int:
         return sum(self._all.unpack_from(self._map))
+
+    def set_in_data(self, slot: int, sessions: int) -> None:
+        _SLOT.pack_into(self._map, (self.slots + slot) * _SLOT.size, sessions)
+
+    def in_data(self) -> int:
+        return sum(self._all.unpack_from(self._map, self.slots * _SLOT.size))

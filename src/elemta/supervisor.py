@@ -385,6 +385,7 @@ class Supervisor:
             how = _describe_status(status)
             slot.pid, slot.ready, slot.report = 0, False, {}
             self.board.set(slot.index, 0)  # its sessions died with it
+            self.board.set_in_data(slot.index, 0)
             if self.stopping:
                 log.info("worker %d (pid %d) %s", slot.index, pid, how)
                 continue

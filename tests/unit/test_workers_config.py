@@ -67,3 +67,16 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert delays[0] == 0.0
     assert delays[1:5] == [0.5, 1.0, 2.0, 4.0]
     assert max(delays) == MAX_BACKOFF
+
+
+def test_session_board_counts_sessions_in_data_across_workers_apart_from_open_ones() -> None:
+    from elemta.sessionboard import SessionBoard
+
+    board = SessionBoard(3)
+    board.set(1, 10)
+    board.set(2, 7)
+    board.set_in_data(1, 4)
+    board.set_in_data(2, 2)
+    assert (board.total(), board.in_data()) == (17, 6)
+    board.set_in_data(2, 0)  # the supervisor clears a dead worker's slot
+    assert (board.total(), board.in_data()) == (17, 4)

@@ -199,6 +199,15 @@ class SmtpContext:
         if self.board is not None:
             self.board.set(self.board_slot, len(self.sessions))
 
+    def data_changed(self, by: int) -> None:
+        self.in_data += by
+        if self.board is not None:
+            self.board.set_in_data(self.board_slot, self.in_data)
+
+    def sessions_in_data(self) -> int:
+        """Sessions in DATA in the whole daemon (all workers)."""
+        return self.board.in_data() if self.board is not None else self.in_data
+
     def open_sessions(self) -> int:
         """Sessions open in the whole daemon (all workers), this one included."""
         return self.board.total() if self.board is not None else len(self.sessions)
@@ -478,7 +487,7 @@ class ElemtaSMTP(SMTP):
         if not envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
-        refusal = self.ctx.admission.enter_data(self.ctx.in_data)
+        refusal = self.ctx.admission.enter_data(self.ctx.sessions_in_data())
         if refusal is not None:
             await self.push(refusal_reply(refusal))
             return
@@ -499,12 +508,12 @@ class ElemtaSMTP(SMTP):
             await self.push(REPLY_STORAGE)
             return
         self.in_data = True
-        self.ctx.in_data += 1
+        self.ctx.data_changed(+1)
         self._spool = spool
         try:
             status = await self._receive(spool, envelope, lf=routes is None)
         finally:
-            self.ctx.in_data -= 1
+            self.ctx.data_changed(-1)
             self.in_data = False
             self._decoder = None
             self._spool = None
