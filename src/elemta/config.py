@@ -213,6 +213,34 @@ class DeliveryConfig:
         [], "routes", "[[delivery.route]] tables: domain = ..., transport = ... (overrides "
         "transport for that recipient domain)"
     )
+    relay_domains: tuple[str, ...] = _f(
+        [], "domains", "Domains we accept mail for and relay onward (to relay_transport or "
+        "their [[delivery.route]]); mail for any other domain is still refused"
+    )
+    relay_transport: str = _f(
+        "", "relay_transport", "Where mail for relay_domains goes: \"smtp:[HOST]:PORT\" "
+        "(or an LMTP spec); empty: every relay domain needs a [[delivery.route]]"
+    )
+    smtp_connect_timeout: float = _f(
+        30.0, "duration", "SMTP relay client: TCP connect plus the server's 220 greeting",
+        minimum=0.1, maximum=86400,
+    )
+    smtp_command_timeout: float = _f(
+        300.0, "duration", "SMTP relay client: the reply to EHLO, MAIL, RCPT and RSET",
+        minimum=0.1, maximum=86400,
+    )
+    smtp_data_init_timeout: float = _f(
+        120.0, "duration", "SMTP relay client: the 354 reply to DATA", minimum=0.1,
+        maximum=86400,
+    )
+    smtp_data_xfer_timeout: float = _f(
+        180.0, "duration", "SMTP relay client: each write of the message body (a stalled "
+        "server, not a slow link)", minimum=0.1, maximum=86400,
+    )
+    smtp_data_done_timeout: float = _f(
+        600.0, "duration", "SMTP relay client: the reply after the final dot", minimum=0.1,
+        maximum=86400,
+    )
     queue_dir: str = _f("var/queue", "str", "The delivery queue's directory (queued transports)")
     minimal_backoff_time: float = _f(
         300.0, "duration", "First retry of a deferred recipient after this long", minimum=1
@@ -241,6 +269,11 @@ class DeliveryConfig:
         3600.0, "duration", "/health warns when the oldest queued message (or a transport "
         "unreachable) is older than this", minimum=1
     )
+
+    def all_routes(self) -> tuple[routing.Route, ...]:
+        """[[delivery.route]] plus relay_transport for each relay domain not routed there."""
+        return self.route + routing.relay_routes(self.relay_domains, self.relay_transport,
+                                                 self.route)
 
 
 @dataclass(frozen=True)
@@ -382,6 +415,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "recipients": recipients.parse_mode,
     "transport": routing.parse_spec,
     "routes": routing.parse_routes,
+    "relay_transport": routing.parse_relay_spec,
 }
 
 
@@ -493,8 +527,11 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 "/api/stats are not open to the network"
             )
         problems.extend(f"{where('delivery', 'route')}: {problem}"
-                        for problem in routing.problems(d.route, d.domains))
-        if routing.any_queued(d.transport, d.route) and cfg.server.workers != 1:
+                        for problem in routing.problems(d.route, d.domains + d.relay_domains))
+        problems.extend(f"{where('delivery', key)}: {problem}"
+                        for key, problem in routing.relay_problems(
+                            d.relay_domains, d.relay_transport, d.route, d.domains))
+        if routing.any_queued(d.transport, d.all_routes()) and cfg.server.workers != 1:
             problems.append(f"{where('server', 'workers')}: a queued [delivery] transport runs "
                             "with workers = 1 only (for now)")
         if d.maximal_backoff_time < d.minimal_backoff_time:

@@ -128,12 +128,12 @@ class Daemon:
         ctx.admission = self.governor
         d = self.config.delivery
         mail_dirs = [Path(d.maildir_root)]
-        if routing.any_queued(d.transport, d.route):
+        if routing.any_queued(d.transport, d.all_routes()):
             mail_dirs.append(Path(d.queue_dir))
             qstore = QueueStore(Path(d.queue_dir))
             self.queue = Manager(self.config, qstore,
                                  lambda spec: queue_transports.build(
-                                     spec, store, d.destination_concurrency),
+                                     spec, store, d.destination_concurrency, d),
                                  self.governor.delivery_concurrency, store.executor,
                                  observer=self.observe.delivery)
             ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
@@ -209,7 +209,7 @@ class Daemon:
             self.governor.reconfigure(new)
             if self.queue is not None:
                 self.queue.config = new
-            elif routing.any_queued(new.delivery.transport, new.delivery.route):
+            elif routing.any_queued(new.delivery.transport, new.delivery.all_routes()):
                 log.warning("[delivery] now names a queued transport, but this daemon started "
                             "without a queue: restart it; until then mail goes to maildir_root")
             reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,

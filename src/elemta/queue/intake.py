@@ -25,7 +25,8 @@ class QueueIntake:
     def routes(mailboxes: Sequence[Mailbox], delivery: DeliveryConfig) -> list[tuple[str, str]] | None:
         """(address, transport spec) per recipient when any goes to a queued transport (then
         the whole message is queued), None when all go to maildir (stored directly)."""
-        specs = [(str(b), routing.transport_for(b.domain, delivery.transport, delivery.route))
+        routes = delivery.all_routes()
+        specs = [(str(b), routing.transport_for(b.domain, delivery.transport, routes))
                  for b in mailboxes]
         return specs if any(routing.queued(s) for _, s in specs) else None
 

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from ..config import DeliveryConfig
 from ..delivery.base import Transport
+from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
+from ..delivery.smtp import SmtpTransport, is_smtp
 from ..store.maildir import Maildir
 from .local import MaildirAgent
 from .routing import MAILDIR
 
 
-def build(spec: str, maildir: Maildir, max_connections: int) -> Transport:
-    """The transport for `spec`: the queue's maildir agent or an LMTP client whose connection
-    pool matches the per-destination concurrency."""
+def smtp_timeouts(d: DeliveryConfig) -> Timeouts:
+    return Timeouts(connect=d.smtp_connect_timeout, command=d.smtp_command_timeout,
+                    data_init=d.smtp_data_init_timeout, data_xfer=d.smtp_data_xfer_timeout,
+                    data_done=d.smtp_data_done_timeout)
+
+
+def build(spec: str, maildir: Maildir, max_connections: int,
+          delivery: DeliveryConfig | None = None) -> Transport:
+    """The transport for `spec`: the queue's maildir agent, or an LMTP or SMTP client whose
+    connection pool matches the per-destination concurrency."""
     if spec == MAILDIR:
         return MaildirAgent(maildir)
+    if is_smtp(spec):
+        return SmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
+                             helo_name=maildir.hostname,
+                             timeouts=smtp_timeouts(delivery or DeliveryConfig()))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)

@@ -31,7 +31,8 @@ from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
 from .dataparse import DataDecoder, DataState, to_lf
-from .policy import classify_recipient, recipient_reply
+from .policy import REPLY_RELAY_DENIED, classify_recipient, recipient_reply
+from .relay import relay_mailbox
 from .replies import (
     REPLY_LINE_TOO_LONG,
     REPLY_SHUTDOWN,
@@ -213,6 +214,16 @@ class Handler:
         if len(envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
             return REPLY_TOO_MANY_RCPTS
         box = classify_recipient(address, self.ctx.config.delivery.domains)
+        if box == REPLY_RELAY_DENIED and self.ctx.queue is not None:  # relayed via the queue
+            relayed = relay_mailbox(address, self.ctx.config.delivery.relay_domains)
+            if isinstance(relayed, str):
+                return relayed
+            if relayed is not None:
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(options)
+                if relayed not in envelope.mailboxes:
+                    envelope.mailboxes.append(relayed)
+                return "250 2.1.5 Recipient ok"
         if isinstance(box, str):
             return box
         targets = await self.ctx.recipients.resolve(box)

@@ -1,0 +1,102 @@
+"""SMTP (RFC 5321) relay to a next hop: transport specs and the SMTP flavour of the shared
+client (client.py).
+
+EHLO with the configured hostname (HELO when EHLO is refused with a 5xx); PIPELINING, SIZE
+(a message above the hop's SIZE is failed before MAIL) and 8BITMIME used when offered; after
+the dot one reply, which is every accepted recipient's. One connection per hop is reused for
+the next message (RSET between), as client.PooledTransport does for LMTP.
+
+Only "smtp:[HOST]:PORT" is accepted: the brackets say, as in Postfix's relayhost, that HOST is
+the host to connect to, not a domain whose MX records to look up. elemta does no MX lookup
+(it would need a DNS client the standard library lacks), so the form without brackets is
+refused by the parser rather than silently treated as an A/AAAA lookup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from .base import Transport
+from .client import Connection, PooledTransport, Timeouts, greet, open_connection
+
+SMTP_PORT = 25
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+@dataclass(frozen=True)
+class SmtpSpec:
+    host: str  # a name, an IPv4 address or an IPv6 address (without brackets)
+    port: int = SMTP_PORT
+
+    def __str__(self) -> str:
+        return f"smtp:[{self.host}]:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """How reasons name the hop: "hub.example.org:25", "[::1]:25"."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def is_smtp(spec: str) -> bool:
+    return spec.startswith("smtp:")
+
+
+def parse_smtp(spec: str) -> SmtpSpec:
+    """ "smtp:[HOST]:PORT" or "smtp:[HOST]" (port 25); HOST a name, IPv4 or IPv6 address.
+
+    Raises ValueError with a message that names the problem (config prefixes file and key).
+    """
+    kind, colon, rest = spec.partition(":")
+    if kind != "smtp" or not colon:
+        raise ValueError(f"expected \"smtp:[HOST]:PORT\", got {spec!r}")
+    if not rest.startswith("["):
+        raise ValueError(f"{spec!r}: write the next hop in brackets, \"smtp:[HOST]:PORT\" "
+                         "(without brackets Postfix looks up MX records, which elemta does "
+                         "not do)")
+    host, bracket, tail = rest[1:].partition("]")
+    if not bracket or (tail and not tail.startswith(":")):
+        raise ValueError(f"{spec!r}: expected \"smtp:[HOST]:PORT\"")
+    port = SMTP_PORT
+    if tail:
+        text = tail[1:]
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ValueError(f"{spec!r}: port must be a number from 1 to 65535, got {text!r}")
+        port = int(text)
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {host!r} is not an IPv6 address") from None
+    elif not host or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{spec!r}: {host!r} is not a host name or address")
+    return SmtpSpec(host.rstrip("."), port)
+
+
+class SmtpTransport(PooledTransport):
+    """`Transport` for one SMTP next hop (client.PooledTransport)."""
+
+    name = "smtp"
+    lmtp = False
+
+    def __init__(self, spec: SmtpSpec | str, *, max_connections: int = 10,
+                 idle_timeout: float = 30.0, timeouts: Timeouts | None = None,
+                 executor: Executor | None = None, helo_name: str = "localhost") -> None:
+        self.spec = parse_smtp(spec) if isinstance(spec, str) else spec
+        super().__init__(self.spec.where, max_connections=max_connections,
+                         idle_timeout=idle_timeout, timeouts=timeouts, executor=executor)
+        self.helo_name = helo_name
+
+    async def _open(self) -> Connection:
+        return await open_connection(self.spec.host, self.spec.port, "", self.timeouts.connect)
+
+    async def _greet(self, conn: Connection) -> None:
+        await greet(conn, self.timeouts, "EHLO", self.helo_name, fallback="HELO")
+
+
+def _is_a_transport(t: SmtpTransport) -> Transport:
+    return t  # mypy checks here that SmtpTransport keeps to the queue's Protocol
