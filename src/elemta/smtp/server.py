@@ -31,6 +31,7 @@ from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
 from .dataparse import DataDecoder, DataState, to_lf
+from .loop import REPLY_TOO_MANY_HOPS, HopCounter
 from .policy import REPLY_RELAY_DENIED, classify_recipient, recipient_reply
 from .relay import relay_mailbox
 from .replies import (
@@ -474,6 +475,7 @@ class ElemtaSMTP(SMTP):
 
     async def _receive(self, spool: Spool, envelope: ElemtaEnvelope, lf: bool = True) -> str:
         decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
+        hops = HopCounter()
         timeout = self.ctx.config.server.data_timeout
         write_failed: OSError | None = None
         over_budget: Refusal | None = None
@@ -490,6 +492,8 @@ class ElemtaSMTP(SMTP):
                     progress = 0
                     self._reset_timeout(timeout)
                 out, rest = decoder.feed(chunk)
+                if not hops.done:
+                    hops.feed(out)
                 if out and write_failed is None and over_budget is None:
                     try:
                         # Maildir files use the local newline convention, as Postfix and
@@ -515,6 +519,10 @@ class ElemtaSMTP(SMTP):
                 return REPLY_TOO_BIG
             if over_budget is not None:
                 return refusal_reply(over_budget, in_data=True)
+            if hops.too_many:
+                log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
+                         spool.queue_id, hops.hops, envelope.mail_from)
+                return REPLY_TOO_MANY_HOPS
             if write_failed is not None:
                 log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
                 return REPLY_STORAGE
