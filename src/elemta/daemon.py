@@ -25,6 +25,7 @@ from .observe.systemd import SystemdNotifier
 from .queue import routing
 from .queue import transports as queue_transports
 from .queue.admin import QueueAdmin
+from .queue.bounce import Bouncer
 from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
@@ -135,7 +136,8 @@ class Daemon:
                                  lambda spec: queue_transports.build(
                                      spec, store, d.destination_concurrency, d),
                                  self.governor.delivery_concurrency, store.executor,
-                                 observer=self.observe.delivery)
+                                 observer=self.observe.delivery,
+                                 bounce=Bouncer(qstore, lambda: self.config, store.hostname))
             ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
             self.observe.queue = self.queue.stats
         ctx.disk = DiskWatch(mail_dirs, store.executor)

@@ -80,8 +80,8 @@ class Manager:
     def __init__(self, config: Config, store: QueueStore,
                  transport: Callable[[str], Transport], concurrency: Callable[[], int],
                  executor: ThreadPoolExecutor, *, observer: DeliveryObserver | None = None,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.time
-                 ) -> None:
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+                 bounce: Callable[[Meta], object] | None = None) -> None:
         self.config = config
         self.store = store
         self._make_transport = transport
@@ -90,6 +90,9 @@ class Manager:
         self.observer = observer or NullDeliveryObserver()
         self._rng = rng or random.Random()
         self._clock = clock
+        # Called on the executor with a message about to move to failed/ (queue/bounce.py):
+        # an OSError keeps the record where it is, so the bounce is tried again.
+        self._bounce = bounce
         self.active: dict[str, Active] = {}
         self._ready: deque[tuple[str, str]] = deque()  # (queue id, transport spec)
         self.running = 0
@@ -320,6 +323,9 @@ class Manager:
             elif m.pending():
                 await self._run_io(self.store.write, m, "deferred", a.path)
             elif any(r.state == policy.FAILED for r in m.recipients):
+                if self._bounce is not None:
+                    await self._run_io(self._bounce, m)
+                    self.wake()
                 await self._run_io(self.store.write, m, "failed", a.path)
             else:
                 await self._run_io(self.store.remove, a.path, m.id)

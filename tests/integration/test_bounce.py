@@ -1,0 +1,112 @@
+"""Bounces: a message that ends with failed recipients gets one RFC 3464 DSN to its sender,
+sent from <> through the same routing (the local Maildir for a local sender, the relay for a
+relay domain's sender); a failed message from <> is never bounced. The DSN is read back with
+Python's email package."""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+from pathlib import Path
+
+from test_smtp_relay import hub, records, relay_extra  # noqa: F401 - hub is a fixture
+
+from daemon import Daemon, free_port, running, wait_until
+from postfix import DOMAIN, Postfix
+
+
+def dsn_of(raw: bytes) -> email.message.EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    return msg
+
+
+def report(msg: email.message.EmailMessage) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(per-message fields, per-recipient fields) of the message/delivery-status part."""
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    text, status, headers = msg.iter_parts()  # type: ignore[misc]
+    assert text.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    # The email package parses message/delivery-status into one header block per group.
+    groups = [dict(g.items()) for g in status.get_payload()]
+    return groups[0], groups[1:]
+
+
+def local_mail(d: Daemon, address: str, timeout: float = 30) -> bytes:
+    wait_until(lambda: d.delivered(address), f"a message in {address}'s Maildir", timeout)
+    [f] = d.delivered(address)
+    return f.read_bytes()
+
+
+def test_dsn_for_the_failed_recipients_to_a_local_sender(hub: Postfix, tmp_path: Path) -> None:  # noqa: F811
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        d.send([f"alice@{DOMAIN}", f"reject@{DOMAIN}", f"nobody@{DOMAIN}"],
+               b"Subject: will partly bounce\r\nMessage-ID: <orig-1@test>\r\n\r\nbody line\r\n",
+               sender="Sender@example.test")
+        raw = local_mail(d, "sender@example.test")
+        assert raw.startswith(b"Return-Path: <>\n")  # sent with the null sender
+        msg = dsn_of(raw)
+        assert msg["To"].addresses[0].addr_spec == "Sender@example.test"
+        assert msg["Auto-Submitted"] == "auto-replied"
+        per_message, per_rcpt = report(msg)
+        assert per_message["Reporting-MTA"] == "dns; mx.test"
+        got = {r["Final-Recipient"]: r for r in per_rcpt}
+        assert sorted(got) == [f"rfc822; nobody@{DOMAIN}", f"rfc822; reject@{DOMAIN}"]
+        rej = got[f"rfc822; reject@{DOMAIN}"]
+        assert rej["Action"] == "failed" and rej["Status"] == "5.7.1"
+        assert rej["Remote-MTA"] == "dns; hub.test"
+        assert rej["Diagnostic-Code"].startswith(
+            "smtp; 550 5.7.1 <reject@relay.test>: Recipient address rejected: Not wanted here")
+        nob = got[f"rfc822; nobody@{DOMAIN}"]
+        assert nob["Status"] == "5.1.1" and "User unknown in virtual mailbox table" in \
+            nob["Diagnostic-Code"]
+        # RET=HDRS: the original header section, our Received: included, no body.
+        original = list(msg.iter_parts())[2].get_payload()
+        assert "Message-ID: <orig-1@test>" in original and "Subject: will partly bounce" in original
+        assert "by mx.test (elemta" in original and "body line" not in original
+        # The delivered recipient is not in the report; the message itself is kept in failed/.
+        wait_until(lambda: any(r["sender"] == "Sender@example.test" and
+                               (tmp_path / "queue" / "failed" / str(r["id"])).exists()
+                               for r in records(tmp_path / "queue")), "the original in failed/")
+        assert "sender non-delivery notification" in d.log
+
+
+def test_dsn_to_a_relay_domain_sender_goes_through_the_relay(hub: Postfix, tmp_path: Path) -> None:  # noqa: F811
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        d.send([f"reject@{DOMAIN}"], b"Subject: bounce me\r\nMessage-ID: <orig-2@test>\r\n\r\nx\r\n",
+               sender=f"carol@{DOMAIN}")
+        raw = hub.wait_for("carol", b"orig-2@test")
+        assert raw.startswith(b"Return-Path: <MAILER-DAEMON>") or raw.startswith(b"Return-Path: <>")
+        _, [rcpt] = report(dsn_of(raw))
+        assert rcpt["Final-Recipient"] == f"rfc822; reject@{DOMAIN}"
+        assert rcpt["Status"] == "5.7.1"
+
+
+def test_expired_recipients_are_bounced_with_5_4_7(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens: every attempt is deferred
+    extra = relay_extra(tmp_path, port).replace(
+        'minimal_backoff_time = "1h"\nmaximal_backoff_time = "2h"\n',
+        'minimal_backoff_time = "1s"\nmaximal_backoff_time = "1s"\nmaximal_queue_lifetime = "2s"\n')
+    with running(tmp_path, extra) as d:
+        d.send([f"bob@{DOMAIN}"], b"Subject: too late\r\n\r\nx\r\n", sender="s@example.test")
+        raw = local_mail(d, "s@example.test", timeout=60)
+        _, [rcpt] = report(dsn_of(raw))
+        assert rcpt["Status"] == "5.4.7"
+        assert "Remote-MTA" not in rcpt  # no server ever answered
+        assert rcpt["Diagnostic-Code"] == (
+            f"X-Elemta; delivery time expired, last reply: 451 4.4.1 connect to "
+            f"127.0.0.1:{port}: Connection refused")
+
+
+def test_a_failed_message_from_the_null_sender_is_never_bounced(hub: Postfix, tmp_path: Path) -> None:  # noqa: F811
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        d.send([f"reject@{DOMAIN}"], b"Subject: a bounce itself\r\n\r\nx\r\n", sender="<>")
+        wait_until(lambda: "not bounced (a bounce is never bounced); kept in failed/" in d.log,
+                   "the null-sender failure logged")
+        recs = records(tmp_path / "queue")
+        assert [(r["sender"], [x["state"] for x in r["recipients"]])  # type: ignore[union-attr]
+                for r in recs] == [("", ["failed"])]
+        assert list((tmp_path / "mail").rglob("new/*")) == []
