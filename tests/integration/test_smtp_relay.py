@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socketserver
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -290,3 +292,61 @@ def test_a_message_above_the_hops_size_fails_before_mail(tmp_path: Path) -> None
         assert "exceeds size limit 2048 of the server)" in edge.log
         assert "MAIL FROM" not in hop.log and hop.delivered(at("alice")) == []
         assert set(states(tmp_path / "edge" / "queue").values()) == {"failed"}
+
+
+# -- what goes over the wire (a tiny recording server: the one edge case Postfix cannot show) --
+
+
+class Recorder(socketserver.ThreadingTCPServer):
+    """An ESMTP server that accepts everything and records each command line it gets."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), RecorderHandler)
+        self.lines: list[bytes] = []
+        self.port = self.server_address[1]
+
+
+class RecorderHandler(socketserver.StreamRequestHandler):
+    server: Recorder
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 rec.test ESMTP\r\n")
+        while line := self.rfile.readline():
+            self.server.lines.append(line.rstrip(b"\r\n"))
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.wfile.write(b"250-rec.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                                 b"250 SIZE 1000000\r\n")
+            elif verb == b"DATA":
+                self.wfile.write(b"354 go\r\n")
+                while self.rfile.readline() not in (b".\r\n", b""):
+                    pass
+                self.wfile.write(b"250 2.0.0 kept\r\n")
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 2.0.0 ok\r\n")
+
+
+def test_body_8bitmime_is_relayed_with_the_message(tmp_path: Path) -> None:
+    rec = Recorder()
+    threading.Thread(target=rec.serve_forever, daemon=True).start()
+    try:
+        with running(tmp_path, relay_extra(tmp_path, rec.port)) as d:
+            with d.smtp() as s:
+                s.sendmail("s@example.org", [at("alice")], "Subject: é\r\n\r\nnaïve\r\n".encode(),
+                           mail_options=["BODY=8BITMIME"])
+                s.sendmail("s@example.org", [at("bob")], b"Subject: ascii\r\n\r\nplain\r\n")
+            wait_until(lambda: d.log.count("status=sent") == 2, "both relayed")
+        mails = [x for x in rec.lines if x.startswith(b"MAIL FROM")]
+        assert mails[0].startswith(b"MAIL FROM:<s@example.org> SIZE=") and \
+            mails[0].endswith(b" BODY=8BITMIME"), mails
+        assert b"BODY=" not in mails[1], mails
+        assert rec.lines[0] == b"EHLO mx.test"  # [server] hostname
+    finally:
+        rec.shutdown()
+        rec.server_close()

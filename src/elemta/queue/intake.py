@@ -30,8 +30,10 @@ class QueueIntake:
                  for b in mailboxes]
         return specs if any(routing.queued(s) for _, s in specs) else None
 
-    def open(self, routes: list[tuple[str, str]], sender: str, header: bytes, qid: str) -> Spool:
-        meta = Meta(qid, sender, time.time(), 0, [Recipient(a, s) for a, s in routes])
+    def open(self, routes: list[tuple[str, str]], sender: str, header: bytes, qid: str,
+             eight_bit: bool = False) -> Spool:
+        meta = Meta(qid, sender, time.time(), 0, [Recipient(a, s) for a, s in routes],
+                    eight_bit=eight_bit)
         tmp = self.store.path("tmp", f"{qid}.{os.getpid()}.body")
         file = QueueFile(tmp, [], self.store.dirsync, store=self.store, meta=meta)
         spool = Spool(qid, file, self.executor)

@@ -240,7 +240,7 @@ class Manager:
         try:
             rcpts = [r for r in a.meta.pending() if r.transport == spec]
             env = Envelope(qid, a.meta.sender, tuple(r.address for r in rcpts),
-                           self.store.body(qid), a.meta.size)
+                           self.store.body(qid), a.meta.size, a.meta.eight_bit)
             transport = self._transport(spec)
             started = time.monotonic()
             try:

@@ -58,6 +58,7 @@ class Meta:
     attempts: int = 0
     next_attempt: float = 0.0
     seq: int = 0
+    eight_bit: bool = False  # received with BODY=8BITMIME: relayed with it (issue 13)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -449,7 +449,9 @@ class ElemtaSMTP(SMTP):
         try:
             if queue is not None and routes is not None:
                 sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
-                spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid)
+                eight_bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
+                spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
+                                   eight_bit)
             else:
                 spool = await self.ctx.store.open(
                     envelope.mailboxes, self._trace_headers(envelope, qid), qid)
