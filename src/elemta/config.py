@@ -241,6 +241,15 @@ class DeliveryConfig:
         600.0, "duration", "SMTP relay client: the reply after the final dot", minimum=0.1,
         maximum=86400,
     )
+    smtp_tls: str = _f(
+        "may", "choice", "SMTP relay client STARTTLS: \"none\", \"may\" (when offered, "
+        "unverified) or \"encrypt\" (required, certificate verified; else deferred)",
+        choices=("none", "may", "encrypt"),
+    )
+    smtp_tls_ca_file: str = _f(
+        "", "str", "PEM CA certificates that verify the hop with smtp_tls = \"encrypt\" "
+        "(empty: the system store)"
+    )
     queue_dir: str = _f("var/queue", "str", "The delivery queue's directory (queued transports)")
     minimal_backoff_time: float = _f(
         300.0, "duration", "First retry of a deferred recipient after this long", minimum=1

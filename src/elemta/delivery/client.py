@@ -138,6 +138,7 @@ class Connection:
     extensions: dict[str, str] = field(default_factory=dict)  # "SIZE" -> "", "PIPELINING" -> ""
     idle_since: float = 0.0
     transactions: int = 0
+    tls: bool = False  # STARTTLS done
 
     def close(self) -> None:
         """No wait for the QUIT reply: the server closes either way."""
@@ -180,15 +181,22 @@ async def greet(conn: Connection, timeouts: Timeouts, verb: str, name: str,
     peer = conn.relay.find("[")
     if peer > 0 and banner.lines[0]:  # Postfix's relay= shows the name the server gives
         conn.relay = banner.lines[0].split()[0] + conn.relay[peer:]
-    hello = await conn.command(f"{verb} {name}", timeouts.command, f"in reply to {verb}")
-    if hello.code >= 500 and fallback:
+    await hello(conn, timeouts, verb, name, fallback)
+
+
+async def hello(conn: Connection, timeouts: Timeouts, verb: str, name: str,
+                fallback: str = "") -> None:
+    """LHLO/EHLO (again after STARTTLS: RFC 3207 4.2), recording the extensions offered."""
+    conn.extensions.clear()
+    reply = await conn.command(f"{verb} {name}", timeouts.command, f"in reply to {verb}")
+    if reply.code >= 500 and fallback:
         verb = fallback
-        hello = await conn.command(f"{verb} {name}", timeouts.command, f"in reply to {verb}")
-        if hello.code == 250:
+        reply = await conn.command(f"{verb} {name}", timeouts.command, f"in reply to {verb}")
+        if reply.code == 250:
             return
-    if hello.code != 250:
-        raise Refused(_soft(hello.reply(), f"after {verb}"), f"in reply to {verb}")
-    for line in hello.lines[1:]:
+    if reply.code != 250:
+        raise Refused(_soft(reply.reply(), f"after {verb}"), f"in reply to {verb}")
+    for line in reply.lines[1:]:
         keyword, _, params = line.partition(" ")
         conn.extensions[keyword.upper()] = params
 

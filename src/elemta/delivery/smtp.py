@@ -14,13 +14,15 @@ refused by the parser rather than silently treated as an A/AAAA lookup.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import ssl
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from .base import Transport
-from .client import Connection, PooledTransport, Timeouts, greet, open_connection
+from .base import Reply, Transport
+from .client import Connection, PooledTransport, Refused, Timeouts, greet, hello, open_connection
 
 SMTP_PORT = 25
 
@@ -77,6 +79,33 @@ def parse_smtp(spec: str) -> SmtpSpec:
     return SmtpSpec(host.rstrip("."), port)
 
 
+TLS_LEVELS = ("none", "may", "encrypt")
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """STARTTLS to the hop, as Postfix's smtp_tls_security_level: "none" never; "may" when
+    offered, unauthenticated (encryption against passive listeners only); "encrypt" always,
+    the certificate verified against `ca_file` (or the system store) and the host name of the
+    spec. Whatever goes wrong with "encrypt" defers the message: never sent in clear."""
+
+    level: str = "may"
+    ca_file: str = ""  # PEM CA certificates; empty: the system store
+
+    def context(self) -> ssl.SSLContext:
+        """Blocking (reads the CA files): call it on an executor."""
+        if self.level == "encrypt":
+            return ssl.create_default_context(cafile=self.ca_file or None)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def _tls_failed(text: str) -> Refused:
+    return Refused(Reply(451, f"4.7.5 {text}"), "")
+
+
 class SmtpTransport(PooledTransport):
     """`Transport` for one SMTP next hop (client.PooledTransport)."""
 
@@ -85,17 +114,47 @@ class SmtpTransport(PooledTransport):
 
     def __init__(self, spec: SmtpSpec | str, *, max_connections: int = 10,
                  idle_timeout: float = 30.0, timeouts: Timeouts | None = None,
-                 executor: Executor | None = None, helo_name: str = "localhost") -> None:
+                 executor: Executor | None = None, helo_name: str = "localhost",
+                 tls: TlsPolicy | None = None) -> None:
         self.spec = parse_smtp(spec) if isinstance(spec, str) else spec
         super().__init__(self.spec.where, max_connections=max_connections,
                          idle_timeout=idle_timeout, timeouts=timeouts, executor=executor)
         self.helo_name = helo_name
+        self.tls = tls or TlsPolicy("none")
+        self._context: ssl.SSLContext | None = None
 
     async def _open(self) -> Connection:
         return await open_connection(self.spec.host, self.spec.port, "", self.timeouts.connect)
 
     async def _greet(self, conn: Connection) -> None:
         await greet(conn, self.timeouts, "EHLO", self.helo_name, fallback="HELO")
+        level = self.tls.level
+        if level == "none":
+            return
+        if "STARTTLS" not in conn.extensions:
+            if level == "encrypt":
+                raise _tls_failed(f"TLS is required, but {conn.relay} does not offer STARTTLS")
+            return
+        reply = await conn.command("STARTTLS", self.timeouts.command, "in reply to STARTTLS")
+        if reply.code != 220:
+            if level == "encrypt":
+                raise _tls_failed(f"TLS is required, but {conn.relay} refused STARTTLS: "
+                                  f"{reply.reply()}")
+            return  # "may": the session goes on in clear, as the server asked
+        if self._context is None:
+            self._context = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.tls.context)
+        try:
+            await asyncio.wait_for(conn.writer.start_tls(
+                self._context, server_hostname=self.spec.host), self.timeouts.connect)
+        except ssl.SSLCertVerificationError as exc:
+            raise _tls_failed(f"TLS handshake with {conn.relay}: server certificate not "
+                              f"trusted: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise _tls_failed(f"TLS handshake with {conn.relay} failed: "
+                              f"{exc.reason or exc}") from None
+        conn.tls = True
+        await hello(conn, self.timeouts, "EHLO", self.helo_name)
 
 
 def _is_a_transport(t: SmtpTransport) -> Transport:

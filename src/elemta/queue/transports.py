@@ -6,7 +6,7 @@ from ..config import DeliveryConfig
 from ..delivery.base import Transport
 from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
-from ..delivery.smtp import SmtpTransport, is_smtp
+from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp
 from ..store.maildir import Maildir
 from .local import MaildirAgent
 from .routing import MAILDIR
@@ -25,8 +25,9 @@ def build(spec: str, maildir: Maildir, max_connections: int,
     if spec == MAILDIR:
         return MaildirAgent(maildir)
     if is_smtp(spec):
+        d = delivery or DeliveryConfig()
         return SmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
-                             helo_name=maildir.hostname,
-                             timeouts=smtp_timeouts(delivery or DeliveryConfig()))
+                             helo_name=maildir.hostname, timeouts=smtp_timeouts(d),
+                             tls=TlsPolicy(d.smtp_tls, d.smtp_tls_ca_file))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)
