@@ -34,8 +34,11 @@ def parse_spec(value: object) -> str:
         raise ValueError(f"{value!r} holds a control character")
     if is_smtp(value):
         parse_smtp(value)
-    else:
+    elif value == MAILDIR or value.startswith("lmtp:"):
         parse_transport(value)
+    else:
+        raise ValueError(f"must be \"maildir\", \"lmtp:unix:/path\", \"lmtp:HOST:PORT\", "
+                         f"\"lmtp:[IPV6]:PORT\" or \"smtp:[HOST]:PORT\", got {value!r}")
     return value
 
 
