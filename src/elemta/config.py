@@ -250,6 +250,10 @@ class DeliveryConfig:
         "", "str", "PEM CA certificates that verify the hop with smtp_tls = \"encrypt\" "
         "(empty: the system store)"
     )
+    relay_auth_file: str = _f(
+        "", "str", "Credentials for SMTP hops, \"[HOST]:PORT user:password\" per line (mode "
+        "0600); sent with AUTH PLAIN/LOGIN only inside TLS (empty: no AUTH)"
+    )
     queue_dir: str = _f("var/queue", "str", "The delivery queue's directory (queued transports)")
     minimal_backoff_time: float = _f(
         300.0, "duration", "First retry of a deferred recipient after this long", minimum=1
@@ -540,6 +544,10 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
         problems.extend(f"{where('delivery', key)}: {problem}"
                         for key, problem in routing.relay_problems(
                             d.relay_domains, d.relay_transport, d.route, d.domains))
+        if d.relay_auth_file and d.smtp_tls == "none":
+            problems.append(f"{where('delivery', 'smtp_tls')}: \"none\", but relay_auth_file "
+                            "is set: credentials are sent only inside TLS (use \"may\" or "
+                            "\"encrypt\")")
         if routing.any_queued(d.transport, d.all_routes()) and cfg.server.workers != 1:
             problems.append(f"{where('server', 'workers')}: a queued [delivery] transport runs "
                             "with workers = 1 only (for now)")

@@ -132,9 +132,10 @@ class Daemon:
         if routing.any_queued(d.transport, d.all_routes()):
             mail_dirs.append(Path(d.queue_dir))
             qstore = QueueStore(Path(d.queue_dir))
+            auth = runtime.relay_auth(d.relay_auth_file)
             self.queue = Manager(self.config, qstore,
                                  lambda spec: queue_transports.build(
-                                     spec, store, d.destination_concurrency, d),
+                                     spec, store, d.destination_concurrency, d, auth),
                                  self.governor.delivery_concurrency, store.executor,
                                  observer=self.observe.delivery,
                                  bounce=Bouncer(qstore, lambda: self.config, store.hostname))

@@ -33,6 +33,7 @@ RESTART_ONLY = (
     ("delivery", "smtp_data_done_timeout"),
     ("delivery", "smtp_tls"),
     ("delivery", "smtp_tls_ca_file"),
+    ("delivery", "relay_auth_file"),
     ("api", "listen"),
     ("api", "enable_profiling"),
     ("logging", "format"),

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import re
 import ssl
+from base64 import b64encode
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -115,19 +116,25 @@ class SmtpTransport(PooledTransport):
     def __init__(self, spec: SmtpSpec | str, *, max_connections: int = 10,
                  idle_timeout: float = 30.0, timeouts: Timeouts | None = None,
                  executor: Executor | None = None, helo_name: str = "localhost",
-                 tls: TlsPolicy | None = None) -> None:
+                 tls: TlsPolicy | None = None, auth: tuple[str, str] | None = None) -> None:
         self.spec = parse_smtp(spec) if isinstance(spec, str) else spec
         super().__init__(self.spec.where, max_connections=max_connections,
                          idle_timeout=idle_timeout, timeouts=timeouts, executor=executor)
         self.helo_name = helo_name
         self.tls = tls or TlsPolicy("none")
         self._context: ssl.SSLContext | None = None
+        self.auth = auth  # (user, password) for AUTH, given only inside TLS
 
     async def _open(self) -> Connection:
         return await open_connection(self.spec.host, self.spec.port, "", self.timeouts.connect)
 
     async def _greet(self, conn: Connection) -> None:
         await greet(conn, self.timeouts, "EHLO", self.helo_name, fallback="HELO")
+        await self._starttls(conn)
+        if self.auth is not None:
+            await self._authenticate(conn, *self.auth)
+
+    async def _starttls(self, conn: Connection) -> None:
         level = self.tls.level
         if level == "none":
             return
@@ -155,6 +162,31 @@ class SmtpTransport(PooledTransport):
                               f"{exc.reason or exc}") from None
         conn.tls = True
         await hello(conn, self.timeouts, "EHLO", self.helo_name)
+
+    async def _authenticate(self, conn: Connection, user: str, password: str) -> None:
+        """AUTH PLAIN, else LOGIN (RFC 4954); a refusal defers, as Postfix's default
+        smtp_sasl_auth_soft_bounce does: a wrong password must not bounce mail."""
+        if not conn.tls:
+            raise Refused(Reply(451, f"4.7.0 credentials for {self.where} are sent only inside "
+                                     f"TLS, and {conn.relay} did not start it"), "")
+        offered = conn.extensions.get("AUTH", "").upper().split()
+        t = self.timeouts.command
+        if "PLAIN" in offered:
+            token = b64encode(f"\0{user}\0{password}".encode()).decode()
+            reply = await conn.command(f"AUTH PLAIN {token}", t, "in reply to AUTH")
+        elif "LOGIN" in offered:
+            reply = await conn.command("AUTH LOGIN", t, "in reply to AUTH")
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                reply = await conn.command(b64encode(secret.encode()).decode(), t,
+                                           "in reply to AUTH")
+        else:
+            raise Refused(Reply(451, f"4.7.0 {conn.relay} offers no AUTH PLAIN or LOGIN "
+                                     f"(AUTH {' '.join(offered) or 'not offered'})"), "")
+        if reply.code != 235:
+            raise Refused(Reply(451, f"4.7.0 SASL authentication to {conn.relay} failed: "
+                                     f"{reply.reply()}"), "")
 
 
 def _is_a_transport(t: SmtpTransport) -> Transport:

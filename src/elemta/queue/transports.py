@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..config import DeliveryConfig
+from ..delivery.auth import Credentials
 from ..delivery.base import Transport
 from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
-from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp
+from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp, parse_smtp
 from ..store.maildir import Maildir
 from .local import MaildirAgent
 from .routing import MAILDIR
@@ -19,15 +20,17 @@ def smtp_timeouts(d: DeliveryConfig) -> Timeouts:
 
 
 def build(spec: str, maildir: Maildir, max_connections: int,
-          delivery: DeliveryConfig | None = None) -> Transport:
+          delivery: DeliveryConfig | None = None, auth: Credentials | None = None) -> Transport:
     """The transport for `spec`: the queue's maildir agent, or an LMTP or SMTP client whose
     connection pool matches the per-destination concurrency."""
     if spec == MAILDIR:
         return MaildirAgent(maildir)
     if is_smtp(spec):
         d = delivery or DeliveryConfig()
-        return SmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
+        hop = parse_smtp(spec)
+        return SmtpTransport(hop, max_connections=max_connections, executor=maildir.executor,
                              helo_name=maildir.hostname, timeouts=smtp_timeouts(d),
-                             tls=TlsPolicy(d.smtp_tls, d.smtp_tls_ca_file))
+                             tls=TlsPolicy(d.smtp_tls, d.smtp_tls_ca_file),
+                             auth=(auth or {}).get(hop))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)
