@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import smtplib
 import socketserver
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import postfix
-from daemon import free_port, running, wait_until
+from daemon import Daemon, free_port, running, wait_until
 from elemta.delivery.base import Envelope, RecipientResult
 from elemta.delivery.client import Timeouts
 from elemta.delivery.smtp import SmtpTransport
@@ -350,3 +352,52 @@ def test_body_8bitmime_is_relayed_with_the_message(tmp_path: Path) -> None:
     finally:
         rec.shutdown()
         rec.server_close()
+
+
+def test_kill_9_while_relaying_loses_no_accepted_message(hub: Postfix, tmp_path: Path) -> None:
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int, d: Daemon) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            mid = f"{n}.{i}.{uuid.uuid4().hex[:8]}@kill.test"
+            try:
+                with d.smtp(timeout=10) as s:
+                    s.sendmail("s@example.org", [at("bob")],
+                               f"Message-ID: <{mid}>\r\nSubject: k\r\n\r\n".encode() +
+                               (b"x" * 70 + b"\r\n") * 30)
+            except (smtplib.SMTPException, OSError):
+                return  # killed: this one was not acknowledged
+            with lock:
+                acked.append(mid)
+
+    def arrived() -> list[str]:
+        return [m.split(b"Message-ID: <", 1)[1].split(b">", 1)[0].decode()
+                for m in hub.messages("bob") if b"@kill.test>" in m]
+
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        threads = [threading.Thread(target=client, args=(n, d)) for n in range(4)]
+        for t in threads:
+            t.start()
+        # Killed while messages are being relayed: some already at the hub, some not yet.
+        wait_until(lambda: len(acked) >= 150 and arrived(), "150 acknowledged, relaying under way",
+                   timeout=120)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
+        at_kill = len(set(arrived()))
+        d.restart()
+        sent = set(acked)
+        wait_until(lambda: sent <= set(arrived()), "every acknowledged message at the hub",
+                   timeout=180)
+        got = arrived()
+        dupes = len(got) - len(set(got))
+        print(f"\nkill -9 while relaying: {len(sent)} acknowledged, {at_kill} at the hub at the "
+              f"kill, {len(set(got))} after the restart, {dupes} duplicate(s)")
+        assert dupes <= 20  # only messages in flight at the kill may come twice
+        wait_until(lambda: records(tmp_path / "queue") == [], "the queue empties")
