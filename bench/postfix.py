@@ -116,8 +116,11 @@ def _queued(queue: Path) -> int:
                for _, _, files in os.walk(queue / sub))
 
 
-def durable(processes: int = 1200, max_size: int = 200 * MiB) -> Server:
-    """A throwaway Postfix on a free loopback port that queues (fsync) and then discards."""
+def durable(processes: int = 1200, max_size: int = 200 * MiB, main_extra: str = "",
+            master_extra: str = "") -> Server:
+    """A throwaway Postfix on a free loopback port that queues (fsync) and then discards;
+    `main_extra` / `master_extra` lines are appended (later main.cf lines win: bench/relay.py
+    makes it relay instead)."""
     base = Path(os.environ.get("ELEMTA_BENCH_DIR", "/var/tmp"))
     work = Path(tempfile.mkdtemp(prefix="elemta-bench-postfix-", dir=base))
     # The queue is owned by root with postfix-owned subdirs; `postfix start` creates them,
@@ -126,8 +129,9 @@ def durable(processes: int = 1200, max_size: int = 200 * MiB) -> Server:
     port = free_port()
     confdir = work / "etc"
     confdir.mkdir()
-    (confdir / "main.cf").write_text(MAIN_CF.format(dir=work, max_size=max_size, processes=processes))
-    (confdir / "master.cf").write_text(MASTER_CF.format(port=port))
+    (confdir / "main.cf").write_text(MAIN_CF.format(dir=work, max_size=max_size, processes=processes)
+                                     + main_extra)
+    (confdir / "master.cf").write_text(MASTER_CF.format(port=port) + master_extra)
     queue = work / "queue"
     # postfix check creates the queue's subdirectories, but not the queue directory itself.
     queue.mkdir(mode=0o755)
