@@ -22,14 +22,15 @@ def dsn_of(raw: bytes) -> email.message.EmailMessage:
     return msg
 
 
-def report(msg: email.message.EmailMessage) -> tuple[dict[str, str], list[dict[str, str]]]:
+def report(msg: email.message.EmailMessage, returned: str = "text/rfc822-headers"
+           ) -> tuple[dict[str, str], list[dict[str, str]]]:
     """(per-message fields, per-recipient fields) of the message/delivery-status part."""
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
-    text, status, headers = msg.iter_parts()  # type: ignore[misc]
+    text, status, original = msg.iter_parts()  # type: ignore[misc]
     assert text.get_content_type() == "text/plain"
     assert status.get_content_type() == "message/delivery-status"
-    assert headers.get_content_type() == "text/rfc822-headers"
+    assert original.get_content_type() == returned
     # The email package parses message/delivery-status into one header block per group.
     groups = [dict(g.items()) for g in status.get_payload()]
     return groups[0], groups[1:]
@@ -110,3 +111,64 @@ def test_a_failed_message_from_the_null_sender_is_never_bounced(hub: Postfix, tm
         assert [(r["sender"], [x["state"] for x in r["recipients"]])  # type: ignore[union-attr]
                 for r in recs] == [("", ["failed"])]
         assert list((tmp_path / "mail").rglob("new/*")) == []
+
+
+# -- the DSN extension (RFC 3461) ---------------------------------------------------------------
+
+
+def test_dsn_parameters_are_honoured_in_the_bounce(hub: Postfix, tmp_path: Path) -> None:  # noqa: F811
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d, d.smtp() as s:
+        assert "DSN" in s.ehlo("client.test")[1].decode().split("\n")  # advertised
+        assert s.docmd("MAIL FROM:<dsn@example.test> RET=BODY") == \
+            (501, b"5.5.4 RET must be FULL or HDRS, once")
+        assert s.docmd("MAIL FROM:<dsn@example.test> RET=FULL ENVID=Env+2BId.1")[0] == 250
+        assert s.docmd("RCPT TO:<x@relay.test> NOTIFY=NEVER,FAILURE") == \
+            (501, b"5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE, DELAY, once")
+        assert s.docmd(f"RCPT TO:<reject@{DOMAIN}> NOTIFY=FAILURE "
+                       f"ORCPT=rfc822;Orig+2Breject@relay.test")[0] == 250
+        assert s.docmd(f"RCPT TO:<nobody@{DOMAIN}> NOTIFY=NEVER")[0] == 250
+        assert s.docmd(f"RCPT TO:<alice@{DOMAIN}> NOTIFY=SUCCESS,DELAY")[0] == 250
+        assert s.docmd("DATA")[0] == 354
+        s.send(b"Subject: full return\r\nMessage-ID: <full-1@test>\r\n\r\nthe body\r\n.\r\n")
+        assert s.getreply()[0] == 250
+        raw = local_mail(d, "dsn@example.test")
+        msg = dsn_of(raw)
+        per_message, per_rcpt = report(msg, returned="message/rfc822")
+        assert per_message["Original-Envelope-Id"] == "Env+Id.1"
+        # NOTIFY=NEVER: nobody@ is not reported; reject@ is, with its ORCPT.
+        [rcpt] = per_rcpt
+        assert rcpt["Final-Recipient"] == f"rfc822; reject@{DOMAIN}"
+        assert rcpt["Original-Recipient"] == f"rfc822; Orig+reject@{DOMAIN}"
+        # RET=FULL: the whole message, body included.
+        original = list(msg.iter_parts())[2].get_payload()[0]
+        assert original["Message-ID"] == "<full-1@test>"
+        assert original.get_payload().strip() == "the body"
+        assert b"the body" in hub.wait_for("alice", b"full-1@test")
+
+
+def test_dsn_parameters_are_passed_on_to_a_hop_that_offers_dsn(tmp_path: Path) -> None:
+    import threading
+
+    from test_smtp_relay import Recorder
+
+    rec = Recorder(dsn=True)
+    threading.Thread(target=rec.serve_forever, daemon=True).start()
+    try:
+        with running(tmp_path, relay_extra(tmp_path, rec.port)) as d, d.smtp() as s:
+            s.ehlo("client.test")
+            assert s.docmd("MAIL FROM:<s@example.org> RET=HDRS ENVID=QQ+2B1")[0] == 250
+            assert s.docmd(f"RCPT TO:<a@{DOMAIN}> NOTIFY=SUCCESS,FAILURE "
+                           f"ORCPT=rfc822;A@{DOMAIN}")[0] == 250
+            assert s.docmd(f"RCPT TO:<b@{DOMAIN}>")[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(b"Subject: on\r\n\r\nx\r\n.\r\n")
+            assert s.getreply()[0] == 250
+            wait_until(lambda: d.log.count("status=sent") == 2, "relayed")
+        assert [x for x in rec.lines if x.startswith((b"MAIL", b"RCPT"))] == [
+            b"MAIL FROM:<s@example.org> SIZE=" + str(rec.sizes[0]).encode() +
+            b" RET=HDRS ENVID=QQ+2B1",
+            f"RCPT TO:<a@{DOMAIN}> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A@{DOMAIN}".encode(),
+            f"RCPT TO:<b@{DOMAIN}>".encode()]
+    finally:
+        rec.shutdown()
+        rec.server_close()

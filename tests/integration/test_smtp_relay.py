@@ -305,9 +305,11 @@ class Recorder(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), RecorderHandler)
         self.lines: list[bytes] = []
+        self.sizes: list[int] = []  # SIZE= of each MAIL
+        self.dsn = dsn  # offer the DSN extension
         self.port = self.server_address[1]
 
 
@@ -320,8 +322,12 @@ class RecorderHandler(socketserver.StreamRequestHandler):
             self.server.lines.append(line.rstrip(b"\r\n"))
             verb = line[:4].upper()
             if verb == b"EHLO":
-                self.wfile.write(b"250-rec.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                self.wfile.write(b"250-rec.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n" +
+                                 (b"250-DSN\r\n" if self.server.dsn else b"") +
                                  b"250 SIZE 1000000\r\n")
+            elif verb == b"MAIL":
+                self.server.sizes.append(int(line.split(b"SIZE=")[1].split()[0]))
+                self.wfile.write(b"250 2.0.0 ok\r\n")
             elif verb == b"DATA":
                 self.wfile.write(b"354 go\r\n")
                 while self.rfile.readline() not in (b".\r\n", b""):

@@ -21,9 +21,10 @@ def test_status_and_remote_mta() -> None:
 
 def test_hostile_reply_text_cannot_break_the_report() -> None:
     evil = "550 5.7.1 x\r\nFinal-Recipient: rfc822; forged@x\r\n" + "y" * 5000
-    raw = build(queue_id="Q", sender="s@x.test", reporting_mta="mx.test", arrival=0, now=0,
-                failures=[Failure("a@x.test", evil, "h[1.1.1.1]:25")],
-                headers=b"Subject: s\r\n", message_id="m@mx.test")
+    head, tail = build(queue_id="Q", sender="s@x.test", reporting_mta="mx.test", arrival=0,
+                       now=0, failures=[Failure("a@x.test", evil, "h[1.1.1.1]:25")],
+                       message_id="m@mx.test")
+    raw = head + b"Subject: s\r\n" + tail
     assert max(len(line) for line in raw.split(b"\r\n")) < 998
     assert raw.count(b"\r\nFinal-Recipient:") == 1  # no field injected by the reply text
     msg = email.message_from_bytes(raw, policy=email.policy.default)

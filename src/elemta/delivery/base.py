@@ -49,6 +49,11 @@ class Envelope:
     body: Path
     size: int  # bytes of the body file
     eight_bit: bool = False  # received with BODY=8BITMIME: sent on with it where offered
+    # The DSN parameters (RFC 3461) the client gave, sent on to a server that offers DSN:
+    ret: str = ""  # MAIL RET=
+    envid: str = ""  # MAIL ENVID=
+    notify: tuple[str, ...] = ()  # RCPT NOTIFY= per recipient ("" where not given); () none
+    orcpt: tuple[str, ...] = ()  # RCPT ORCPT= per recipient, likewise
 
 
 class Transport(Protocol):

@@ -232,6 +232,14 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
     if "8BITMIME" in conn.extensions and envelope.eight_bit:
         mail += " BODY=8BITMIME"
     rcpts = [f"RCPT TO:{_address(r)}" for r in envelope.recipients]
+    if "DSN" in conn.extensions:  # RFC 3461: the next hop takes over the notifications
+        mail += (f" RET={envelope.ret}" if envelope.ret else "") + \
+            (f" ENVID={envelope.envid}" if envelope.envid else "")
+        for i, _ in enumerate(rcpts):
+            if i < len(envelope.notify) and envelope.notify[i]:
+                rcpts[i] += f" NOTIFY={envelope.notify[i]}"
+            if i < len(envelope.orcpt) and envelope.orcpt[i]:
+                rcpts[i] += f" ORCPT={envelope.orcpt[i]}"
     w = conn.writer
     if "PIPELINING" in conn.extensions:
         w.write("".join(c + "\r\n" for c in [mail, *rcpts]).encode())

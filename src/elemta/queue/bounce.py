@@ -16,8 +16,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Config
+from ..delivery.dsnparams import wants_failure_notice
 from ..store.maildir import fsync_dir, new_queue_id
 from . import dsn, policy, routing
 from .store import Meta, QueueStore, Recipient
@@ -46,6 +48,12 @@ def read_headers(path: os.PathLike[str] | str, limit: int = HEADER_LIMIT) -> byt
     return bytes(out[:cut + 2]) if cut >= 0 else b""
 
 
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def route_of(address: str, config: Config) -> str | None:
     """The transport spec of a bounce to `address`, None when none takes it."""
     d = config.delivery
@@ -68,19 +76,25 @@ class Bouncer:
         failed = [r for r in meta.recipients if r.state == policy.FAILED]
         if not failed:
             return None
+        failed = [r for r in failed if wants_failure_notice(r.notify)]
+        if not failed:
+            log.info("%s: failed recipients asked for no failure notice (NOTIFY): not bounced",
+                     meta.id)
+            return None
         if not meta.sender:
             log.info("%s: from=<>, %d recipient(s) failed: not bounced (a bounce is never "
                      "bounced); kept in failed/", meta.id, len(failed))
             return None
         now = self.clock()
         # A failed recipient whose last reply is not a 5xx was failed by maximal_queue_lifetime.
-        failures = [dsn.Failure(r.address, r.reply, r.relay, expired=not r.reply.startswith("5"))
-                    for r in failed]
+        failures = [dsn.Failure(r.address, r.reply, r.relay, expired=not r.reply.startswith("5"),
+                                orcpt=r.orcpt) for r in failed]
         qid = new_queue_id()
-        body = dsn.build(queue_id=meta.id, sender=meta.sender, reporting_mta=self.hostname,
-                         arrival=meta.created, now=now, failures=failures,
-                         headers=read_headers(self.store.body(meta.id)),
-                         message_id=f"{qid}.{int(now)}@{self.hostname}")
+        full = meta.ret == "FULL"
+        head, tail = dsn.build(queue_id=meta.id, sender=meta.sender,
+                               reporting_mta=self.hostname, arrival=meta.created, now=now,
+                               failures=failures, message_id=f"{qid}.{int(now)}@{self.hostname}",
+                               full=full, envid=meta.envid)
         spec = route_of(meta.sender, self.config())
         local, _, domain = meta.sender.rpartition("@")
         to = meta.sender
@@ -90,20 +104,34 @@ class Bouncer:
         state = "incoming"
         if spec is None:
             rcpt.reply, state = NO_ROUTE, "hold"
-        bounce = Meta(qid, "", now, len(body), [rcpt])
-        self._enqueue(bounce, body, state)
+        bounce = Meta(qid, "", now, 0, [rcpt])
+        original = self.store.body(meta.id)
+        self._enqueue(bounce, head, b"" if full else read_headers(original),
+                      original if full else None, tail, state)
         log.info("%s: sender non-delivery notification: %s%s", meta.id, qid,
                  "" if spec else f" (held: no route to <{meta.sender}>)")
         return qid
 
-    def _enqueue(self, meta: Meta, body: bytes, state: str) -> None:
-        """Body fdatasync'ed and renamed into body/, then the record: as QueueFile.commit."""
+    def _enqueue(self, meta: Meta, head: bytes, headers: bytes, full: Path | None, tail: bytes,
+                 state: str) -> None:
+        """Body (head, the original's headers or the whole original copied in 64 KiB pieces,
+        tail) fdatasync'ed and renamed into body/, then the record: as QueueFile.commit."""
         tmp = self.store.path("tmp", f"{meta.id}.{os.getpid()}.body")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
+            _write(fd, head)
+            if full is not None:
+                with open(full, "rb") as src:
+                    last = b"\r\n"
+                    while chunk := src.read(64 * 1024):
+                        _write(fd, chunk)
+                        last = chunk[-2:]
+                    if last != b"\r\n":
+                        _write(fd, b"\r\n")
+            else:
+                _write(fd, headers)
+            _write(fd, tail)
+            meta.size = os.fstat(fd).st_size
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)

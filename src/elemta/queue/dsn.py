@@ -1,10 +1,12 @@
 """Delivery status notifications (RFC 3464): the bounce message, built by a pure function.
 
 One DSN per message, listing its failed recipients: a multipart/report (RFC 6522) with a
-human-readable part, a message/delivery-status part (per-message fields, then per recipient
+human-readable part, a message/delivery-status part (per-message fields, Original-Envelope-Id
+when the client gave ENVID, then per recipient Original-Recipient when it gave ORCPT,
 Final-Recipient, Action, Status, Remote-MTA when a server answered, Diagnostic-Code,
-Last-Attempt-Date) and the original message's header section as text/rfc822-headers (what
-RET=HDRS asks for, the default). CRLF line ends, as the queue stores bodies.
+Last-Attempt-Date) and the original message: its header section as text/rfc822-headers
+(RET=HDRS, the default) or the whole of it as message/rfc822 (RET=FULL). `build` returns what
+goes before and after the original, which the caller streams in between. CRLF line ends.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import email.utils
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..delivery.dsnparams import xtext_decode
 
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
 LINE_LIMIT = 900  # a Diagnostic-Code is cut here: a line must stay below 998 octets
@@ -25,6 +29,7 @@ class Failure:
     reply: str  # the last reply as recorded: "550 5.1.1 <a@b>: User unknown"
     relay: str  # who answered: "hub.test[10.0.0.5]:25", or where we tried: "10.0.0.5:25"
     expired: bool = False  # still deferred at maximal_queue_lifetime
+    orcpt: str = ""  # the client's ORCPT= ("rfc822;" xtext), "" when not given
 
 
 def _clean(text: str) -> str:
@@ -66,9 +71,11 @@ def _human(f: Failure) -> str:
 
 
 def build(*, queue_id: str, sender: str, reporting_mta: str, arrival: float, now: float,
-          failures: Sequence[Failure], headers: bytes, message_id: str) -> bytes:
-    """The DSN sent to `sender` for `failures`; `headers` is the original header section (CRLF
-    lines, without the empty line that ends it)."""
+          failures: Sequence[Failure], message_id: str, full: bool = False,
+          envid: str = "") -> tuple[bytes, bytes]:
+    """(head, tail) of the DSN sent to `sender` for `failures`: the original goes between,
+    CRLF lines ending with CRLF (the header section without its empty line, or with `full`
+    the whole message)."""
     boundary = f"{queue_id}.{int(now)}/{reporting_mta}"
     date = email.utils.formatdate(now)
     lines = [
@@ -99,19 +106,25 @@ def build(*, queue_id: str, sender: str, reporting_mta: str, arrival: float, now
         "Content-Description: Delivery report",
         "Content-Type: message/delivery-status",
         "",
+        *([f"Original-Envelope-Id: {_clean(xtext_decode(envid))}"] if envid else []),
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Elemta-Queue-ID: {queue_id}",
         f"Arrival-Date: {email.utils.formatdate(arrival)}",
     ]
     for f in failures:
-        lines += ["", f"Final-Recipient: rfc822; {_clean(f.recipient)}", "Action: failed",
+        lines.append("")
+        if f.orcpt:
+            kind, _, addr = f.orcpt.partition(";")
+            lines.append(f"Original-Recipient: {_clean(kind)}; {_clean(xtext_decode(addr))}")
+        lines += [f"Final-Recipient: rfc822; {_clean(f.recipient)}", "Action: failed",
                   f"Status: {status_of(f)}"]
         mta = remote_mta(f.relay)
         if mta:
             lines.append(f"Remote-MTA: dns; {_clean(mta)}")
         lines += [f"Diagnostic-Code: {diagnostic(f)}", f"Last-Attempt-Date: {date}"]
-    lines += ["", f"--{boundary}", "Content-Description: Undelivered Message Headers",
-              "Content-Type: text/rfc822-headers", ""]
-    head = "\r\n".join(lines).encode("ascii") + b"\r\n"
-    original = headers if headers.endswith(b"\r\n") or not headers else headers + b"\r\n"
-    return head + original + f"\r\n--{boundary}--\r\n".encode("ascii")
+    lines += ["", f"--{boundary}"]
+    lines += (["Content-Description: Undelivered Message", "Content-Type: message/rfc822"]
+              if full else ["Content-Description: Undelivered Message Headers",
+                            "Content-Type: text/rfc822-headers"])
+    head = "\r\n".join([*lines, ""]).encode("ascii") + b"\r\n"
+    return head, f"\r\n--{boundary}--\r\n".encode("ascii")

@@ -239,8 +239,10 @@ class Manager:
         a = self.active[qid]
         try:
             rcpts = [r for r in a.meta.pending() if r.transport == spec]
-            env = Envelope(qid, a.meta.sender, tuple(r.address for r in rcpts),
-                           self.store.body(qid), a.meta.size, a.meta.eight_bit)
+            m = a.meta
+            env = Envelope(qid, m.sender, tuple(r.address for r in rcpts), self.store.body(qid),
+                           m.size, m.eight_bit, m.ret, m.envid,
+                           tuple(r.notify for r in rcpts), tuple(r.orcpt for r in rcpts))
             transport = self._transport(spec)
             started = time.monotonic()
             try:

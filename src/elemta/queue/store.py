@@ -46,6 +46,8 @@ class Recipient:
     state: str = policy.PENDING
     reply: str = ""  # the last reply, "451 4.4.1 ..." as the server sent it
     relay: str = ""
+    notify: str = ""  # RCPT NOTIFY= (RFC 3461), "" when not given
+    orcpt: str = ""  # RCPT ORCPT= as sent ("rfc822;" xtext)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Meta:
     next_attempt: float = 0.0
     seq: int = 0
     eight_bit: bool = False  # received with BODY=8BITMIME: relayed with it (issue 13)
+    ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given
+    envid: str = ""  # MAIL ENVID= (xtext)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .. import __version__
 from ..config import Config
+from ..delivery.dsnparams import MailDsn, RcptDsn, split_mail, split_rcpt
 from ..events import emit
 from ..memory.refusal import Refusal
 from ..queue.disk import DiskWatch, declared_size
@@ -169,6 +170,8 @@ class ElemtaEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.mailboxes: list[Mailbox] = []
+        self.mail_dsn = MailDsn()  # RET, ENVID
+        self.rcpt_dsn: dict[str, RcptDsn] = {}  # mailbox -> NOTIFY, ORCPT of its RCPT
 
 
 class Handler:
@@ -184,7 +187,7 @@ class Handler:
         session.host_name = hostname
         # No AUTH: elemta is an inbound MX; aiosmtpd's built-in mechanisms only ever fail.
         out = [r for r in responses if not r.startswith("250-AUTH") and r != "250 HELP"]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
         return out
 
     async def handle_MAIL(
@@ -203,6 +206,8 @@ class Handler:
             return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        if isinstance(envelope, ElemtaEnvelope):
+            envelope.mail_dsn = server.mail_dsn
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
@@ -224,6 +229,7 @@ class Handler:
                 envelope.rcpt_options.extend(options)
                 if relayed not in envelope.mailboxes:
                     envelope.mailboxes.append(relayed)
+                envelope.rcpt_dsn.setdefault(str(relayed), server.rcpt_dsn)
                 return "250 2.1.5 Recipient ok"
         if isinstance(box, str):
             return box
@@ -235,6 +241,7 @@ class Handler:
         for target in targets:  # an alias and its target named both: one copy
             if target not in envelope.mailboxes:
                 envelope.mailboxes.append(target)
+            envelope.rcpt_dsn.setdefault(str(target), server.rcpt_dsn)
         return "250 2.1.5 Recipient ok"
 
 
@@ -257,6 +264,8 @@ class ElemtaSMTP(SMTP):
         self._in_helo = False
         self._batch: list[str] | None = None
         self._deadline = 0.0  # loop time when the current command or DATA timeout expires
+        self.mail_dsn = MailDsn()  # the DSN parameters of the MAIL / RCPT being handled
+        self.rcpt_dsn = RcptDsn()
         key = (ctx.config, ctx.tls, ctx.handler)
         template = ctx.template
         if template is not None and template.fits(key):
@@ -425,6 +434,27 @@ class ElemtaSMTP(SMTP):
         finally:
             self._in_helo = False
 
+    # -- the DSN extension's parameters (RFC 3461), which aiosmtpd does not know --------------
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.mail_dsn = MailDsn()
+        if arg and self.session is not None and self.session.extended_smtp:
+            split = split_mail(arg)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            arg, self.mail_dsn = split
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.rcpt_dsn = RcptDsn()
+        if arg and self.session is not None and self.session.extended_smtp:
+            split = split_rcpt(arg)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            arg, self.rcpt_dsn = split
+        await super().smtp_RCPT(arg)
+
     async def smtp_AUTH(self, arg: str) -> None:
         # EHLO offers no AUTH (an inbound MX); aiosmtpd's own AUTH would ask for TLS first
         # and then fail every mechanism.
@@ -451,7 +481,7 @@ class ElemtaSMTP(SMTP):
                 sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
                 eight_bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
                 spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
-                                   eight_bit)
+                                   eight_bit, envelope.mail_dsn, envelope.rcpt_dsn)
             else:
                 spool = await self.ctx.store.open(
                     envelope.mailboxes, self._trace_headers(envelope, qid), qid)
