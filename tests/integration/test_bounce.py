@@ -172,3 +172,28 @@ def test_dsn_parameters_are_passed_on_to_a_hop_that_offers_dsn(tmp_path: Path) -
     finally:
         rec.shutdown()
         rec.server_close()
+
+
+def test_a_bounce_with_no_route_waits_in_hold_and_release_defers_it(
+        hub: Postfix, tmp_path: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        d.send([f"reject@{DOMAIN}"], b"Subject: x\r\n\r\nx\r\n", sender="someone@elsewhere.org")
+
+        def held() -> list[dict[str, object]]:
+            return [r for r in records(tmp_path / "queue")
+                    if (tmp_path / "queue" / "hold" / str(r["id"])).exists()]
+        wait_until(held, "the bounce held")
+        [bounce] = held()
+        [rcpt] = bounce["recipients"]  # type: ignore[misc]
+        assert bounce["sender"] == "" and rcpt["address"] == "someone@elsewhere.org"
+        assert rcpt["reply"].startswith("451 4.3.0 no route for a bounce")
+        assert "(held: no route to <someone@elsewhere.org>)" in d.log
+        out = subprocess.run([sys.executable, "-m", "elemta.cli", "queue", "release",
+                              str(bounce["id"]), "--config", str(d.config_path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out
+        wait_until(lambda: "status=deferred (451 4.3.0 no route for this recipient's domain" in
+                   d.log, "the released bounce deferred, not stuck")

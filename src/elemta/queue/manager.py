@@ -243,18 +243,26 @@ class Manager:
             env = Envelope(qid, m.sender, tuple(r.address for r in rcpts), self.store.body(qid),
                            m.size, m.eight_bit, m.ret, m.envid,
                            tuple(r.notify for r in rcpts), tuple(r.orcpt for r in rcpts))
-            transport = self._transport(spec)
             started = time.monotonic()
+            name = spec or "none"
             try:
+                # Inside: a record may name a spec that builds nothing (a held bounce with no
+                # route, released by the admin): deferred below like a transport's bug.
+                transport = self._transport(spec)
+                name = transport.name
                 results: Sequence[RecipientResult] = await transport.deliver(env)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in the transport: the queue keeps the message
-                log.exception("queue %s: transport %s raised", qid, spec)
-                results = [RecipientResult(r, Reply(451, f"4.3.0 internal error: {exc!r}"),
-                                           spec) for r in env.recipients]
+                why = f"internal error: {exc!r}"
+                if spec:
+                    log.exception("queue %s: transport %s raised", qid, spec)
+                else:
+                    why = "no route for this recipient's domain (queue/bounce.py)"
+                results = [RecipientResult(r, Reply(451, f"4.3.0 {why}"), spec)
+                           for r in env.recipients]
             seconds = time.monotonic() - started
-            self._record(a, spec, transport.name, rcpts, results, seconds)
+            self._record(a, spec, name, rcpts, results, seconds)
         finally:
             self.running -= 1
             self._by_dest[spec] -= 1
