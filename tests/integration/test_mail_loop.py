@@ -65,7 +65,8 @@ def test_two_relays_pointing_at_each_other_stop_the_loop(tmp_path: Path) -> None
 
     with running(tmp_path / "a.test", extra(b_port, "a.test")) as a, \
             running(tmp_path / "b.test", extra(a.port, "b.test", listen=b_port)) as b:
-        a.send(["someone@loop.test"], b"Subject: round and round\r\n\r\nx\r\n")
+        a.send(["someone@loop.test"], b"Subject: round and round\r\n\r\nx\r\n",
+               sender="me@example.test")
         wait_until(lambda: "5.4.6" in a.log + b.log, "the loop is stopped", timeout=120)
         both = a.log + b.log
         assert both.count("dsn=2.0.0, status=sent") == 50, "50 relays, then the refusal"
@@ -74,5 +75,10 @@ def test_two_relays_pointing_at_each_other_stop_the_loop(tmp_path: Path) -> None
         def left() -> list[list[object]]:
             return [[x["state"] for x in r["recipients"]]  # type: ignore[attr-defined]
                     for q in ("a.test", "b.test") for r in records(tmp_path / q / "queue")]
-        # The message is nowhere but in one failed/ record: no copy goes round any more.
+        # The message is nowhere but in one failed/ record: no copy goes round any more; the
+        # sender (local on both) got the bounce saying why.
         wait_until(lambda: left() == [["failed"]], "one failed record left")
+        wait_until(lambda: a.delivered("me@example.test") or b.delivered("me@example.test"),
+                   "the bounce delivered")
+        [dsn] = a.delivered("me@example.test") + b.delivered("me@example.test")
+        assert b"Status: 5.4.6" in dsn.read_bytes()

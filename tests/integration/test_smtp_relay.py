@@ -293,7 +293,8 @@ def test_a_message_above_the_hops_size_fails_before_mail(tmp_path: Path) -> None
         assert "dsn=5.3.4, status=bounced (552 5.3.4 message size " in edge.log
         assert "exceeds size limit 2048 of the server)" in edge.log
         assert "MAIL FROM" not in hop.log and hop.delivered(at("alice")) == []
-        assert set(states(tmp_path / "edge" / "queue").values()) == {"failed"}
+        wait_until(lambda: states(tmp_path / "edge" / "queue").get(at("alice")) == "failed",
+                   "the failure recorded")
 
 
 # -- what goes over the wire (a tiny recording server: the one edge case Postfix cannot show) --

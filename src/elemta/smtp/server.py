@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from .. import __version__
 from ..config import Config
@@ -435,6 +435,8 @@ class ElemtaSMTP(SMTP):
             self._in_helo = False
 
     # -- the DSN extension's parameters (RFC 3461), which aiosmtpd does not know --------------
+    # aiosmtpd's HELP lists (and explains) only commands carrying its syntax decoration.
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.mail_dsn = MailDsn()
         if arg and self.session is not None and self.session.extended_smtp:
@@ -445,6 +447,7 @@ class ElemtaSMTP(SMTP):
             arg, self.mail_dsn = split
         await super().smtp_MAIL(arg)
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.rcpt_dsn = RcptDsn()
         if arg and self.session is not None and self.session.extended_smtp:
