@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,17 @@ def elemta(extra: str = "", name: str = "elemta") -> Server:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
+    server = popen_server(name, d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
+    server.settle = partial(_queue_settle, work / "var" / "queue")  # [delivery] queue_dir
+    return server
+
+
+def _queue_settle(queue: Path, timeout: float = 120) -> None:
+    """With a queued transport: returns once elemta's queue holds nothing due."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (any((queue / "incoming").glob("*"))
+                                           or any(queue.glob("deferred/*/*"))):
+        time.sleep(0.02)
 
 
 def aiosmtpd_sink() -> Server:

@@ -38,12 +38,13 @@ LIMIT = 256 * MiB
 BALLAST = r"""
 import sys, time
 from pathlib import Path
+from elemta.memory.cgroup import parse_keyed, reclaimable_file
 cg, cross, hold = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 limit = int((cg / "memory.limit_in_bytes").read_text())
 def ws():
     usage = int((cg / "memory.usage_in_bytes").read_text())
-    stat = dict(l.split() for l in (cg / "memory.stat").read_text().splitlines())
-    return usage - int(stat["total_inactive_file"])
+    stat = parse_keyed((cg / "memory.stat").read_text())
+    return usage - reclaimable_file(stat, 1)
 held, crossed = [], None
 while ws() < hold * limit:
     held.append(b"\x01" * (1 << 20))

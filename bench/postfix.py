@@ -3,7 +3,7 @@
 The durable instance lives entirely in a temp dir (its own config, queue and data
 directories), listens on one free 127.0.0.1 port, queues every message the way Postfix
 always does (cleanup fsyncs the queue file before smtpd answers 250) and then hands it to
-the discard transport. It never touches /etc/postfix or a port 25 instance: every postfix
+the discard transport (or, for bench/e2e.py, to its lmtp transport). It never touches /etc/postfix or a port 25 instance: every postfix
 command gets `-c <temp dir>`, and nothing in it listens anywhere else.
 """
 
@@ -40,6 +40,7 @@ showq     unix n - n - - showq
 error     unix - - n - - error
 retry     unix - - n - - error
 discard   unix - - n - - discard
+lmtp      unix - - n - - lmtp
 anvil     unix - - n - 1 anvil
 scache    unix - - n - 1 scache
 """
@@ -64,9 +65,9 @@ mydestination = example.test
 local_recipient_maps =
 alias_maps =
 alias_database =
-local_transport = discard:
-default_transport = discard:
-relay_transport = discard:
+local_transport = {transport}
+default_transport = {transport}
+relay_transport = {transport}
 message_size_limit = {max_size}
 mailbox_size_limit = 0
 virtual_mailbox_limit = 0
@@ -116,11 +117,12 @@ def _queued(queue: Path) -> int:
                for _, _, files in os.walk(queue / sub))
 
 
-def durable(processes: int = 1200, max_size: int = 200 * MiB, main_extra: str = "",
-            master_extra: str = "") -> Server:
-    """A throwaway Postfix on a free loopback port that queues (fsync) and then discards;
+def durable(processes: int = 1200, max_size: int = 200 * MiB, transport: str = "discard:",
+            name: str = "postfix", main_extra: str = "", master_extra: str = "") -> Server:
+    """A throwaway Postfix on a free loopback port that queues (fsync) and then discards, or
+    hands every message to `transport` (e.g. "lmtp:inet:127.0.0.1:PORT": bench/e2e.py);
     `main_extra` / `master_extra` lines are appended (later main.cf lines win: bench/relay.py
-    makes it relay instead)."""
+    makes it relay)."""
     base = Path(os.environ.get("ELEMTA_BENCH_DIR", "/var/tmp"))
     work = Path(tempfile.mkdtemp(prefix="elemta-bench-postfix-", dir=base))
     # The queue is owned by root with postfix-owned subdirs; `postfix start` creates them,
@@ -129,8 +131,8 @@ def durable(processes: int = 1200, max_size: int = 200 * MiB, main_extra: str = 
     port = free_port()
     confdir = work / "etc"
     confdir.mkdir()
-    (confdir / "main.cf").write_text(MAIN_CF.format(dir=work, max_size=max_size, processes=processes)
-                                     + main_extra)
+    (confdir / "main.cf").write_text(MAIN_CF.format(dir=work, max_size=max_size, processes=processes,
+                                                    transport=transport) + main_extra)
     (confdir / "master.cf").write_text(MASTER_CF.format(port=port) + master_extra)
     queue = work / "queue"
     # postfix check creates the queue's subdirectories, but not the queue directory itself.
@@ -170,7 +172,7 @@ def durable(processes: int = 1200, max_size: int = 200 * MiB, main_extra: str = 
         while time.monotonic() < deadline and any(_comm(p) == "smtpd" for p in tree_pids(pid)):
             time.sleep(0.05)
 
-    return Server("postfix", port, pid, stop, settle, shed_idle)
+    return Server(name, port, pid, stop, settle, shed_idle)
 
 
 def _comm(pid: int) -> str:

@@ -21,6 +21,9 @@ Before the main table, bench/datapath.py prints its own two tables (--no-datapat
 them): CPU per MiB of DATA, elemta's chunked decoder beside aiosmtpd's line loop, in-process
 and between real servers.
 
+After them, bench/e2e.py's end-to-end table (--no-e2e skips it): 10 KiB messages received by
+SMTP and delivered over LMTP into one real Dovecot, elemta beside Postfix's lmtp transport.
+
 Governor rows come from bench/governor.py when it exists: it should define
     bench_rows(rounds: int, quick: bool) -> list[tuple[str, str]]
 returning (row label, printed figure) pairs; they are added under the first elemta column.
@@ -43,6 +46,7 @@ from functools import partial
 from pathlib import Path
 
 import datapath
+import e2e
 import postfix
 from common import Server, aiosmtpd_sink, elemta, median, table
 from freshfs import spool_on_fresh_fs
@@ -174,6 +178,9 @@ def main() -> None:
                     help="run only these servers (column names); repeatable")
     ap.add_argument("--no-governor", action="store_true", help="skip the governor rows")
     ap.add_argument("--no-datapath", action="store_true", help="skip bench/datapath.py's tables")
+    ap.add_argument("--no-e2e", action="store_true", help="skip bench/e2e.py's LMTP table")
+    ap.add_argument("--e2e-messages", type=int, help="messages per end-to-end round (default "
+                    "2000, --quick 300)")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     sizes = Sizes(big_mib=args.big_mib)
@@ -237,6 +244,9 @@ def main() -> None:
           f"{sizes.big_messages} x 1 MiB, {sizes.idle} idle sessions; CPU and memory summed over each "
           f"server's process tree; {os.cpu_count()} CPUs; {time.monotonic() - t_start:.0f} s")
     print(table(rows))
+    if not args.no_e2e:
+        print()
+        e2e.run(rounds, args.e2e_messages or (300 if args.quick else 2000))
 
 
 if __name__ == "__main__":

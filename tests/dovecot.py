@@ -80,8 +80,10 @@ service lmtp {
 }
 """
 
-# Dovecot 2.4 (Debian 13) renamed most of the above. NOT verified here (bookworm has 2.3); a
-# failure to start shows Dovecot's own reason on stderr.
+# Dovecot 2.4 (Debian 13) renamed most of the above. Checked with trixie's 2.4.1-4 in a chroot
+# (LHLO, 250 per recipient, 550 5.1.1 unknown, 552 5.2.2 over quota, files in mail/<user>/new):
+# without mail_inbox_path the INBOX was mail/<user>/.INBOX/, and the default
+# quota_storage_grace of 10 MiB let carol's 3 KB message through her 1 KiB quota.
 CONFIG_24 = """\
 dovecot_config_version = 2.4.0
 dovecot_storage_version = 2.4.0
@@ -96,7 +98,7 @@ mail_gid = mail
 first_valid_uid = 8
 mail_driver = maildir
 mail_path = @DIR@/mail/%{user}
-mail_inbox_path =
+mail_inbox_path = @DIR@/mail/%{user}
 stats_writer_socket_path =
 @EXTRA@
 mail_plugins {
@@ -104,6 +106,7 @@ mail_plugins {
 }
 quota "User quota" {
   driver = count
+  quota_storage_grace = 0
 }
 passdb passwd-file {
   passwd_file_path = @DIR@/users

@@ -28,6 +28,8 @@ from typing import NoReturn
 
 import pytest
 
+from elemta.memory.cgroup import parse_keyed, reclaimable_file
+
 MiB = 1024 * 1024
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")  # the unified hierarchy on a pure v2 host
@@ -50,6 +52,12 @@ class MemoryCgroup:
     @property
     def procs(self) -> Path:
         return self.path / "cgroup.procs"
+
+    def working_set(self) -> int:
+        """Usage minus the clean page cache, the figure elemta reads (its own definition)."""
+        usage = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        stat = parse_keyed((self.path / "memory.stat").read_text())
+        return int((self.path / usage).read_text()) - reclaimable_file(stat, self.version)
 
     def limit(self) -> int:
         name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
@@ -75,16 +83,18 @@ class MemoryCgroup:
 # Allocates (and touches) memory in the cgroup given as argv[1] (version argv[2]) until its
 # working set passes argv[3] (a fraction of the limit), prints "ready", and keeps it there until
 # stdin closes: the kernel deactivates and reclaims the cgroup's file pages under the limit, and
-# the working set (usage - inactive_file) would sink below the target, so it tops up.
+# the working set (usage - clean page cache, as elemta counts it) would sink below the target,
+# so it tops up.
 BALLAST = r"""
 import select, sys
 from pathlib import Path
+from elemta.memory.cgroup import parse_keyed, reclaimable_file
 cg, v1, target = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
 limit = int((cg / ("memory.limit_in_bytes" if v1 else "memory.max")).read_text())
 def ws():
     usage = int((cg / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
-    stat = dict(l.split() for l in (cg / "memory.stat").read_text().splitlines())
-    return usage - int(stat["total_inactive_file" if v1 else "inactive_file"])
+    stat = parse_keyed((cg / "memory.stat").read_text())
+    return usage - reclaimable_file(stat, 1 if v1 else 2)
 held = []
 def fill():
     while ws() < target * limit:

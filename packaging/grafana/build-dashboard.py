@@ -39,7 +39,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
             (f"elemta_cgroup_memory_working_set_bytes{{{SEL}}}", "working set"),
             (f"elemta_cgroup_memory_current_bytes{{{SEL}}}", "current (with page cache)"),
             (f"elemta_cgroup_memory_max_bytes{{{SEL}}}", "limit"),
-        ], 8, "memory.current minus inactive file cache, against the lowest limit up to "
+        ], 8, "memory.current minus clean page cache, against the lowest limit up to "
               "the root."),
         ("Memory pressure (PSI)", "percent", [
             (f"elemta_memory_pressure_some_avg10{{{SEL}}}", "some avg10"),

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from .config import Config
+from .config import SESSION_BUFFERS, Config
 from .memory.governor import REFRESH_AFTER, Effective, effective
 from .memory.sampler import Sample, Sampler
 from .memory.snapshot import LimitSource, TermFigures
@@ -23,10 +23,6 @@ from .units import format_size
 
 # The guide's "Plan Capacity: physical RAM > max_memory_usage * 1.5".
 RAM_FACTOR = 1.5
-# What one session in DATA holds by elemta's own choice (a 256 KiB socket read, the 64 KiB spool
-# buffer, a line): config.MIN_SESSION_MEMORY explains it. More only when a client makes elemta
-# hold it, which per_connection_memory_limit caps with 552.
-SESSION_BUFFERS = 330 * 1024
 # Measured: one process received 244 one-MiB messages/s on the 2-CPU test VM (README, make
 # bench); the fastest a burst can arrive, per worker process.
 INGEST_BYTES_PER_SECOND = 244 * 1024 * 1024

@@ -27,10 +27,14 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 INT64_MAX = 2**63 - 1
 # The smallest per_connection_memory_limit: above the buffers every session in DATA holds by
-# elemta's own choice (asyncio reads up to 256 KiB per recv, StreamReader pauses reading only
+# elemta's own choice (elemta reads 64 KiB per recv, StreamReader pauses reading only
 # past 2 x its 1001-byte limit, the spool keeps 64 KiB before its first write, the decoder one
 # partial line), so that 552 5.3.4 only ever answers memory the client made us hold.
 MIN_SESSION_MEMORY = 512 * 1024
+# What one session in DATA typically holds by elemta's own choice (64 KiB socket reads and their
+# copies, the 64 KiB spool buffer, a line), as measured under a flood: what the governor reserves
+# for each session entering DATA and what check-config's capacity figures multiply.
+SESSION_BUFFERS = 330 * 1024
 
 
 class ConfigError(Exception):
@@ -142,8 +146,8 @@ class MemoryConfig:
     max_memory_usage: int = _f(2 * GiB, "size", "Total memory budget of the daemon", minimum=1 * MiB)
     per_connection_memory_limit: int = _f(
         52428800, "size", "In-memory bytes one session may hold", minimum=MIN_SESSION_MEMORY,
-        why="a session in DATA holds up to ~330 KiB of buffers elemta itself sizes (one 256 KiB "
-            "socket read, the 64 KiB spool buffer, a line); a lower budget would answer 552 "
+        why="a session in DATA holds up to ~330 KiB of buffers elemta itself sizes (64 KiB socket "
+            "reads and their copies, the 64 KiB spool buffer, a line); a lower budget would answer 552 "
             "5.3.4 to mail that fits",
     )
     memory_warning_threshold: float = _f(0.75, "fraction", "Log a warning above this utilization")
@@ -548,9 +552,6 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
             problems.append(f"{where('delivery', 'smtp_tls')}: \"none\", but relay_auth_file "
                             "is set: credentials are sent only inside TLS (use \"may\" or "
                             "\"encrypt\")")
-        if routing.any_queued(d.transport, d.all_routes()) and cfg.server.workers != 1:
-            problems.append(f"{where('server', 'workers')}: a queued [delivery] transport runs "
-                            "with workers = 1 only (for now)")
         if d.maximal_backoff_time < d.minimal_backoff_time:
             problems.append(f"{where('delivery', 'maximal_backoff_time')}: "
                             f"{d.maximal_backoff_time:g}s is below minimal_backoff_time "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,12 +26,11 @@ from .observe.systemd import SystemdNotifier
 from .queue import routing
 from .queue import transports as queue_transports
 from .queue.admin import QueueAdmin
-from .queue.bounce import Bouncer
 from .queue.disk import DiskWatch
 from .queue.intake import QueueIntake
 from .queue.manager import Manager
 from .queue.store import QueueStore
-from .reload import log_rejected, reload_config, reload_recipients
+from .reload import Reloads, log_rejected, read_recipients, reload_config, reload_recipients
 from .sessionboard import SessionBoard
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
@@ -94,6 +94,11 @@ class WorkerRole:
     report_fd: int  # write end of the pipe the supervisor reads reports from
     shape: Callable[[Config], Config]  # the worker's share of the caps, also after a reload
     board: SessionBoard  # every worker's open sessions: max_connections is daemon-wide
+    queue_fd: int = -1  # the supervisor's queue eventfd: a write wakes its delivery manager
+
+    def wake_queue(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # the counter is full: it is awake anyway
+            os.eventfd_write(self.queue_fd, 1)
 
 
 @dataclass
@@ -131,19 +136,19 @@ class Daemon:
         mail_dirs = [Path(d.maildir_root)]
         if routing.any_queued(d.transport, d.all_routes()):
             mail_dirs.append(Path(d.queue_dir))
-            qstore = QueueStore(Path(d.queue_dir))
-            auth = runtime.relay_auth(d.relay_auth_file)
-            self.queue = Manager(self.config, qstore,
-                                 lambda spec: queue_transports.build(
-                                     spec, store, d.destination_concurrency, d, auth),
-                                 self.governor.delivery_concurrency, store.executor,
-                                 observer=self.observe.delivery,
-                                 bounce=Bouncer(qstore, lambda: self.config, store.hostname))
-            ctx.queue = QueueIntake(qstore, store.executor, wake=self.queue.wake)
-            self.observe.queue = self.queue.stats
+            if self.worker is None:
+                self.queue = queue_transports.manager(self.config, store,
+                                                      self.governor.delivery_concurrency,
+                                                      self.observe.delivery)
+                ctx.queue = QueueIntake(self.queue.store, store.executor, wake=self.queue.wake)
+                self.observe.queue = self.queue.stats
+            else:  # the supervisor delivers (supervisor.py): wake it
+                ctx.queue = QueueIntake(QueueStore(Path(d.queue_dir)), store.executor,
+                                        wake=self.worker.wake_queue)
         ctx.disk = DiskWatch(mail_dirs, store.executor)
         self.systemd = SystemdNotifier(lambda: len(self.ctx.sessions),
                                        self.config.memory.monitoring_interval)
+        self.reloads = Reloads(self.systemd, self._apply_reload)
 
     async def start(self) -> None:
         raise_fd_limit()
@@ -166,7 +171,7 @@ class Daemon:
         # Handlers before the first "SMTP listening" line: whoever saw it may signal us at once.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reloads.signalled)
         # A worker starts with SIGHUP blocked (supervisor._spawn): one that came meanwhile is
         # delivered now, to the handler, and the worker reloads.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
@@ -200,22 +205,25 @@ class Daemon:
                 return
             await asyncio.sleep(REPORT_EVERY)
 
-    def reload(self) -> None:
-        """SIGHUP: RELOADING=1, re-read the file (a broken one keeps the old config), READY=1."""
-        self.systemd.reloading()
-        outcome = reload_config(self.config, self.worker.shape if self.worker else lambda c: c)
+    async def _apply_reload(self) -> None:
+        """Re-read the file (a broken one keeps the old config) and the recipient maps."""
+        loop = asyncio.get_running_loop()
+        shape = self.worker.shape if self.worker else lambda c: c
+        outcome = await loop.run_in_executor(None, reload_config, self.config, shape)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
             new = outcome.config
+            loaded = await loop.run_in_executor(None, read_recipients, new.delivery)
             self.config = self.ctx.config = new
             self.governor.reconfigure(new)
             if self.queue is not None:
                 self.queue.config = new
-            elif routing.any_queued(new.delivery.transport, new.delivery.all_routes()):
+            elif self.ctx.queue is None and routing.any_queued(new.delivery.transport,
+                                                               new.delivery.all_routes()):
                 log.warning("[delivery] now names a queued transport, but this daemon started "
                             "without a queue: restart it; until then mail goes to maildir_root")
-            reload_recipients(self.ctx.recipients, new.delivery, self.ctx.store.root,
+            reload_recipients(self.ctx.recipients, new.delivery, loaded, self.ctx.store.root,
                               self.ctx.store.executor)
             self.observe.reconfigure(new)
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
@@ -225,7 +233,6 @@ class Daemon:
             if outcome.needs_restart:
                 log.warning("changed keys that take effect only after a restart: %s",
                             ", ".join(outcome.needs_restart))
-        self.systemd.reloaded()
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self._stop.is_set():
@@ -268,6 +275,7 @@ class Daemon:
             await self.queue.stop(QUEUE_STOP_TIMEOUT)
         if self.ctx.disk is not None:
             await self.ctx.disk.stop()
+        await self.reloads.cancel()
         await self.governor.stop()
         await self.ctx.recipients.close()
         await self.systemd.close()

@@ -355,7 +355,11 @@ class Recipients:
 
     def reload(self, delivery: DeliveryConfig) -> None:
         """Re-read the map files (SIGHUP); on OSError/MapError the current maps stay."""
-        self.map = load_map(delivery.recipients, delivery.aliases, delivery.domains)
+        self.install(load_map(delivery.recipients, delivery.aliases, delivery.domains), delivery)
+
+    def install(self, rmap: RecipientMap, delivery: DeliveryConfig) -> None:
+        """Put maps read elsewhere (off the event loop) in force."""
+        self.map = rmap
         self._set_probe(delivery)
         self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
         if self.probe is not None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config, mailboxes, runtime
 from .events import emit
-from .recipients import MapError, Recipients
+from .recipients import MapError, RecipientMap, Recipients, load_map
+
+if TYPE_CHECKING:
+    from .observe.systemd import SystemdNotifier
 
 log = logging.getLogger("elemta.reload")
 
@@ -102,17 +107,58 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
          config_path=outcome.path, result="rejected")
 
 
-def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig, root: Path,
-                      executor: Executor) -> None:
-    """SIGHUP: re-read the recipient map and aliases (even when their paths did not change).
-
-    config.load has just parsed both files; a failure here means they changed in between, and
-    the maps in force stay. Postmaster mailboxes of newly added domains are made off the loop.
-    """
+def read_recipients(delivery: config.DeliveryConfig) -> RecipientMap | Exception:
+    """SIGHUP, off the event loop: re-read the recipient map and aliases (even when their paths
+    did not change). config.load has just parsed both files; a failure here means they changed
+    in between."""
     try:
-        recipients.reload(delivery)
+        return load_map(delivery.recipients, delivery.aliases, delivery.domains)
     except (OSError, MapError, UnicodeDecodeError) as exc:
-        log.error("recipient map not re-read, the previous one stays: %s", exc)
+        return exc
+
+
+def reload_recipients(recipients: Recipients, delivery: config.DeliveryConfig,
+                      loaded: RecipientMap | Exception, root: Path, executor: Executor) -> None:
+    """Put the maps read_recipients read in force; after a failure the maps in force stay.
+    Postmaster mailboxes of newly added domains are made off the loop."""
+    if isinstance(loaded, Exception):
+        log.error("recipient map not re-read, the previous one stays: %s", loaded)
     else:
+        recipients.install(loaded, delivery)
         log.info("recipient map re-read: %s", recipients.map.description)
     executor.submit(mailboxes.ensure_postmasters, root, delivery.domains)
+
+
+class Reloads:
+    """SIGHUP, for the daemon and the supervisor: each signal starts one reload task; they run
+    one after another, in the order signalled, with RELOADING=1 / READY=1 around each.
+
+    `apply` reads and parses the files on an executor thread (reload_config and
+    read_recipients do I/O and, for a large recipient map, seconds of parsing); the event
+    loop goes on serving meanwhile.
+    """
+
+    def __init__(self, systemd: SystemdNotifier, apply: Callable[[], Awaitable[None]]) -> None:
+        self._systemd = systemd
+        self._apply = apply
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def signalled(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(), name="elemta-reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        async with self._lock:
+            self._systemd.reloading()
+            try:
+                await self._apply()
+            finally:
+                self._systemd.reloaded()
+
+    async def cancel(self) -> None:
+        """At stop: a reload still parsing its files is moot."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -37,11 +37,13 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .cpus import worker_cpu
 from .observe.heap import ASK, HeapProfiler, WorkerHeaps, answer_request
+from .reload import Reloads
 from .runtime import hostname, worker_count
 from .sessionboard import SessionBoard
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .queue.manager import Manager
 
 log = logging.getLogger("elemta.supervisor")
 
@@ -150,12 +152,38 @@ class Supervisor:
         self.systemd = SystemdNotifier(self.board.total,
                                        config.memory.monitoring_interval,
                                        healthy=lambda: not self.stalled())
+        self.reloads = Reloads(self.systemd, self._apply_reload)
+        self.queue, self.queue_fd = self._queue_manager(config)
         # /debug/pprof/heap: the workers profile themselves and answer through this directory.
         self.heap_dir: Path | None = None
         if self.observe.profiler is not None:
             self.heap_dir = runtime_dir("heap-")
             self.observe.profiler = WorkerHeaps(self.heap_dir, lambda: [
                 (s.index, s.pid) for s in list(self.slots) if s.pid and s.ready])
+
+    def _queue_manager(self, config: Config) -> tuple[Manager | None, int]:
+        """With a queued transport the supervisor runs the one delivery manager: workers put
+        mail into incoming/ and wake it through an eventfd every worker inherits. One process
+        schedules, so no record is delivered by two at once (a worker that froze, was killed and
+        replaced never held any), and delivery runs beside the workers' SMTP loops, not in them."""
+        from .queue import routing
+        from .queue import transports as queue_transports
+        from .store.maildir import Maildir
+
+        d = config.delivery
+        if not routing.any_queued(d.transport, d.all_routes()):
+            return None, -1
+        maildir = Maildir(Path(d.maildir_root), hostname(config.server))
+        manager = queue_transports.manager(config, maildir, self.governor.delivery_concurrency,
+                                           self.observe.delivery)
+        self.observe.queue = manager.stats
+        return manager, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def _queue_woken(self) -> None:
+        assert self.queue is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.queue_fd)
+        self.queue.wake()
 
     # -- what the reporting surfaces read (also from the HTTP thread) -----------------------
     def _sum(self, key: str) -> int:
@@ -181,12 +209,19 @@ class Supervisor:
         clean_tmp(Maildir(Path(self.config.delivery.maildir_root), hostname(self.config.server)))
         self.governor.start()
         self.observe.start(self.governor, lambda: self.stopping, sock=self.api_sock)
+        if self.queue is not None:  # before the workers: its directories exist when they write
+            from .queue.admin import QueueAdmin
+
+            await self.queue.start()
+            loop.add_reader(self.queue_fd, self._queue_woken)
+            if self.observe.server is not None:
+                self.observe.server.app.queue = QueueAdmin(self.queue, loop)
         log.info("supervisor (pid %d) starting %d workers", os.getpid(), self.n)
         for slot in self.slots:
             self._spawn(slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reloads.signalled)
         watch = loop.create_task(self._watch(), name="elemta-supervisor-watch")
         while not self.stopping and not all(s.ready for s in self.slots):
             await asyncio.sleep(0.05)
@@ -195,6 +230,13 @@ class Supervisor:
             await self.systemd.ready(self.governor)
         await self._stop.wait()
         await self._drain()
+        await self.reloads.cancel()
+        if self.queue is not None:  # after the workers: it delivers what they took in last
+            from .daemon import QUEUE_STOP_TIMEOUT
+
+            await self.queue.stop(QUEUE_STOP_TIMEOUT)
+            loop.remove_reader(self.queue_fd)
+            os.close(self.queue_fd)
         watch.cancel()
         await self.governor.stop()
         await self.systemd.close()
@@ -226,7 +268,7 @@ class Supervisor:
                 self._become_worker(slot.index)
                 n = self.n
                 role = WorkerRole(slot.index, os.getppid(), w, lambda c: share(c, n),
-                                  self.board)
+                                  self.board, self.queue_fd)
                 daemon = Daemon(share(self.config, n), inherited_smtp=self.socks, worker=role)
                 asyncio.run(self._serve_worker(daemon, slot.index))
                 code = 0
@@ -268,6 +310,8 @@ class Supervisor:
                 s.fd = -1
         if self.observe.server is not None:
             os.close(self.observe.server.fileno())
+        if self.queue is not None:
+            self.queue.forget_lock()
         _die_with_parent()
         for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(var, None)  # only the supervisor talks to systemd
@@ -382,23 +426,26 @@ class Supervisor:
                 _kill(slot.pid, sig)
         self._stop.set()
 
-    def reload(self) -> None:
+    async def _apply_reload(self) -> None:
+        """Validate the file off the loop (it may name a large recipient map); when it is good,
+        apply what the supervisor runs and forward SIGHUP to the workers, which reload too."""
         from .reload import log_rejected, reload_config
 
-        self.systemd.reloading()
-        outcome = reload_config(self.config)
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(None, reload_config, self.config)
         if outcome.config is None:
             log_rejected(log, outcome)
         else:
             self.config = outcome.config
             self.governor.reconfigure(outcome.config)
             self.observe.reconfigure(outcome.config)
+            if self.queue is not None:
+                self.queue.config = outcome.config
             logging.getLogger("elemta").setLevel(outcome.config.logging.level.upper())
             log.info("configuration valid: forwarding SIGHUP to %d workers", self.n)
             for slot in self.slots:
                 if slot.pid:
                     _kill(slot.pid, signal.SIGHUP)
-        self.systemd.reloaded()
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.server.drain_timeout + STOP_MARGIN

@@ -20,7 +20,7 @@ import pytest
 
 from daemon import Daemon, running
 from httpclient import get, metric_values
-from realcgroup import MemoryCgroup, join, memory_cgroup
+from realcgroup import join, memory_cgroup
 
 MiB = 1024 * 1024
 
@@ -46,15 +46,6 @@ def tree(pid: int) -> list[int]:
 def pss(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-
-
-def working_set(cg: MemoryCgroup) -> int:
-    """usage - inactive file pages, the figure elemta reads (v1 or v2 file names)."""
-    stat = dict(line.split() for line in (cg.path / "memory.stat").read_text().splitlines())
-    if cg.version == 1:
-        usage = int((cg.path / "memory.usage_in_bytes").read_text())
-        return usage - int(stat["total_inactive_file"])
-    return int((cg.path / "memory.current").read_text()) - int(stat["inactive_file"])
 
 
 def settled_stats(d: Daemon, processes: int) -> dict[str, object]:
@@ -181,7 +172,7 @@ def test_four_workers_in_their_own_cgroup_count_shared_pages_once(tmp_path: Path
             tmp_path / "d", '[server]\nworkers = 4\n[memory]\nmonitoring_interval = "200ms"\n',
             preexec_fn=join(cg)) as d:
         stats = settled_stats(d, 5)
-        ws = working_set(cg)
+        ws = cg.working_set()
         procs = tree(d.proc.pid)
         assert sorted(int(p) for p in cg.procs.read_text().split()) == sorted(procs)
         mem = stats["memory"]

@@ -6,10 +6,12 @@ listens on the configured port) with the reason recorded; kill -9 during a burst
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import smtplib
 import threading
+import time
 from pathlib import Path
 
 from daemon import Daemon, free_port, running, wait_until
@@ -150,3 +152,29 @@ def test_a_stuck_queue_is_a_health_warning_not_unhealthy(tmp_path: Path) -> None
         # The oldest message's age or the transport deferring everything: whichever comes first.
         assert any(r.startswith("queue stuck: ") for r in h.json()["reasons"]), h.json()
         assert d.send([LOCAL]) == {}  # intake goes on
+
+
+def test_an_orphan_body_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
+    """A crash between the body's rename and the record's leaves body/<id> with no record (and
+    the record's temp file): removed at the next start once it is older than any commit in
+    flight could be. A body that has a record, and a fresh one, stay."""
+    q = tmp_path / "queue"
+    with running(tmp_path, queue_extra(tmp_path)) as d:
+        d.send([REMOTE], b"Message-ID: <kept@test>\r\n\r\nwaits for LMTP\r\n")
+        wait_until(lambda: list(q.glob("deferred/*/*")), "deferred")
+        d.stop(signal.SIGKILL)
+        (kept,) = [p.name for p in q.glob("deferred/*/*")]
+        # As the crash leaves it (a worker killed right after QueueFile.commit's first rename).
+        hour_ago = time.time() - 3700
+        orphan, fresh = q / "body" / "0000000000AA", q / "body" / "0000000000BB"
+        for body in (orphan, fresh):
+            body.write_bytes(b"Subject: lost\r\n\r\nnever acknowledged\r\n")
+        (q / "tmp" / f"0000000000AA.{d.proc.pid}.meta").write_bytes(b"{")
+        os.utime(orphan, (hour_ago, hour_ago))
+        os.utime(q / "body" / kept, (hour_ago, hour_ago))  # queued long ago, still waiting
+        d.restart()
+        wait_until(lambda: not orphan.exists(), "the orphan body removed")
+        d.wait_for_log("removed 1 body file(s) without a record")
+        assert fresh.exists() and (q / "body" / kept).exists()
+        assert not list(q.glob("tmp/*"))
+        assert set(records(q)) == {kept}

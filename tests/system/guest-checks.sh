@@ -439,7 +439,8 @@ if [ -d "$IO/src/tests" ]; then
     (cd /tmp/elemta-src && ELEMTA_REQUIRE_REAL_CGROUP=1 systemd-run --scope --quiet -p Delegate=yes -- \
         python3 -m pytest -p no:cacheprovider -q -rA -k "real_cgroup or own_cgroup" \
         tests/integration/test_governor.py tests/resilience/test_memory_flood.py \
-        tests/integration/test_memory_figures_daemon.py) >"$IO/pytest-cgroup.log" 2>&1
+        tests/integration/test_memory_figures_daemon.py tests/integration/test_cgroup_working_set.py) \
+        >"$IO/pytest-cgroup.log" 2>&1
     rc=$?
     summary=$(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$IO/pytest-cgroup.log" | tail -1 | tr -d '=')
     names=$(grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL)' "$IO/pytest-cgroup.log" | sed 's/ - .*//' | sed 's/.*:://' | tr '\n' ' ')

@@ -39,20 +39,30 @@ def proc(root: Path, cgroup: str, mountinfo: str, rss: int = 40 * MiB,
           "full avg10=0.25 avg60=0.00 avg300=0.00 total=678\n")
 
 
-def v1_group(d: Path, usage: int, limit: str, inactive: int, hier: str | None = None) -> None:
+# `clean` is the page cache the kernel can drop (elemta's reclaimable_file): the stat files add
+# dirty, writeback, shmem and mapped pages on top of it, which are not reclaimable, and put the
+# file pages on the active list, which must not matter.
+def v1_group(d: Path, usage: int, limit: str, clean: int, hier: str | None = None) -> None:
     write(d / "memory.usage_in_bytes", f"{usage}\n")
     write(d / "memory.limit_in_bytes", f"{limit}\n")
     write(d / "memory.failcnt", "7\n")
     write(d / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
-    write(d / "memory.stat", f"cache 1\ninactive_file {inactive // 2}\n"
-          f"hierarchical_memory_limit {hier or limit}\ntotal_inactive_file {inactive}\n")
+    mib = 1 << 20
+    write(d / "memory.stat", f"cache {clean // 2}\ninactive_file 0\n"
+          f"hierarchical_memory_limit {hier or limit}\ntotal_cache {clean + 4 * mib}\n"
+          f"total_dirty {mib}\ntotal_writeback {mib}\ntotal_shmem {mib}\n"
+          f"total_mapped_file {mib}\ntotal_active_file {clean + 4 * mib}\n"
+          "total_inactive_file 0\n")
 
 
-def v2_group(d: Path, current: int, maximum: str, inactive: int, high: str = "max") -> None:
+def v2_group(d: Path, current: int, maximum: str, clean: int, high: str = "max") -> None:
     write(d / "memory.current", f"{current}\n")
     write(d / "memory.max", f"{maximum}\n")
     write(d / "memory.high", f"{high}\n")
-    write(d / "memory.stat", f"anon 5\nfile 9\ninactive_file {inactive}\nactive_file 3\n")
+    mib = 1 << 20
+    write(d / "memory.stat", f"anon 5\nfile {clean + 4 * mib}\nfile_dirty {mib}\n"
+          f"file_writeback {mib}\nshmem {mib}\nfile_mapped {mib}\n"
+          f"inactive_file 0\nactive_file {clean + 4 * mib}\n")
     write(d / "memory.events", "low 0\nhigh 4\nmax 3\noom 1\noom_kill 1\n")
     write(d / "memory.pressure", "some avg10=9.00 avg60=0.00 avg300=0.00 total=99\n"
           "full avg10=4.00 avg60=0.00 avg300=0.00 total=44\n")

@@ -18,6 +18,7 @@ from elemta.memory.cgroup import (
     parse_mountinfo,
     parse_pressure,
     parse_proc_cgroup,
+    reclaimable_file,
 )
 from elemta.memory.sampler import PAGE_SIZE, Sampler
 
@@ -64,7 +65,7 @@ def test_hybrid_uses_v1_memory_controller(tmp_path: Path) -> None:
     proc(tmp_path, "4:memory:/svc/elemta\n1:cpu:/\n0::/\n", MOUNTS_HYBRID)
     write(tmp_path / "sys/fs/cgroup/unified/cgroup.controllers", "hugetlb\n")
     base = tmp_path / "sys/fs/cgroup/memory"
-    v1_group(base / "svc/elemta", usage=300 * MiB, limit=str(256 * MiB), inactive=100 * MiB)
+    v1_group(base / "svc/elemta", usage=300 * MiB, limit=str(256 * MiB), clean=100 * MiB)
     write(base / "svc/memory.limit_in_bytes", V1_SENTINEL)
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
     loc = locate(tmp_path)
@@ -74,7 +75,7 @@ def test_hybrid_uses_v1_memory_controller(tmp_path: Path) -> None:
     figures = CgroupReader(loc).read()
     assert figures.limit == 256 * MiB
     assert figures.current == 300 * MiB
-    assert figures.working_set == 200 * MiB  # total_inactive_file, not inactive_file
+    assert figures.working_set == 200 * MiB  # total_* figures, not the cgroup's own
     assert figures.events == {"failcnt": 7, "oom_kill_disable": 0, "under_oom": 0, "oom_kill": 2}
 
 
@@ -83,7 +84,7 @@ def test_v1_parent_holds_lower_limit(tmp_path: Path) -> None:
     base = tmp_path / "sys/fs/cgroup/memory"
     # The leaf is unlimited and says so in hierarchical_memory_limit too (use_hierarchy off);
     # the walk up still finds the grandparent's limit.
-    v1_group(base / "a/b/c", usage=10 * MiB, limit=V1_SENTINEL, inactive=0, hier=V1_SENTINEL)
+    v1_group(base / "a/b/c", usage=10 * MiB, limit=V1_SENTINEL, clean=0, hier=V1_SENTINEL)
     write(base / "a/b/memory.limit_in_bytes", str(512 * MiB))
     write(base / "a/memory.limit_in_bytes", str(128 * MiB))
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
@@ -93,7 +94,7 @@ def test_v1_parent_holds_lower_limit(tmp_path: Path) -> None:
 def test_v1_unlimited_everywhere(tmp_path: Path) -> None:
     proc(tmp_path, "4:memory:/a\n", MOUNTS_V1)
     base = tmp_path / "sys/fs/cgroup/memory"
-    v1_group(base / "a", usage=10 * MiB, limit=V1_SENTINEL, inactive=MiB)
+    v1_group(base / "a", usage=10 * MiB, limit=V1_SENTINEL, clean=MiB)
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
     figures = CgroupReader(locate(tmp_path)).read()
     assert figures.limit is None
@@ -105,7 +106,7 @@ def test_v2_leaf_max_and_parent_high(tmp_path: Path) -> None:
     base = tmp_path / "sys/fs/cgroup"
     write(base / "cgroup.controllers", "cpuset cpu io memory pids\n")
     v2_group(base / "system.slice/elemta.service", current=80 * MiB, maximum=str(1024 * MiB),
-             inactive=30 * MiB)
+             clean=30 * MiB)
     write(base / "system.slice/memory.max", "max\n")
     write(base / "system.slice/memory.high", str(600 * MiB))
     loc = locate(tmp_path)
@@ -122,7 +123,7 @@ def test_v2_max_is_unlimited(tmp_path: Path) -> None:
     proc(tmp_path, "0::/u\n", MOUNTS_V2)
     base = tmp_path / "sys/fs/cgroup"
     write(base / "cgroup.controllers", "memory\n")
-    v2_group(base / "u", current=5 * MiB, maximum="max", inactive=0)
+    v2_group(base / "u", current=5 * MiB, maximum="max", clean=0)
     assert CgroupReader(locate(tmp_path)).read().limit is None
 
 
@@ -138,7 +139,7 @@ def test_namespaced_mount_root(tmp_path: Path) -> None:
     proc(tmp_path, "4:memory:/docker/abc/inner\n",
          "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
     base = tmp_path / "sys/fs/cgroup/memory"
-    v1_group(base / "inner", usage=MiB, limit=str(64 * MiB), inactive=0)
+    v1_group(base / "inner", usage=MiB, limit=str(64 * MiB), clean=0)
     assert locate(tmp_path).directory == base / "inner"
 
 
@@ -164,7 +165,7 @@ def test_files_vanishing_later_fall_back_with_one_warning(tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     proc(tmp_path, "4:memory:/a\n", MOUNTS_V1)
     d = tmp_path / "sys/fs/cgroup/memory/a"
-    v1_group(d, usage=10 * MiB, limit=str(64 * MiB), inactive=0)
+    v1_group(d, usage=10 * MiB, limit=str(64 * MiB), clean=0)
     sampler = Sampler(tmp_path)
     assert sampler.sample().cgroup is not None
     # Unreadable content (as after the cgroup was removed under us) must not crash sampling.
@@ -195,3 +196,16 @@ def test_real_host_sample_is_consistent() -> None:
         assert sample.cgroup.working_set <= sample.cgroup.current
     statm_rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     assert abs(sample.process_rss - statm_rss) < 64 * MiB
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_reclaimable_file_is_clean_unmapped_page_cache(version: int) -> None:
+    names = {2: ("file", "file_dirty", "file_writeback", "shmem", "file_mapped", "active_file"),
+             1: ("total_cache", "total_dirty", "total_writeback", "total_shmem",
+                 "total_mapped_file", "total_active_file")}[version]
+    file, dirty, writeback, shmem, mapped, active = names
+    stat = {file: 100 * MiB, dirty: 10 * MiB, writeback: 5 * MiB, shmem: 20 * MiB,
+            mapped: 15 * MiB, active: 100 * MiB}
+    assert reclaimable_file(stat, version) == 50 * MiB  # active or not does not matter
+    assert reclaimable_file({file: MiB, dirty: 2 * MiB}, version) == 0
+    assert reclaimable_file({}, version) == 0

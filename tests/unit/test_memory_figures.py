@@ -204,7 +204,7 @@ def test_a_cgroup_is_elemtas_own_only_when_every_process_in_it_is(tmp_path: Path
     proc(tmp_path, "4:memory:/svc\n", MOUNTS_V1, rss=20 * MiB)
     base = tmp_path / "sys/fs/cgroup/memory"
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
-    v1_group(base / "svc", usage=30 * MiB, limit=str(GiB), inactive=0)
+    v1_group(base / "svc", usage=30 * MiB, limit=str(GiB), clean=0)
     procs = base / "svc/cgroup.procs"
 
     def own() -> tuple[bool, str]:

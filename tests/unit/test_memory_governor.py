@@ -21,6 +21,7 @@ from elemta.memory.governor import (
     breaker_step,
     command_refusal,
     connection_refusal,
+    data_entry_refusal,
     effective,
     next_state,
     transition_events,
@@ -28,7 +29,7 @@ from elemta.memory.governor import (
 from elemta.memory.reclaim import own_rss
 from elemta.memory.refusal import Refusal
 from elemta.memory.sampler import Sample, Sampler
-from elemta.memory.snapshot import BreakerState, CgroupFigures, LimitSource, MemoryState, Term
+from elemta.memory.snapshot import BreakerState, CgroupFigures, LimitSource, MemoryState, Term, TermFigures
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -160,7 +161,7 @@ def fake_v1(root: Path, usage: int) -> Path:
     proc(root, "4:memory:/svc\n", MOUNTS_V1, rss=20 * MiB)
     base = root / "sys/fs/cgroup/memory"
     write(base / "memory.limit_in_bytes", V1_SENTINEL)
-    v1_group(base / "svc", usage=usage, limit=str(100 * MiB), inactive=0)
+    v1_group(base / "svc", usage=usage, limit=str(100 * MiB), clean=0)
     return base / "svc/memory.usage_in_bytes"
 
 
@@ -352,7 +353,7 @@ def test_limit_change_is_an_event(tmp_path: Path, fresh: None) -> None:
     assert g.snapshot.limit == 100 * MiB
     write(tmp_path / "sys/fs/cgroup/memory/svc/memory.limit_in_bytes", str(200 * MiB))
     write(tmp_path / "sys/fs/cgroup/memory/svc/memory.stat",
-          f"hierarchical_memory_limit {200 * MiB}\ntotal_inactive_file 0\n")
+          f"hierarchical_memory_limit {200 * MiB}\ntotal_cache 0\n")
     g.tick()
     assert [e.name for e in seen] == ["cgroup_limit_changed"]
     assert seen[0].previous is not None and seen[0].previous.limit == 100 * MiB
@@ -447,3 +448,19 @@ def test_delivery_concurrency_follows_memory_and_is_logged(tmp_path: Path, fresh
     assert lines == ["delivery concurrency 20 -> 10 (memory warning, breaker closed)",
                      "delivery concurrency 10 -> 0 (memory critical, breaker closed)",
                      "delivery concurrency 0 -> 20 (memory normal, breaker closed)"]
+
+
+def test_data_entry_reserves_buffers_for_every_session_in_data() -> None:
+    term = TermFigures(Term.CGROUP, 30 * MiB, 160 * MiB)  # critical at 144 MiB
+    buffers = MiB  # round figures: 114 MiB of room for reservations
+    ok = MemoryState.NORMAL, BreakerState.CLOSED
+    assert data_entry_refusal(*ok, (term,), 0.9, 0, buffers) is None
+    assert data_entry_refusal(*ok, (term,), 0.9, 113, buffers) is None  # the 114th fits
+    assert data_entry_refusal(*ok, (term,), 0.9, 114, buffers) is Refusal.DATA_BUFFERS
+    # Any term that would pass its critical threshold refuses, not only the binding one.
+    roomy = TermFigures(Term.PROCESS, 30 * MiB, 2048 * MiB)
+    assert data_entry_refusal(*ok, (roomy, term), 0.9, 114, buffers) is Refusal.DATA_BUFFERS
+    assert data_entry_refusal(MemoryState.CRITICAL, BreakerState.CLOSED, (roomy,), 0.9, 0,
+                              buffers) is Refusal.MEMORY_CRITICAL
+    assert data_entry_refusal(MemoryState.NORMAL, BreakerState.OPEN, (roomy,), 0.9, 0,
+                              buffers) is Refusal.BREAKER_OPEN

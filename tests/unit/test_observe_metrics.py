@@ -43,7 +43,7 @@ def snapshot(**kw: object) -> Snapshot:
         host_available=5 << 30,
         cgroup=CgroupFigures(version=1, path="/system.slice/elemta.service",
                              current=950 << 20, limit=1 << 30, working_set=900 << 20,
-                             inactive_file=50 << 20, events={"failcnt": 2, "oom_kill": 0, "under_oom": 1,
+                             reclaimable_file=50 << 20, events={"failcnt": 2, "oom_kill": 0, "under_oom": 1,
                                                      "oom_kill_disable": 0}),
         pressure=Pressure(some_avg10=1.5, full_avg10=0.25, some_total_us=2_000_000,
                           full_total_us=500_000),

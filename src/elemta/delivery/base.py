@@ -49,6 +49,7 @@ class Envelope:
     body: Path
     size: int  # bytes of the body file
     eight_bit: bool = False  # received with BODY=8BITMIME: sent on with it where offered
+    smtputf8: bool = False  # received with SMTPUTF8: sent on with it where offered
     # The DSN parameters (RFC 3461) the client gave, sent on to a server that offers DSN:
     ret: str = ""  # MAIL RET=
     envid: str = ""  # MAIL ENVID=

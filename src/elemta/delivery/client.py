@@ -231,6 +231,8 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
         mail += f" SIZE={envelope.size}"
     if "8BITMIME" in conn.extensions and envelope.eight_bit:
         mail += " BODY=8BITMIME"
+    if "SMTPUTF8" in conn.extensions and envelope.smtputf8:
+        mail += " SMTPUTF8"
     rcpts = [f"RCPT TO:{_address(r)}" for r in envelope.recipients]
     if "DSN" in conn.extensions:  # RFC 3461: the next hop takes over the notifications
         mail += (f" RET={envelope.ret}" if envelope.ret else "") + \

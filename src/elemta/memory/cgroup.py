@@ -116,6 +116,27 @@ def parse_pressure(text: str) -> Pressure:
     )
 
 
+# memory.stat names of the page cache figures, v2 then v1 (v1's total_* include sub-cgroups).
+_FILE_KEYS = {
+    2: ("file", "file_dirty", "file_writeback", "shmem", "file_mapped"),
+    1: ("total_cache", "total_dirty", "total_writeback", "total_shmem", "total_mapped_file"),
+}
+
+
+def reclaimable_file(stat: dict[str, int], version: int) -> int:
+    """The cgroup's page cache the kernel can drop at once, before it would OOM-kill anyone.
+
+    Clean file pages that no process maps: not dirty or under writeback (they must reach the disk
+    first), not shmem/tmpfs (no disk behind them), not mapped (dropping the interpreter's own
+    code only makes it fault back in). Whether a page sits on the active or the inactive list
+    does not matter: Linux 6.x's multi-generational LRU reports fresh pages as active and, under a
+    bare memory.max, nothing ages them, so "usage - inactive_file" kept counting the mail the
+    spool had just written as elemta's memory.
+    """
+    file, dirty, writeback, shmem, mapped = (stat.get(k, 0) for k in _FILE_KEYS[version])
+    return max(0, file - dirty - writeback - shmem - mapped)
+
+
 def _under(root: Path, absolute: str) -> Path:
     return root / absolute.lstrip("/")
 
@@ -254,15 +275,14 @@ class CgroupReader:
                     events.update(parse_keyed(f.read()))
         except (OSError, ValueError) as exc:
             raise CgroupUnavailable(f"cannot read {self.location.directory}: {exc}") from None
-        key = "inactive_file" if self.location.version == 2 else "total_inactive_file"
-        inactive = stat.get(key, stat.get("inactive_file", 0))
+        reclaimable = reclaimable_file(stat, self.location.version)
         return CgroupFigures(
             version=self.location.version,
             path=self.location.path,
             current=current,
             limit=limit,
-            working_set=max(0, current - inactive),
-            inactive_file=inactive,
+            working_set=max(0, current - reclaimable),
+            reclaimable_file=reclaimable,
             events=events,
         )
 

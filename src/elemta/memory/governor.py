@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import SESSION_BUFFERS, Config
 from ..events import emit
 from ..units import format_size
 from .leaks import LeakDetector, describe_tasks
@@ -198,6 +198,27 @@ def command_refusal(state: MemoryState, breaker: BreakerState, session_bytes: in
         return reason
     if session_bytes > per_session_limit:
         return Refusal.SESSION_MEMORY
+    return None
+
+
+def data_entry_refusal(state: MemoryState, breaker: BreakerState, terms: tuple[TermFigures, ...],
+                       critical: float, in_data: int, buffers: int) -> Refusal | None:
+    """Why the DATA command is refused (before 354), or None.
+
+    Admission at connect, MAIL and RCPT cannot stop what sessions already past them do: each one
+    entering DATA fills its buffers (`buffers`, about 330 KiB) within milliseconds of its 354,
+    far faster than any sample sees, so hundreds of sessions reaching DATA together could pass
+    the limit between two samples (measured: 700 one-MiB sessions OOM-killed a daemon in a
+    160 MiB cgroup within a second, no 452 sent). So every session in DATA, this one included, is assumed
+    still to fill its whole buffers on top of the usage sampled: counted twice once filled,
+    which only halves how many may stream at once under a small limit (about 2,700 sessions
+    under the 2 GiB default).
+    """
+    if reason := _memory_refusal(state, breaker):
+        return reason
+    reserved = (in_data + 1) * buffers
+    if any(t.usage + reserved > critical * t.ceiling for t in terms):
+        return Refusal.DATA_BUFFERS
     return None
 
 
@@ -429,6 +450,13 @@ class Governor:
         reason = command_refusal(snap.state, snap.breaker, session_bytes,
                                  self.memory.per_connection_memory_limit)
         return self._refuse(reason, verb)
+
+    def enter_data(self, in_data: int) -> Refusal | None:
+        snap = self._current()
+        reason = data_entry_refusal(snap.state, snap.breaker, snap.terms,
+                                    self.memory.memory_critical_threshold, in_data,
+                                    SESSION_BUFFERS)
+        return self._refuse(reason, "DATA")
 
     def data(self, session_bytes: int) -> Refusal | None:
         # Called per DATA chunk: a comparison only, no sampling.

@@ -11,3 +11,5 @@ class Refusal(enum.Enum):
     MEMORY_CRITICAL = "memory-critical"
     TASK_CAP = "task-cap"  # asyncio tasks plus threads above max_goroutines
     SESSION_MEMORY = "session-memory"  # one session holds more than per_connection_memory_limit
+    # DATA: the sessions already in DATA, filling their buffers, would reach the critical threshold
+    DATA_BUFFERS = "data-buffers"

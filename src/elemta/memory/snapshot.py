@@ -72,8 +72,8 @@ class CgroupFigures:
     path: str  # the cgroup path as /proc/self/cgroup names it, e.g. "/system.slice/elemta.service"
     current: int  # memory.current / memory.usage_in_bytes
     limit: int | None  # lowest limit on the way up to the root; None = unlimited
-    working_set: int  # current - inactive_file
-    inactive_file: int
+    working_set: int  # current - reclaimable_file
+    reclaimable_file: int  # clean page cache: file pages neither dirty, under writeback, shmem nor mapped
     # v2 memory.events (low/high/max/oom/oom_kill); v1: failcnt and under_oom/oom_kill
     events: dict[str, int] = field(default_factory=dict)
 

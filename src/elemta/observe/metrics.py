@@ -291,7 +291,7 @@ class MemoryCollector:
             yield _gauge("elemta_cgroup_memory_current_bytes",
                          "cgroup memory.current (v1: memory.usage_in_bytes)", cg.current)
             yield _gauge("elemta_cgroup_memory_working_set_bytes",
-                         "cgroup usage minus inactive file cache", cg.working_set)
+                         "cgroup usage minus clean, unmapped page cache", cg.working_set)
             if cg.limit is not None:
                 yield _gauge("elemta_cgroup_memory_max_bytes",
                              "Lowest cgroup memory limit up to the root", cg.limit)

@@ -107,7 +107,7 @@ def _memory(snap: Snapshot) -> dict[str, Any]:
             "current_bytes": cg.current,
             "limit_bytes": cg.limit,
             "working_set_bytes": cg.working_set,
-            "inactive_file_bytes": cg.inactive_file,
+            "reclaimable_file_bytes": cg.reclaimable_file,
             "events": dict(cg.events),
         },
         "pressure": None if psi is None else {

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
+from ..adminclient import AdminError, request_json
 from ..config import ListenAddress
 
 TIMEOUT = 5.0
@@ -23,24 +21,10 @@ def default_url(listen: ListenAddress) -> str:
 
 def fetch(base: str, token: bytes | None = None) -> dict[str, Any]:
     """GET /api/stats, with `Authorization: Bearer` when a token is given ([api] token_file)."""
-    url = base.rstrip("/") + "/api/stats"
-    headers = {"Authorization": "Bearer " + token.decode("ascii")} if token else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                    timeout=TIMEOUT) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        raise StatsError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StatsError(f"cannot reach {url}: {reason}") from None
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise StatsError(f"{url}: answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise StatsError(f"{url}: answer is not a JSON object")
-    return doc
+        return request_json(base.rstrip("/") + "/api/stats", TIMEOUT, token=token)
+    except AdminError as exc:
+        raise StatsError(str(exc)) from None
 
 
 def mib(n: int | float | None) -> str:

@@ -32,14 +32,14 @@ class QueueIntake:
         return specs if any(routing.queued(s) for _, s in specs) else None
 
     def open(self, routes: list[tuple[str, str]], sender: str, header: bytes, qid: str,
-             eight_bit: bool = False, mail_dsn: MailDsn | None = None,
+             eight_bit: bool = False, smtputf8: bool = False, mail_dsn: MailDsn | None = None,
              rcpt_dsn: Mapping[str, RcptDsn] | None = None) -> Spool:
         none = RcptDsn()
         rcpts = [Recipient(a, s, notify=(rcpt_dsn or {}).get(a, none).notify,
                            orcpt=(rcpt_dsn or {}).get(a, none).orcpt) for a, s in routes]
         mail_dsn = mail_dsn or MailDsn()
-        meta = Meta(qid, sender, time.time(), 0, rcpts, eight_bit=eight_bit, ret=mail_dsn.ret,
-                    envid=mail_dsn.envid)
+        meta = Meta(qid, sender, time.time(), 0, rcpts, eight_bit=eight_bit, smtputf8=smtputf8,
+                    ret=mail_dsn.ret, envid=mail_dsn.envid)
         tmp = self.store.path("tmp", f"{qid}.{os.getpid()}.body")
         file = QueueFile(tmp, [], self.store.dirsync, store=self.store, meta=meta)
         spool = Spool(qid, file, self.executor)

@@ -26,12 +26,18 @@ from ..config import Config
 from ..delivery.base import Envelope, RecipientResult, Reply, Transport
 from ..events import emit
 from . import policy
+from .lock import QueueLock
 from .store import Census, Meta, QueueStore, valid_id
 
 log = logging.getLogger("elemta.queue")
 _T = TypeVar("_T")
 
 TICK = 1.0  # the scheduler looks at the due directories at least this often
+LOCK_RETRY = 0.2  # seconds between tries for a queue lock another process holds
+# A body with no record this long after its last write is an orphan (a crash between the
+# body's rename and the record's): no commit in flight takes an hour. Swept at start and then
+# this often.
+ORPHAN_AGE = 3600.0
 # The census (counting the directories: O(queue) file-system work, O(1) memory) runs after
 # changes, at most every CENSUS_GAP seconds and never more than a tenth of the time, and at
 # least every CENSUS_EVERY seconds.
@@ -107,9 +113,12 @@ class Manager:
         self._moving = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._census_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self.census: Census | None = None
         self.failing_since: dict[str, float] = {}  # spec -> first of an unbroken run of 4xx
         self._stopping = False
+        self.lock = QueueLock(store.root)
+        self.started = self._clock()
 
     async def _run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -130,11 +139,59 @@ class Manager:
         self._wake.set()
         self._changed.set()
 
+    async def _own(self) -> None:
+        """Schedule only while holding the queue's lock: a daemon started while an earlier one
+        still drains (or any second process on this queue_dir) waits here instead of
+        delivering the same records beside it. Then clear what dead writers left in tmp/."""
+        waiting = False
+        while True:
+            try:
+                if await self._run_io(self.lock.try_acquire):
+                    break
+                if not waiting:
+                    waiting = True
+                    log.warning("queue %s is delivered by another elemta process (pid %s): "
+                                "waiting for it to stop", self.store.root,
+                                await self._run_io(self.lock.holder))
+            except OSError as exc:
+                log.error("queue %s: cannot take %s: %s", self.store.root, self.lock.path, exc)
+            await asyncio.sleep(LOCK_RETRY)
+        if waiting:
+            log.info("queue %s: the other process stopped; delivering now", self.store.root)
+        removed = await self._run_io(self.store.clean_tmp, self.started)
+        if removed:
+            log.warning("queue %s: removed %d file(s) a stopped process left in tmp/",
+                        self.store.root, removed)
+
+    async def _sweeps(self) -> None:
+        while True:
+            try:
+                found = await self._run_io(lambda: list(self.store.orphans(
+                    self._clock() - ORPHAN_AGE)))
+                if found:
+                    async with self._moving:  # no record of a message not active moves now
+                        removed = await self._run_io(self.store.remove_orphans, found,
+                                                     frozenset(self.active))
+                    if removed:
+                        log.warning("queue %s: removed %d body file(s) without a record, "
+                                    "left by a crash while a message was being queued "
+                                    "(never acknowledged): %s", self.store.root, len(removed),
+                                    " ".join(removed))
+                        self._changed.set()
+            except OSError as exc:
+                log.error("queue %s: orphan sweep: %s", self.store.root, exc)
+            await asyncio.sleep(ORPHAN_AGE)
+
+    def forget_lock(self) -> None:
+        """In a process forked from the lock's holder: close the inherited descriptor (the
+        lock stays with the parent; a copy here would keep it after the parent died)."""
+        self.lock.forget_inherited()
+
     async def stop(self, timeout: float) -> None:
         """No new deliveries; running ones get `timeout` to finish and be recorded, then are
         cancelled (their recipients stay pending: delivered again after the restart)."""
         self._stopping = True
-        for task in (self._task, self._census_task):
+        for task in (self._task, self._census_task, self._sweep_task):
             if task is not None:
                 task.cancel()
         if self._jobs:
@@ -146,9 +203,13 @@ class Manager:
         for t in self._transports.values():
             with contextlib.suppress(Exception):
                 await t.close()
+        self.lock.release()
 
     # -- scheduling ------------------------------------------------------------------------
     async def _loop(self) -> None:
+        await self._own()
+        self._sweep_task = asyncio.get_running_loop().create_task(
+            self._sweeps(), name="elemta-queue-orphans")
         while True:
             try:
                 self.limit = self._concurrency()
@@ -241,8 +302,9 @@ class Manager:
             rcpts = [r for r in a.meta.pending() if r.transport == spec]
             m = a.meta
             env = Envelope(qid, m.sender, tuple(r.address for r in rcpts), self.store.body(qid),
-                           m.size, m.eight_bit, m.ret, m.envid,
-                           tuple(r.notify for r in rcpts), tuple(r.orcpt for r in rcpts))
+                           m.size, eight_bit=m.eight_bit, smtputf8=m.smtputf8, ret=m.ret,
+                           envid=m.envid, notify=tuple(r.notify for r in rcpts),
+                           orcpt=tuple(r.orcpt for r in rcpts))
             started = time.monotonic()
             name = spec or "none"
             try:
@@ -405,6 +467,9 @@ class Manager:
     async def act(self, verb: str, qid: str | None) -> str:
         """flush [ID], delete ID, hold ID, release ID: a one-line answer (KeyError: no such
         message; ValueError: not possible in its state)."""
+        if not self.lock.held:
+            raise ValueError(f"the queue is delivered by another elemta process (pid "
+                             f"{self.lock.holder()}) until it stops: ask that one")
         try:
             async with self._moving:
                 return await self._act(verb, qid)

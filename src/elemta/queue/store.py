@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,28 @@ _FILE_MODE = 0o600
 
 def valid_id(qid: str) -> bool:
     return _ID.fullmatch(qid) is not None
+
+
+def stale_tmp(name: str, mtime: float, started: float, alive: Callable[[int], bool]) -> bool:
+    """May tmp/ file `name` ("<id>.<pid>.body" or ".meta") be removed? Its writer is gone, or
+    it is our own pid's but older than this process. Anything else may be in flight."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True  # not ours to be written: nobody finishes it
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return mtime < started
+    return not alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -60,8 +82,9 @@ class Meta:
     attempts: int = 0
     next_attempt: float = 0.0
     seq: int = 0
-    eight_bit: bool = False  # received with BODY=8BITMIME: relayed with it (issue 13)
-    ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given
+    eight_bit: bool = False  # received with BODY=8BITMIME: passed on to the next hop
+    smtputf8: bool = False  # received with SMTPUTF8: passed on likewise
+    ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given (issue 13)
     envid: str = ""  # MAIL ENVID= (xtext)
 
     def to_json(self) -> bytes:
@@ -95,7 +118,7 @@ class QueueStore:
         return self.root.joinpath(*parts)
 
     def init(self) -> None:
-        """Create the layout (durably) and remove what crashed writers left in tmp/."""
+        """Create the layout (durably)."""
         created = []
         for sub in ("", "tmp", "body", *STATES):
             p = self.path(sub) if sub else self.root
@@ -104,9 +127,20 @@ class QueueStore:
                 created.append(p)
         for parent in {p.parent for p in created}:
             fsync_dir(parent)
+
+    def clean_tmp(self, started: float) -> int:
+        """Remove what stopped writers left in tmp/ (names carry the writer's pid); returns
+        how many. `started`: when this process started (a file of our own pid written before
+        is a leftover of an earlier process that had it)."""
+        removed = 0
         for entry in os.scandir(self.path("tmp")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+            try:
+                if stale_tmp(entry.name, entry.stat().st_mtime, started, _alive):
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its writer finished meanwhile
+        return removed
 
     # -- one record ------------------------------------------------------------------------
     def write(self, meta: Meta, state: str, old: Path | None = None) -> Path:
@@ -221,6 +255,41 @@ class QueueStore:
         if moved:
             self.dirsync.sync(self.path("incoming"))
         return moved
+
+    def orphans(self, before: float, batch: int = 4096) -> Iterator[str]:
+        """Bodies last written before `before` that have no record in any state: what a crash
+        between a body's rename and its record's rename leaves. Memory stays bounded: old
+        bodies are checked `batch` at a time against one listing of the records each."""
+        group: set[str] = set()
+        for entry in os.scandir(self.path("body")):
+            try:
+                old = entry.stat(follow_symlinks=False).st_mtime < before
+            except FileNotFoundError:
+                continue
+            if old and valid_id(entry.name):
+                group.add(entry.name)
+                if len(group) >= batch:
+                    yield from self._unrecorded(group)
+                    group = set()
+        if group:
+            yield from self._unrecorded(group)
+
+    def _unrecorded(self, ids: set[str]) -> list[str]:
+        for _, path in self.records():
+            ids.discard(path.name)
+        return sorted(ids)
+
+    def remove_orphans(self, ids: list[str], active: frozenset[str]) -> list[str]:
+        """Remove the bodies of `ids` (from `orphans`) whose record is still nowhere, looked for
+        again one by one: a listing can miss a record that moved between two directories while
+        it ran. The caller holds the moves still (and names the messages being delivered)."""
+        removed = []
+        for qid in ids:
+            if qid not in active and self.locate(qid) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.body(qid))
+                    removed.append(qid)
+        return removed
 
     def census(self) -> Census:
         counts = dict.fromkeys(STATES, 0)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from ..config import DeliveryConfig
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import runtime
+from ..config import Config, DeliveryConfig
 from ..delivery.auth import Credentials
 from ..delivery.base import Transport
 from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
 from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp, parse_smtp
 from ..store.maildir import Maildir
+from .bounce import Bouncer
 from .local import MaildirAgent
+from .manager import DeliveryObserver, Manager
 from .routing import MAILDIR
+from .store import QueueStore
 
 
 def smtp_timeouts(d: DeliveryConfig) -> Timeouts:
@@ -34,3 +41,18 @@ def build(spec: str, maildir: Maildir, max_connections: int,
                              auth=(auth or {}).get(hop))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)
+
+
+def manager(config: Config, maildir: Maildir, concurrency: Callable[[], int],
+            observer: DeliveryObserver) -> Manager:
+    """The delivery manager of [delivery] queue_dir, as the daemon (workers = 1) and the
+    supervisor (workers > 1) each run it: one per queue, whichever process hosts it."""
+    d = config.delivery
+    auth = runtime.relay_auth(d.relay_auth_file)  # checked by runtime.problems before start
+    store = QueueStore(Path(d.queue_dir))
+    m = Manager(config, store, lambda spec: build(spec, maildir, d.destination_concurrency, d,
+                                                  auth),
+                concurrency, maildir.executor, observer=observer,
+                # The current config (a reload replaces the manager's) routes each bounce.
+                bounce=Bouncer(store, lambda: m.config, maildir.hostname))
+    return m

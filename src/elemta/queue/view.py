@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
+
+from ..adminclient import AdminError, request_json
 
 TIMEOUT = 35.0
 
@@ -15,30 +14,14 @@ class QueueError(Exception):
 
 
 def request(base: str, method: str, path: str, token: bytes | None) -> dict[str, Any]:
-    url = base.rstrip("/") + "/api/queue" + path
-    headers = {"Authorization": "Bearer " + token.decode("ascii")} if token else {}
-    req = urllib.request.Request(url, method=method, headers=headers,
-                                 data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        text = exc.read()
-        try:
-            why = json.loads(text).get("error", exc.reason)
-        except ValueError:  # a plain-text answer (401, or no queue configured): its first line
-            why = text.decode("utf-8", "replace").strip().split("\n", 1)[0] or exc.reason
-        raise QueueError(f"{why} (HTTP {exc.code})") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise QueueError(f"the daemon is not running (cannot reach {url}: {reason})") from None
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise QueueError(f"{url}: answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise QueueError(f"{url}: answer is not a JSON object")
-    return doc
+        return request_json(base.rstrip("/") + "/api/queue" + path, TIMEOUT, method, token)
+    except AdminError as exc:
+        if exc.status is not None:
+            raise QueueError(f"{exc.detail} (HTTP {exc.status})") from None
+        if exc.unreachable:
+            raise QueueError(f"the daemon is not running ({exc})") from None
+        raise QueueError(str(exc)) from None
 
 
 def _age(seconds: float) -> str:
