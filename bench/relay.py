@@ -1,6 +1,6 @@
 """Relay throughput: SMTP in, SMTP out to a discarding sink, elemta beside Postfix.
 
-    .venv/bin/python bench/relay.py [--rounds 3] [--quick]
+    .venv/bin/python bench/relay.py [--rounds 3] [--quick] [--workers N|auto]
 
 Both servers take mail for relay.test from smtp-source and relay it over SMTP to one
 smtp-sink (Postfix's in-memory discarding server), each queueing durably first (elemta's
@@ -43,9 +43,11 @@ def _count(root: Path, subdirs: tuple[str, ...]) -> int:
 
 
 @contextlib.contextmanager
-def elemta_relay(sink_port: int) -> Iterator[Relay]:
+def elemta_relay(sink_port: int, workers: str) -> Iterator[Relay]:
     work = spool_dir()
-    extra = (f'[delivery]\nrelay_domains = ["{RELAY_DOMAIN}"]\n'
+    count = workers if workers.isdigit() else f'"{workers}"'
+    extra = (f'[server]\nworkers = {count}\n'
+             f'[delivery]\nrelay_domains = ["{RELAY_DOMAIN}"]\n'
              f'relay_transport = "smtp:[127.0.0.1]:{sink_port}"\nsmtp_tls = "none"\n'
              f'queue_dir = "{work / "queue"}"\n')
     d = start_elemta(work, extra)
@@ -91,6 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer messages (rough figures)")
+    ap.add_argument("--workers", default="1", help="elemta's [server] workers: N or auto")
     args = ap.parse_args()
     if not postfix.installed():
         print("relay bench: postfix or smtp-sink not installed", file=sys.stderr)
@@ -100,7 +103,7 @@ def main() -> int:
     sink = postfix.sink()
     results: dict[tuple[str, str], list[float]] = {}
     try:
-        with elemta_relay(sink.port) as ours, postfix_relay(sink.port) as theirs:
+        with elemta_relay(sink.port, args.workers) as ours, postfix_relay(sink.port) as theirs:
             for n in range(args.rounds):
                 order = [ours, theirs] if n % 2 == 0 else [theirs, ours]
                 for label, size, messages, sessions in loads:
