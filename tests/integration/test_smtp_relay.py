@@ -408,3 +408,33 @@ def test_kill_9_while_relaying_loses_no_accepted_message(hub: Postfix, tmp_path:
               f"kill, {len(set(got))} after the restart, {dupes} duplicate(s)")
         assert dupes <= 20  # only messages in flight at the kill may come twice
         wait_until(lambda: records(tmp_path / "queue") == [], "the queue empties")
+
+
+def test_data_is_pipelined_with_mail_and_rcpt(tmp_path: Path) -> None:
+    """A server offering PIPELINING gets MAIL, RCPT and DATA in one group (RFC 2920), as
+    Postfix's client sends them: this one answers only once it has all three."""
+    path, _ = body_file(tmp_path)
+
+    async def main() -> list[RecipientResult]:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"220 strict.test ESMTP\r\n")
+            assert (await r.readline()).startswith(b"EHLO")
+            w.write(b"250-strict.test\r\n250 PIPELINING\r\n")
+            group = [await r.readline() for _ in range(3)]
+            assert group[2] == b"DATA\r\n", group
+            w.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            w.write(b"250 2.0.0 kept\r\n")
+            await r.read()
+            w.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = SmtpTransport(f"smtp:[127.0.0.1]:{port}", timeouts=Timeouts(command=2))
+        try:
+            return list(await t.deliver(envelope(path, [at("alice")])))
+        finally:
+            await t.close()
+            server.close()
+    [r] = asyncio.run(main())
+    assert str(r.reply) == "250 2.0.0 kept", r

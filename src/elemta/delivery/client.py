@@ -243,14 +243,20 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
             if i < len(envelope.orcpt) and envelope.orcpt[i]:
                 rcpts[i] += f" ORCPT={envelope.orcpt[i]}"
     w = conn.writer
+    data: ServerReply | None = None
     if "PIPELINING" in conn.extensions:
-        w.write("".join(c + "\r\n" for c in [mail, *rcpts]).encode())
+        # RFC 2920: DATA may end the group; with no recipient accepted the server refuses it.
+        w.write("".join(c + "\r\n" for c in [mail, *rcpts, "DATA"]).encode())
         await asyncio.wait_for(w.drain(), timeouts.command)
         replies = [await read_reply(conn.reader, timeouts.command, "in reply to MAIL FROM")]
         if replies[0].code == 250:  # else the connection is closed unread: the RCPTs got 503s
             for r in envelope.recipients:
                 replies.append(await read_reply(conn.reader, timeouts.command,
                                                 f"in reply to RCPT TO:<{r}>"))
+                if replies[-1].code == 421:  # the server is going away: nothing more comes
+                    break
+            else:
+                data = await read_reply(conn.reader, timeouts.data_init, "in reply to DATA")
     else:
         replies = [await conn.command(mail, timeouts.command, "in reply to MAIL FROM")]
         if replies[0].code == 250:
@@ -269,8 +275,12 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
             results[i] = RecipientResult(envelope.recipients[i], rr.reply(), conn.relay)
     if not accepted:
         # Nothing to send; the next message on this connection starts with RSET.
+        if data is not None and data.code == 354:  # a server that took DATA anyway: end it
+            w.write(b".\r\n")
+            await read_reply(conn.reader, timeouts.data_done, "while sending end of data")
         return
-    data = await conn.command("DATA", timeouts.data_init, "in reply to DATA")
+    if data is None:
+        data = await conn.command("DATA", timeouts.data_init, "in reply to DATA")
     if data.code != 354:
         raise Refused(data.reply(), "in reply to DATA")
     await send_body(w, envelope.body, executor, timeouts.data_xfer)
