@@ -118,9 +118,11 @@ def _queued(queue: Path) -> int:
 
 
 def durable(processes: int = 1200, max_size: int = 200 * MiB, transport: str = "discard:",
-            name: str = "postfix") -> Server:
+            name: str = "postfix", main_extra: str = "", master_extra: str = "") -> Server:
     """A throwaway Postfix on a free loopback port that queues (fsync) and then discards, or
-    hands every message to `transport` (e.g. "lmtp:inet:127.0.0.1:PORT": bench/e2e.py)."""
+    hands every message to `transport` (e.g. "lmtp:inet:127.0.0.1:PORT": bench/e2e.py);
+    `main_extra` / `master_extra` lines are appended (later main.cf lines win: bench/relay.py
+    makes it relay)."""
     base = Path(os.environ.get("ELEMTA_BENCH_DIR", "/var/tmp"))
     work = Path(tempfile.mkdtemp(prefix="elemta-bench-postfix-", dir=base))
     # The queue is owned by root with postfix-owned subdirs; `postfix start` creates them,
@@ -130,8 +132,8 @@ def durable(processes: int = 1200, max_size: int = 200 * MiB, transport: str = "
     confdir = work / "etc"
     confdir.mkdir()
     (confdir / "main.cf").write_text(MAIN_CF.format(dir=work, max_size=max_size, processes=processes,
-                                                    transport=transport))
-    (confdir / "master.cf").write_text(MASTER_CF.format(port=port))
+                                                    transport=transport) + main_extra)
+    (confdir / "master.cf").write_text(MASTER_CF.format(port=port) + master_extra)
     queue = work / "queue"
     # postfix check creates the queue's subdirectories, but not the queue directory itself.
     queue.mkdir(mode=0o755)

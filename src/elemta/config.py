@@ -218,6 +218,47 @@ class DeliveryConfig:
         [], "routes", "[[delivery.route]] tables: domain = ..., transport = ... (overrides "
         "transport for that recipient domain)"
     )
+    relay_domains: tuple[str, ...] = _f(
+        [], "domains", "Domains we accept mail for and relay onward (to relay_transport or "
+        "their [[delivery.route]]); mail for any other domain is still refused"
+    )
+    relay_transport: str = _f(
+        "", "relay_transport", "Where mail for relay_domains goes: \"smtp:[HOST]:PORT\" "
+        "(or an LMTP spec); empty: every relay domain needs a [[delivery.route]]"
+    )
+    smtp_connect_timeout: float = _f(
+        30.0, "duration", "SMTP relay client: TCP connect plus the server's 220 greeting",
+        minimum=0.1, maximum=86400,
+    )
+    smtp_command_timeout: float = _f(
+        300.0, "duration", "SMTP relay client: the reply to EHLO, MAIL, RCPT and RSET",
+        minimum=0.1, maximum=86400,
+    )
+    smtp_data_init_timeout: float = _f(
+        120.0, "duration", "SMTP relay client: the 354 reply to DATA", minimum=0.1,
+        maximum=86400,
+    )
+    smtp_data_xfer_timeout: float = _f(
+        180.0, "duration", "SMTP relay client: each write of the message body (a stalled "
+        "server, not a slow link)", minimum=0.1, maximum=86400,
+    )
+    smtp_data_done_timeout: float = _f(
+        600.0, "duration", "SMTP relay client: the reply after the final dot", minimum=0.1,
+        maximum=86400,
+    )
+    smtp_tls: str = _f(
+        "may", "choice", "SMTP relay client STARTTLS: \"none\", \"may\" (when offered, "
+        "unverified) or \"encrypt\" (required, certificate verified; else deferred)",
+        choices=("none", "may", "encrypt"),
+    )
+    smtp_tls_ca_file: str = _f(
+        "", "str", "PEM CA certificates that verify the hop with smtp_tls = \"encrypt\" "
+        "(empty: the system store)"
+    )
+    relay_auth_file: str = _f(
+        "", "str", "Credentials for SMTP hops, \"[HOST]:PORT user:password\" per line (mode "
+        "0600); sent with AUTH PLAIN/LOGIN only inside TLS (empty: no AUTH)"
+    )
     queue_dir: str = _f("var/queue", "str", "The delivery queue's directory (queued transports)")
     minimal_backoff_time: float = _f(
         300.0, "duration", "First retry of a deferred recipient after this long", minimum=1
@@ -246,6 +287,11 @@ class DeliveryConfig:
         3600.0, "duration", "/health warns when the oldest queued message (or a transport "
         "unreachable) is older than this", minimum=1
     )
+
+    def all_routes(self) -> tuple[routing.Route, ...]:
+        """[[delivery.route]] plus relay_transport for each relay domain not routed there."""
+        return self.route + routing.relay_routes(self.relay_domains, self.relay_transport,
+                                                 self.route)
 
 
 @dataclass(frozen=True)
@@ -387,6 +433,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "recipients": recipients.parse_mode,
     "transport": routing.parse_spec,
     "routes": routing.parse_routes,
+    "relay_transport": routing.parse_relay_spec,
 }
 
 
@@ -498,7 +545,14 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
                 "/api/stats are not open to the network"
             )
         problems.extend(f"{where('delivery', 'route')}: {problem}"
-                        for problem in routing.problems(d.route, d.domains))
+                        for problem in routing.problems(d.route, d.domains + d.relay_domains))
+        problems.extend(f"{where('delivery', key)}: {problem}"
+                        for key, problem in routing.relay_problems(
+                            d.relay_domains, d.relay_transport, d.route, d.domains))
+        if d.relay_auth_file and d.smtp_tls == "none":
+            problems.append(f"{where('delivery', 'smtp_tls')}: \"none\", but relay_auth_file "
+                            "is set: credentials are sent only inside TLS (use \"may\" or "
+                            "\"encrypt\")")
         if d.maximal_backoff_time < d.minimal_backoff_time:
             problems.append(f"{where('delivery', 'maximal_backoff_time')}: "
                             f"{d.maximal_backoff_time:g}s is below minimal_backoff_time "

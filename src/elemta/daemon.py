@@ -134,7 +134,7 @@ class Daemon:
         ctx.admission = self.governor
         d = self.config.delivery
         mail_dirs = [Path(d.maildir_root)]
-        if routing.any_queued(d.transport, d.route):
+        if routing.any_queued(d.transport, d.all_routes()):
             mail_dirs.append(Path(d.queue_dir))
             if self.worker is None:
                 self.queue = queue_transports.manager(self.config, store,
@@ -219,7 +219,8 @@ class Daemon:
             self.governor.reconfigure(new)
             if self.queue is not None:
                 self.queue.config = new
-            elif self.ctx.queue is None and routing.any_queued(new.delivery.transport, new.delivery.route):
+            elif self.ctx.queue is None and routing.any_queued(new.delivery.transport,
+                                                               new.delivery.all_routes()):
                 log.warning("[delivery] now names a queued transport, but this daemon started "
                             "without a queue: restart it; until then mail goes to maildir_root")
             reload_recipients(self.ctx.recipients, new.delivery, loaded, self.ctx.store.root,

@@ -1,4 +1,5 @@
-"""What the daemon builds from its Config at start: host name, worker plan, TLS context, API token.
+"""What the daemon builds from its Config at start: host name, worker plan, TLS context, API token,
+relay credentials.
 
 config.py only describes; the functions here touch the world (resolver, CPUs, files). The daemon
 and the supervisor call them where they start; `check-config` and `serve` call `problems` first,
@@ -15,6 +16,7 @@ import ssl
 import stat
 
 from .config import Config, ServerConfig, TlsConfig, check_hostname, locate
+from .delivery.auth import Credentials, parse_auth
 from .workerplan import WorkerPlan, configured_plan, plan_workers
 
 MIN_TOKEN_LENGTH = 16
@@ -123,11 +125,43 @@ def api_token(path: str) -> bytes | None:
     return token
 
 
+def relay_auth(path: str) -> Credentials:
+    """The SMTP relay credentials of [delivery] relay_auth_file ({} when unset): a file only
+    its owner may read or write (mode 0600 or 0400), since it holds passwords."""
+    if not path:
+        return {}
+
+    def bad(problem: str) -> SetupError:
+        return SetupError("delivery", "relay_auth_file", f"{path!r}: {problem}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise bad(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file")
+        if st.st_mode & 0o077:
+            raise bad(f"group or others have access (mode {stat.S_IMODE(st.st_mode):04o}): "
+                      f"chmod 600 {path}")
+        raw = os.read(fd, 1024 * 1024)
+    finally:
+        os.close(fd)
+    try:
+        return parse_auth(raw.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise bad("not UTF-8") from None
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+
 def problems(cfg: Config) -> list[str]:
     """Every resource of `cfg` that cannot be built, one line each ("FILE:LINE: [s] key: ...")."""
     out = []
     checks = (lambda: hostname(cfg.server), lambda: tls_context(cfg.tls),
-              lambda: api_token(cfg.api.token_file))
+              lambda: api_token(cfg.api.token_file),
+              lambda: relay_auth(cfg.delivery.relay_auth_file))
     for check in checks:
         try:
             check()

@@ -171,7 +171,7 @@ class Supervisor:
         from .store.maildir import Maildir
 
         d = config.delivery
-        if not routing.any_queued(d.transport, d.route):
+        if not routing.any_queued(d.transport, d.all_routes()):
             return None, -1
         maildir = Maildir(Path(d.maildir_root), hostname(config.server))
         manager = queue_transports.manager(config, maildir, self.governor.delivery_concurrency,

@@ -145,7 +145,7 @@ def test_ten_thousand_recipients(tmp_path: Path) -> None:
         (b" ", "500 5.5.2"),
         # In a transaction (after MAIL):
         (b"MAIL FROM:<x@example.org>\r\nRCPT TO:<\xc3\xa9l\xc3\xa8ve@example.test>", "500 5.5.2"),
-        (b"MAIL FROM:<x@example.org>\r\nRCPT TO:<a@example.test> NOTIFY=NEVER", "555 5.5.4"),  # no DSN
+        (b"MAIL FROM:<x@example.org>\r\nRCPT TO:<a@example.test> NOTIFY=BOGUS", "501 5.5.4"),  # DSN
         (b"MAIL FROM:<x@example.org>\r\nRCPT TO:<a@example.test> FOO=BAR", "555 5.5.4"),
     ],
 )

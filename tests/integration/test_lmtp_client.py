@@ -17,7 +17,8 @@ import pytest
 import dovecot
 from dovecot import Dovecot
 from elemta.delivery.base import Envelope, RecipientResult
-from elemta.delivery.lmtp import LmtpTransport, Timeouts, TransportSpec, parse_transport
+from elemta.delivery.client import Timeouts
+from elemta.delivery.lmtp import LmtpTransport, TransportSpec, parse_transport
 
 ALL = tuple(f"{u}@example.test" for u in ("alice", "bob", "dave"))
 

@@ -39,6 +39,8 @@ TRANSPORTS = st.one_of(
     st.tuples(st.one_of(IPV4, HOSTNAME), st.integers(1, 65535)).map(lambda t: f"lmtp:{t[0]}:{t[1]}"),
     st.tuples(IPV6, st.integers(1, 65535)).map(lambda t: f"lmtp:[{t[0]}]:{t[1]}"),
     st.from_regex(r"/[a-z0-9/._-]{1,30}", fullmatch=True).map(lambda p: f"lmtp:unix:{p}"),
+    st.tuples(st.one_of(IPV4, IPV6, HOSTNAME), st.integers(1, 65535)).map(
+        lambda t: f"smtp:[{t[0]}]:{t[1]}"),
 )
 
 
@@ -94,6 +96,8 @@ def strategy(section: str, f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
         return st.sampled_from(["maildir", "any"])
     if kind == "transport":
         return TRANSPORTS
+    if kind == "relay_transport":
+        return st.one_of(st.just(""), TRANSPORTS.filter(lambda t: t != "maildir"))
     if kind == "routes":
         # Routed domains must be [delivery] domains: draw from the defaults.
         return st.lists(st.fixed_dictionaries({
@@ -108,6 +112,11 @@ def raw_configs(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
     for section, f in config.iter_keys():
         if draw(st.booleans()):
             data.setdefault(section, {})[f.name] = draw(strategy(section, f))
+    d = data.get("delivery", {})
+    if d.get("relay_domains") and not d.get("relay_transport"):
+        # Relay domains need somewhere to go (a cross-key rule): without this, most drawn
+        # configs with relay domains would be rejected and the search would crawl.
+        d["relay_transport"] = draw(TRANSPORTS.filter(lambda t: t != "maildir"))
     return data
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from elemta.delivery.lmtp import ProtocolError, ServerReply, read_reply
+from elemta.delivery.client import ProtocolError, ServerReply, read_reply
 
 
 def read(data: bytes) -> ServerReply:

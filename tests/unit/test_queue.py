@@ -78,7 +78,8 @@ def test_transport_specs(spec: str) -> None:
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
-    ("smtp:x:25", "must be \"maildir\""), ("lmtp:unix:run/lmtp", "absolute"),
+    ("ftp:x:25", "must be \"maildir\""), ("smtp:x:25", "write the next hop in brackets"),
+    ("lmtp:unix:run/lmtp", "absolute"),
     ("lmtp:host:x", "port must be a number"), ("lmtp:host:0", "from 1 to 65535"),
     ("lmtp:[fe::1::2]:24", "IPv6"), ("lmtp:bad_host:24", "host name"),
     ("lmtp:unix:/a\nb", "control character"), (24, "expected a transport string"),

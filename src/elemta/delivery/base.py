@@ -50,6 +50,11 @@ class Envelope:
     size: int  # bytes of the body file
     eight_bit: bool = False  # received with BODY=8BITMIME: sent on with it where offered
     smtputf8: bool = False  # received with SMTPUTF8: sent on with it where offered
+    # The DSN parameters (RFC 3461) the client gave, sent on to a server that offers DSN:
+    ret: str = ""  # MAIL RET=
+    envid: str = ""  # MAIL ENVID=
+    notify: tuple[str, ...] = ()  # RCPT NOTIFY= per recipient ("" where not given); () none
+    orcpt: tuple[str, ...] = ()  # RCPT ORCPT= per recipient, likewise
 
 
 class Transport(Protocol):

@@ -20,17 +20,8 @@ import time
 from collections.abc import Callable
 
 from .base import Reply
-from .lmtp import (
-    Connection,
-    ProtocolError,
-    Refused,
-    Timeouts,
-    TransportSpec,
-    connect,
-    parse_transport,
-    read_reply,
-    reason,
-)
+from .client import Connection, ProtocolError, Refused, Timeouts, read_reply, reason
+from .lmtp import TransportSpec, connect, parse_transport
 
 log = logging.getLogger("elemta.delivery.probe")
 

@@ -87,19 +87,23 @@ async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor
     try:
         stuffer = DotStuffer()
         sent = 0
+        # Each piece is written once the next read has answered, so the last one goes out
+        # with the end marker in one write (one send, one segment: most messages are one piece).
+        held = b""
         while True:
             chunk = await pending
             if not chunk:
                 break
             pending = loop.run_in_executor(executor, f.read, chunk_size)
-            data = stuffer.feed(chunk)
-            writer.write(data)
-            sent += len(data)
-            await asyncio.wait_for(writer.drain(), timeout)
-        tail = stuffer.finish()
-        writer.write(tail)
+            if held:
+                writer.write(held)
+                sent += len(held)
+                await asyncio.wait_for(writer.drain(), timeout)
+            held = stuffer.feed(chunk)
+        last = held + stuffer.finish()
+        writer.write(last)
         await asyncio.wait_for(writer.drain(), timeout)
-        return sent + len(tail)
+        return sent + len(last)
     finally:
         # A read may still be in flight when the peer failed: let it finish before closing.
         # (its result or error no longer matters).

@@ -86,8 +86,8 @@ class Manager:
     def __init__(self, config: Config, store: QueueStore,
                  transport: Callable[[str], Transport], concurrency: Callable[[], int],
                  executor: ThreadPoolExecutor, *, observer: DeliveryObserver | None = None,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.time
-                 ) -> None:
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+                 bounce: Callable[[Meta], object] | None = None) -> None:
         self.config = config
         self.store = store
         self._make_transport = transport
@@ -96,6 +96,9 @@ class Manager:
         self.observer = observer or NullDeliveryObserver()
         self._rng = rng or random.Random()
         self._clock = clock
+        # Called on the executor with a message about to move to failed/ (queue/bounce.py):
+        # an OSError keeps the record where it is, so the bounce is tried again.
+        self._bounce = bounce
         self.active: dict[str, Active] = {}
         self._ready: deque[tuple[str, str]] = deque()  # (queue id, transport spec)
         self.running = 0
@@ -297,21 +300,31 @@ class Manager:
         a = self.active[qid]
         try:
             rcpts = [r for r in a.meta.pending() if r.transport == spec]
-            env = Envelope(qid, a.meta.sender, tuple(r.address for r in rcpts),
-                           self.store.body(qid), a.meta.size, a.meta.eight_bit,
-                           a.meta.smtputf8)
-            transport = self._transport(spec)
+            m = a.meta
+            env = Envelope(qid, m.sender, tuple(r.address for r in rcpts), self.store.body(qid),
+                           m.size, eight_bit=m.eight_bit, smtputf8=m.smtputf8, ret=m.ret,
+                           envid=m.envid, notify=tuple(r.notify for r in rcpts),
+                           orcpt=tuple(r.orcpt for r in rcpts))
             started = time.monotonic()
+            name = spec or "none"
             try:
+                # Inside: a record may name a spec that builds nothing (a held bounce with no
+                # route, released by the admin): deferred below like a transport's bug.
+                transport = self._transport(spec)
+                name = transport.name
                 results: Sequence[RecipientResult] = await transport.deliver(env)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in the transport: the queue keeps the message
-                log.exception("queue %s: transport %s raised", qid, spec)
-                results = [RecipientResult(r, Reply(451, f"4.3.0 internal error: {exc!r}"),
-                                           spec) for r in env.recipients]
+                why = f"internal error: {exc!r}"
+                if spec:
+                    log.exception("queue %s: transport %s raised", qid, spec)
+                else:
+                    why = "no route for this recipient's domain (queue/bounce.py)"
+                results = [RecipientResult(r, Reply(451, f"4.3.0 {why}"), spec)
+                           for r in env.recipients]
             seconds = time.monotonic() - started
-            self._record(a, spec, transport.name, rcpts, results, seconds)
+            self._record(a, spec, name, rcpts, results, seconds)
         finally:
             self.running -= 1
             self._by_dest[spec] -= 1
@@ -382,6 +395,9 @@ class Manager:
             elif m.pending():
                 await self._run_io(self.store.write, m, "deferred", a.path)
             elif any(r.state == policy.FAILED for r in m.recipients):
+                if self._bounce is not None:
+                    await self._run_io(self._bounce, m)
+                    self.wake()
                 await self._run_io(self.store.write, m, "failed", a.path)
             else:
                 await self._run_io(self.store.remove, a.path, m.id)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..delivery.lmtp import parse_transport
+from ..delivery.smtp import is_smtp, parse_smtp
 
 MAILDIR = "maildir"
 
@@ -24,15 +25,33 @@ class Route:
 
 
 def parse_spec(value: object) -> str:
-    """"maildir", "lmtp:unix:/abs/path" or "lmtp:HOST[:PORT]" ([v6]:PORT), checked by the LMTP
-    client's own parser (delivery.lmtp.parse_transport, the one place for the syntax); the
-    Config keeps the string."""
+    """"maildir", "lmtp:unix:/abs/path", "lmtp:HOST[:PORT]" ([v6]:PORT) or "smtp:[HOST]:PORT",
+    checked by the client's own parser (delivery.lmtp.parse_transport, delivery.smtp.parse_smtp:
+    the one place for each syntax); the Config keeps the string."""
     if not isinstance(value, str):
         raise ValueError(f"expected a transport string, got {type(value).__name__} {value!r}")
     if "\x00" in value or any(c < " " for c in value):
         raise ValueError(f"{value!r} holds a control character")
-    parse_transport(value)
+    if is_smtp(value):
+        parse_smtp(value)
+    elif value == MAILDIR or value.startswith("lmtp:"):
+        parse_transport(value)
+    else:
+        raise ValueError(f"must be \"maildir\", \"lmtp:unix:/path\", \"lmtp:HOST:PORT\", "
+                         f"\"lmtp:[IPV6]:PORT\" or \"smtp:[HOST]:PORT\", got {value!r}")
     return value
+
+
+def parse_relay_spec(value: object) -> str:
+    """[delivery] relay_transport: empty, or a queued transport (relayed mail is never stored
+    in the local Maildir)."""
+    if value == "":
+        return ""
+    spec = parse_spec(value)
+    if not queued(spec):
+        raise ValueError("\"maildir\" stores mail locally, it does not relay: use "
+                         "\"smtp:[HOST]:PORT\" (or an LMTP spec)")
+    return spec
 
 
 def parse_routes(value: object) -> tuple[Route, ...]:
@@ -69,8 +88,35 @@ def problems(routes: Sequence[Route], domains: Iterable[str]) -> list[str]:
             out.append(f"domain {r.domain!r} routed twice")
         seen.add(r.domain)
         if r.domain not in known:
-            out.append(f"domain {r.domain!r} is not one of [delivery] domains (no mail for it "
-                       "is accepted)")
+            out.append(f"domain {r.domain!r} is not one of [delivery] domains or relay_domains "
+                       "(no mail for it is accepted)")
+    return out
+
+
+def relay_routes(relay_domains: Sequence[str], relay_transport: str,
+                 routes: Sequence[Route]) -> tuple[Route, ...]:
+    """A route to relay_transport for each relay domain that no [[delivery.route]] names."""
+    if not relay_transport:
+        return ()
+    routed = {r.domain for r in routes}
+    return tuple(Route(d, relay_transport) for d in relay_domains if d not in routed)
+
+
+def relay_problems(relay_domains: Sequence[str], relay_transport: str, routes: Sequence[Route],
+                   domains: Iterable[str]) -> list[tuple[str, str]]:
+    """(key, problem) for relay settings that cannot work."""
+    out = []
+    local = set(domains)
+    for d in relay_domains:
+        if d in local:
+            out.append(("relay_domains", f"{d!r} is also in [delivery] domains (a domain is "
+                                         "either ours or relayed)"))
+    routed = {r.domain for r in routes}
+    unrouted = [d for d in relay_domains if d not in routed]
+    if unrouted and not relay_transport:
+        out.append(("relay_transport", f"not set, and relay domain(s) {', '.join(unrouted)} "
+                                       "have no [[delivery.route]]: set relay_transport = "
+                                       "\"smtp:[HOST]:PORT\""))
     return out
 
 

@@ -68,6 +68,8 @@ class Recipient:
     state: str = policy.PENDING
     reply: str = ""  # the last reply, "451 4.4.1 ..." as the server sent it
     relay: str = ""
+    notify: str = ""  # RCPT NOTIFY= (RFC 3461), "" when not given
+    orcpt: str = ""  # RCPT ORCPT= as sent ("rfc822;" xtext)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Meta:
     seq: int = 0
     eight_bit: bool = False  # received with BODY=8BITMIME: passed on to the next hop
     smtputf8: bool = False  # received with SMTPUTF8: passed on likewise
+    ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given (issue 13)
+    envid: str = ""  # MAIL ENVID= (xtext)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -5,21 +5,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Config
+from .. import runtime
+from ..config import Config, DeliveryConfig
+from ..delivery.auth import Credentials
 from ..delivery.base import Transport
+from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
+from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp, parse_smtp
 from ..store.maildir import Maildir
+from .bounce import Bouncer
 from .local import MaildirAgent
 from .manager import DeliveryObserver, Manager
 from .routing import MAILDIR
 from .store import QueueStore
 
 
-def build(spec: str, maildir: Maildir, max_connections: int) -> Transport:
-    """The transport for `spec`: the queue's maildir agent or an LMTP client whose connection
-    pool matches the per-destination concurrency."""
+def smtp_timeouts(d: DeliveryConfig) -> Timeouts:
+    return Timeouts(connect=d.smtp_connect_timeout, command=d.smtp_command_timeout,
+                    data_init=d.smtp_data_init_timeout, data_xfer=d.smtp_data_xfer_timeout,
+                    data_done=d.smtp_data_done_timeout)
+
+
+def build(spec: str, maildir: Maildir, max_connections: int,
+          delivery: DeliveryConfig | None = None, auth: Credentials | None = None) -> Transport:
+    """The transport for `spec`: the queue's maildir agent, or an LMTP or SMTP client whose
+    connection pool matches the per-destination concurrency."""
     if spec == MAILDIR:
         return MaildirAgent(maildir)
+    if is_smtp(spec):
+        d = delivery or DeliveryConfig()
+        hop = parse_smtp(spec)
+        return SmtpTransport(hop, max_connections=max_connections, executor=maildir.executor,
+                             helo_name=maildir.hostname, timeouts=smtp_timeouts(d),
+                             tls=TlsPolicy(d.smtp_tls, d.smtp_tls_ca_file),
+                             auth=(auth or {}).get(hop))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)
 
@@ -29,6 +48,11 @@ def manager(config: Config, maildir: Maildir, concurrency: Callable[[], int],
     """The delivery manager of [delivery] queue_dir, as the daemon (workers = 1) and the
     supervisor (workers > 1) each run it: one per queue, whichever process hosts it."""
     d = config.delivery
-    return Manager(config, QueueStore(Path(d.queue_dir)),
-                   lambda spec: build(spec, maildir, d.destination_concurrency),
-                   concurrency, maildir.executor, observer=observer)
+    auth = runtime.relay_auth(d.relay_auth_file)  # checked by runtime.problems before start
+    store = QueueStore(Path(d.queue_dir))
+    m = Manager(config, store, lambda spec: build(spec, maildir, d.destination_concurrency, d,
+                                                  auth),
+                concurrency, maildir.executor, observer=observer,
+                # The current config (a reload replaces the manager's) routes each bounce.
+                bounce=Bouncer(store, lambda: m.config, maildir.hostname))
+    return m

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from .. import __version__
 from ..config import Config
+from ..delivery.dsnparams import MailDsn, RcptDsn, split_mail, split_rcpt
 from ..events import emit
 from ..memory.refusal import Refusal
 from ..queue.disk import DiskWatch, declared_size
@@ -32,7 +33,9 @@ from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .address import simple_path
 from .dataparse import DataDecoder, DataState, to_lf
-from .policy import classify_recipient, recipient_reply
+from .loop import REPLY_TOO_MANY_HOPS, HopCounter
+from .policy import REPLY_RELAY_DENIED, classify_recipient, recipient_reply
+from .relay import relay_mailbox
 from .replies import (
     REPLY_LINE_TOO_LONG,
     REPLY_SHUTDOWN,
@@ -217,6 +220,8 @@ class ElemtaEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.mailboxes: list[Mailbox] = []
+        self.mail_dsn = MailDsn()  # RET, ENVID
+        self.rcpt_dsn: dict[str, RcptDsn] = {}  # mailbox -> NOTIFY, ORCPT of its RCPT
 
 
 class Handler:
@@ -232,7 +237,7 @@ class Handler:
         session.host_name = hostname
         # No AUTH: elemta is an inbound MX; aiosmtpd's built-in mechanisms only ever fail.
         out = [r for r in responses if not r.startswith("250-AUTH") and r != "250 HELP"]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
         return out
 
     async def handle_MAIL(
@@ -251,6 +256,8 @@ class Handler:
             return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        if isinstance(envelope, ElemtaEnvelope):
+            envelope.mail_dsn = server.mail_dsn
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
@@ -263,6 +270,17 @@ class Handler:
         if len(envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
             return REPLY_TOO_MANY_RCPTS
         box = classify_recipient(address, self.ctx.config.delivery.domains)
+        if box == REPLY_RELAY_DENIED and self.ctx.queue is not None:  # relayed via the queue
+            relayed = relay_mailbox(address, self.ctx.config.delivery.relay_domains)
+            if isinstance(relayed, str):
+                return relayed
+            if relayed is not None:
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(options)
+                if relayed not in envelope.mailboxes:
+                    envelope.mailboxes.append(relayed)
+                envelope.rcpt_dsn.setdefault(str(relayed), server.rcpt_dsn)
+                return "250 2.1.5 Recipient ok"
         if isinstance(box, str):
             return box
         targets = await self.ctx.recipients.resolve(box)
@@ -273,6 +291,7 @@ class Handler:
         for target in targets:  # an alias and its target named both: one copy
             if target not in envelope.mailboxes:
                 envelope.mailboxes.append(target)
+            envelope.rcpt_dsn.setdefault(str(target), server.rcpt_dsn)
         return "250 2.1.5 Recipient ok"
 
 
@@ -295,6 +314,8 @@ class ElemtaSMTP(SMTP):
         self._in_helo = False
         self._batch: list[str] | None = None
         self._deadline = 0.0  # loop time when the current command or DATA timeout expires
+        self.mail_dsn = MailDsn()  # the DSN parameters of the MAIL / RCPT being handled
+        self.rcpt_dsn = RcptDsn()
         key = (ctx.config, ctx.tls, ctx.handler)
         template = ctx.template
         if template is not None and template.fits(key):
@@ -469,6 +490,30 @@ class ElemtaSMTP(SMTP):
         finally:
             self._in_helo = False
 
+    # -- the DSN extension's parameters (RFC 3461), which aiosmtpd does not know --------------
+    # aiosmtpd's HELP lists (and explains) only commands carrying its syntax decoration.
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.mail_dsn = MailDsn()
+        if arg and self.session is not None and self.session.extended_smtp:
+            split = split_mail(arg)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            arg, self.mail_dsn = split
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.rcpt_dsn = RcptDsn()
+        if arg and self.session is not None and self.session.extended_smtp:
+            split = split_rcpt(arg)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            arg, self.rcpt_dsn = split
+        await super().smtp_RCPT(arg)
+
     async def smtp_AUTH(self, arg: str) -> None:
         # EHLO offers no AUTH (an inbound MX); aiosmtpd's own AUTH would ask for TLS first
         # and then fail every mechanism.
@@ -499,7 +544,7 @@ class ElemtaSMTP(SMTP):
                 sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
                 spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
                                    "BODY=8BITMIME" in envelope.mail_options,
-                                   envelope.smtp_utf8)
+                                   envelope.smtp_utf8, envelope.mail_dsn, envelope.rcpt_dsn)
             else:
                 spool = await self.ctx.store.open(
                     envelope.mailboxes, self._trace_headers(envelope, qid), qid)
@@ -527,6 +572,7 @@ class ElemtaSMTP(SMTP):
 
     async def _receive(self, spool: Spool, envelope: ElemtaEnvelope, lf: bool = True) -> str:
         decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
+        hops = HopCounter()
         timeout = self.ctx.config.server.data_timeout
         write_failed: OSError | None = None
         over_budget: Refusal | None = None
@@ -543,6 +589,8 @@ class ElemtaSMTP(SMTP):
                     progress = 0
                     self._reset_timeout(timeout)
                 out, rest = decoder.feed(chunk)
+                if not hops.done:
+                    hops.feed(out)
                 if out and write_failed is None and over_budget is None:
                     try:
                         # Maildir files use the local newline convention, as Postfix and
@@ -568,6 +616,10 @@ class ElemtaSMTP(SMTP):
                 return REPLY_TOO_BIG
             if over_budget is not None:
                 return refusal_reply(over_budget, in_data=True)
+            if hops.too_many:
+                log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
+                         spool.queue_id, hops.hops, envelope.mail_from)
+                return REPLY_TOO_MANY_HOPS
             if write_failed is not None:
                 log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
                 return REPLY_STORAGE

@@ -1,0 +1,127 @@
+"""Relay throughput: SMTP in, SMTP out to a discarding sink, elemta beside Postfix.
+
+    .venv/bin/python bench/relay.py [--rounds 3] [--quick] [--workers N|auto]
+
+Both servers take mail for relay.test from smtp-source and relay it over SMTP to one
+smtp-sink (Postfix's in-memory discarding server), each queueing durably first (elemta's
+queue: fdatasync of the body and fsync of the record; Postfix: its queue file). A round sends
+the same load to each server in alternating order and times it from the first connection
+until the server's queue is empty again (every message relayed), so the figure is end-to-end
+relay throughput, not just intake. The table shows medians over rounds and elemta / postfix.
+On a shared, loaded machine the ratios are rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import postfix
+from common import MiB, Server, median, popen_server, smtp_source, spool_dir, table
+from daemon import start as start_elemta
+
+RELAY_DOMAIN = "relay.test"
+
+
+@dataclass
+class Relay:
+    server: Server
+    queued: Callable[[], int]  # messages still in its queue
+
+
+def _count(root: Path, subdirs: tuple[str, ...]) -> int:
+    return sum(len(files) for sub in subdirs for _, _, files in os.walk(root / sub))
+
+
+@contextlib.contextmanager
+def elemta_relay(sink_port: int, workers: str) -> Iterator[Relay]:
+    work = spool_dir()
+    count = workers if workers.isdigit() else f'"{workers}"'
+    extra = (f'[server]\nworkers = {count}\n'
+             f'[delivery]\nrelay_domains = ["{RELAY_DOMAIN}"]\n'
+             f'relay_transport = "smtp:[127.0.0.1]:{sink_port}"\nsmtp_tls = "none"\n'
+             f'queue_dir = "{work / "queue"}"\n')
+    d = start_elemta(work, extra)
+    server = popen_server("elemta", d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
+    try:
+        yield Relay(server, lambda: _count(work / "queue", ("incoming", "deferred")))
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def postfix_relay(sink_port: int) -> Iterator[Relay]:
+    main = (f"relay_domains = {RELAY_DOMAIN}\nrelay_transport = smtp:[127.0.0.1]:{sink_port}\n"
+            "smtp_tls_security_level = none\n")
+    master = "smtp      unix - - n - - smtp\nrelay     unix - - n - - smtp\n"
+    server = postfix.durable(processes=200, main_extra=main, master_extra=master)
+    queue = next(Path(p) for p in _postfix_queues(server.pid))
+    try:
+        yield Relay(server, lambda: _count(queue, ("incoming", "active", "deferred", "maildrop")))
+    finally:
+        server.stop()
+
+
+def _postfix_queues(master_pid: int) -> list[str]:
+    """The queue directory of the instance whose master is `master_pid` (from its cwd)."""
+    return [os.readlink(f"/proc/{master_pid}/cwd")]
+
+
+def one_run(r: Relay, messages: int, sessions: int, size: int) -> float:
+    """Messages per second, intake to the last message relayed."""
+    t0 = time.perf_counter()
+    smtp_source(r.server.port, messages, sessions, size, per_connection=False,
+                to=f"bench@{RELAY_DOMAIN}")
+    deadline = time.monotonic() + 600
+    while r.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if r.queued():
+        raise RuntimeError(f"{r.server.name}: {r.queued()} message(s) still queued after 600 s")
+    return messages / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer messages (rough figures)")
+    ap.add_argument("--workers", default="1", help="elemta's [server] workers: N or auto")
+    args = ap.parse_args()
+    if not postfix.installed():
+        print("relay bench: postfix or smtp-sink not installed", file=sys.stderr)
+        return 1
+    loads = [("10 KiB", 10 * 1024, 300 if args.quick else 2000, 20),
+             ("1 MiB", MiB, 20 if args.quick else 100, 10)]
+    sink = postfix.sink()
+    results: dict[tuple[str, str], list[float]] = {}
+    try:
+        with elemta_relay(sink.port, args.workers) as ours, postfix_relay(sink.port) as theirs:
+            for n in range(args.rounds):
+                order = [ours, theirs] if n % 2 == 0 else [theirs, ours]
+                for label, size, messages, sessions in loads:
+                    for r in order:
+                        rate = one_run(r, messages, sessions, size)
+                        results.setdefault((label, r.server.name), []).append(rate)
+                        print(f"round {n + 1} {label:>6} {r.server.name:8} {rate:8.1f} msg/s",
+                              flush=True)
+    finally:
+        sink.stop()
+    rows = [["relay throughput (msg/s, median)", "elemta", "postfix", "elemta / postfix"]]
+    for label, *_ in loads:
+        e, p = median(results[(label, "elemta")]), median(results[(label, "postfix")])
+        rows.append([f"{label} messages", f"{e:.1f}", f"{p:.1f}", f"{e / p:.2f}x"])
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
