@@ -90,6 +90,22 @@ def _open_watch(path: Path, write: bytes) -> tuple[int, int, socket.socket | Non
     return fd, select.EPOLLPRI, None
 
 
+# Why opening a cgroup's memory.pressure for writing fails, as met under systemd on Debian 12
+# (kernel 6.1, systemd 252, the shipped unit); all three stand in the way there.
+_OPEN_HINTS = {
+    errno.EACCES: " (the file belongs to root: systemd before 254 does not hand it to the service)",
+    errno.EROFS: " (the cgroup tree is mounted read-only, as ProtectControlGroups= does)",
+    errno.EPERM: " (kernels before 6.5 let only CAP_SYS_RESOURCE open it for writing)",
+}
+
+
+def _not_armed(path: Path, exc: OSError, hint: str) -> None:
+    # Info, not debug: without a trigger the memory monitor wakes only on its timer, which an
+    # administrator tuning monitoring_interval needs to know (Debian 12's normal case).
+    log.info("memory pressure trigger not armed on %s: %s%s; the memory monitor wakes only "
+             "every monitoring_interval", path, exc.strerror or exc, hint)
+
+
 class PressureTrigger:
     """One armed watch; calls `on_pressure` on the loop each time it fires."""
 
@@ -107,11 +123,12 @@ class PressureTrigger:
     @classmethod
     def arm(cls, path: Path, on_pressure: Callable[[], None]) -> PressureTrigger | None:
         """Arm our own trigger on `path` (a memory.pressure or /proc/pressure/memory file) in the
-        running loop; None (logged at debug) where the kernel or permissions do not allow it."""
+        running loop; None (logged at info, with the reason) where the kernel or permissions do
+        not allow it."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
+            _not_armed(path, exc, _OPEN_HINTS.get(exc.errno or 0, ""))
             return None
         try:
             for trigger in PSI_TRIGGERS:
@@ -125,7 +142,7 @@ class PressureTrigger:
             ep.register(fd, select.EPOLLPRI)
         except OSError as exc:
             os.close(fd)
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
+            _not_armed(path, exc, "")
             return None
         log.info("memory pressure trigger armed on %s (%s)", path, trigger.rstrip(b"\0").decode())
         return cls(fd, ep, asyncio.get_running_loop(), on_pressure)
