@@ -6,7 +6,7 @@ started; a client here on the host sends messages with distinct bodies through a
 forwarded to the guest's port 25 and records every 250 with the hash of the body it sent; at a
 random moment qemu is killed with SIGKILL (a power cut: the guest's page cache and whatever qemu
 had not yet written out are gone), and the VM boots again from the same disk. That boot lists the
-Maildir (tests/system/power-guest.sh), and the listing is checked here: every message ever
+Maildir (tests/system/guest-serve.sh), and the listing is checked here: every message ever
 acknowledged is present and intact (its body's hash), and no file in new/ is torn or unknown.
 Messages present without a 250 (stored, but the reply was lost in the cut) are fine and counted.
 The same boot then serves the next cut, so N cuts take N + 1 boots.
@@ -32,19 +32,15 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import smtplib
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BOOT_TIMEOUT = 600.0  # boot (and, the first time, install) until READY; emulation on a shared machine
+from vmhost import CannotRun, Report, Vm, prepare
+
 CUT_AFTER = (2.0, 20.0)  # seconds of mail flow before the cut, uniformly at random
 # Sizes of the message bodies: mostly small, some large enough to be mid-write at the cut.
 SIZES = [(0.70, 200, 16 << 10), (0.25, 64 << 10, 512 << 10), (0.05, 1 << 20, 4 << 20)]
@@ -72,17 +68,6 @@ class Ledger:
             self.messages[sent.seq] = sent
             self.next_seq += 1
             return sent
-
-
-@dataclass
-class Listing:
-    """What a boot after a cut found in the Maildir (power-guest.sh's serial lines)."""
-
-    boot: str = ""
-    files: list[tuple[str, str, int]] = field(default_factory=list)  # (seq, sha, size) in new/, cur/
-    tmp: list[str] = field(default_factory=list)
-    cleaned: int = 0
-    installed: str = ""
 
 
 def body_for(rng: random.Random) -> str:
@@ -131,70 +116,6 @@ def client(port: int, release: str, cut: int, ledger: Ledger, stop: threading.Ev
             time.sleep(0.5)  # the guest is up (it said READY): a refused connection is a failure
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Vm:
-    """One boot of the VM, with the guest's serial report read as it arrives."""
-
-    def __init__(self, image: Path, work: Path, boot: int) -> None:
-        self.port = free_port()
-        self.serial = work / f"serial-{boot}.txt"
-        self.console = work / f"console-{boot}.log"
-        self.serial.touch()
-        self.proc = subprocess.Popen(
-            [str(HERE / "qemu.sh"), str(image), str(work / "root.qcow2"), str(work / "io.img"),
-             str(self.console), "none",
-             "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:25",
-             "-serial", f"file:{self.serial}"],
-            stdin=subprocess.DEVNULL)
-
-    def wait_ready(self) -> Listing:
-        end = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < end:
-            lines = self.serial.read_text(errors="replace").replace("\r", "").split("\n")
-            done = [ln for ln in lines[:-1] if ln.startswith(("READY", "FAIL"))]
-            if done:
-                if done[0].startswith("FAIL"):
-                    raise RuntimeError(f"guest: {done[0]}")
-                return parse_listing(lines[:-1])
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu exited ({self.proc.returncode}) before READY")
-            time.sleep(0.5)
-        raise RuntimeError(f"no READY within {BOOT_TIMEOUT:.0f}s")
-
-    def cut(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)  # qemu itself: qemu.sh execs it
-        self.proc.wait()
-
-    def console_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.console.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def parse_listing(lines: list[str]) -> Listing:
-    out = Listing()
-    for line in lines:
-        word, _, rest = line.partition(" ")
-        if word == "BOOT":
-            out.boot = rest
-        elif word == "INSTALLED":
-            out.installed = rest
-        elif word == "M":
-            seq, sha, size = rest.split()
-            out.files.append((seq, sha, int(size)))
-        elif word == "T":
-            out.tmp.append(rest)
-        elif word == "CLEANED":
-            out.cleaned = int(rest)
-    return out
-
-
 @dataclass
 class CutResult:
     cut: int
@@ -211,7 +132,7 @@ class CutResult:
     seconds: float  # wall time of this cut: flow, kill, boot to READY
 
 
-def check(cut: int, ledger: Ledger, listing: Listing) -> tuple[int, int, int, list[int], list[str]]:
+def check(cut: int, ledger: Ledger, listing: Report) -> tuple[int, int, int, list[int], list[str]]:
     found: dict[int, list[str]] = {}
     torn: list[str] = []
     for seq, sha, size in listing.files:
@@ -233,29 +154,16 @@ def check(cut: int, ledger: Ledger, listing: Listing) -> tuple[int, int, int, li
 
 
 def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
-    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            print(f"power-test: SKIP: {tool} missing (apt-get install qemu-system-x86 qemu-utils e2fsprogs)")
-            return 77
-    built = subprocess.run([str(HERE / "build-image.sh"), release], stdout=subprocess.PIPE, text=True)
-    if built.returncode != 0:
-        print("power-test: SKIP: cannot build the VM base image (needs root and a Debian mirror)")
+    try:
+        image, work = prepare(deb, release, "power")
+    except CannotRun as exc:
+        print(f"power-test: SKIP: {exc}")
         return 77
-    image = Path(built.stdout.strip())
     rng = random.Random(seed)
     keep = os.environ.get("ELEMTA_VM_KEEP") == "1"
-    work = Path(tempfile.mkdtemp(prefix="elemta-power."))
     start = time.monotonic()
+    vm: Vm | None = None
     try:
-        inputs = work / "in"
-        inputs.mkdir()
-        shutil.copy(deb, inputs)
-        shutil.copy(HERE / "power-guest.sh", inputs / "run.sh")
-        (inputs / "run.sh").chmod(0o755)
-        subprocess.run(["truncate", "-s", "64M", str(work / "io.img")], check=True)
-        subprocess.run(["mkfs.ext4", "-q", "-L", "elemta-io", "-d", str(inputs), str(work / "io.img")], check=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image / "base.raw"),
-                        "-F", "raw", str(work / "root.qcow2")], check=True)
         print(f"power-test ({release}): {cuts} cuts, seed {seed}, {clients} clients, disk cache=none, "
               f"work {work}", flush=True)
         ledger = Ledger()
@@ -267,7 +175,6 @@ def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
             try:
                 listing = vm.wait_ready()
             except RuntimeError as exc:
-                vm.cut()
                 print(f"power-test ({release}): FAIL: boot {cut - 1}: {exc}; last console lines:\n{vm.console_tail()}")
                 return 1
             if cut == 1:
@@ -283,7 +190,7 @@ def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
             after = rng.uniform(*CUT_AFTER)
             time.sleep(after)  # the random moment of the cut, not a synchronisation
             cut_done.set()  # first: the clients' errors from here on are the cut's
-            vm.cut()
+            vm.kill()
             stop.set()
             for t in threads:
                 t.join(timeout=60)
@@ -291,7 +198,6 @@ def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
             try:
                 listing = vm.wait_ready()
             except RuntimeError as exc:
-                vm.cut()
                 print(f"power-test ({release}): FAIL: boot after cut {cut}: {exc}; last console lines:\n{vm.console_tail()}")
                 return 1
             present, intact, unacked_present, lost, torn = check(cut, ledger, listing)
@@ -306,7 +212,6 @@ def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
                   f"present without 250 {r.unacked_present}, lost {len(lost)}, torn in new/ {len(torn)}, "
                   f"tmp/ files removed at start-up {r.cleaned}, kept {r.tmp_left}; {r.seconds:.0f}s: {verdict}"
                   + (f" lost seqs {lost[:10]} torn {torn[:5]}" if lost or torn else ""), flush=True)
-        vm.cut()
         acked = sum(m.acked for m in ledger.messages.values())
         failed = [r for r in results if r.lost or r.torn]
         total_files = len(listing.files)
@@ -316,6 +221,8 @@ def run(deb: Path, release: str, cuts: int, seed: int, clients: int) -> int:
               f"{time.monotonic() - start:.0f}s" + ("" if not errors else f"; client errors before cuts: {errors[:3]}"))
         return 1 if failed else 0
     finally:
+        if vm is not None:
+            vm.kill()
         if keep:
             print(f"power-test ({release}): kept {work}")
         else:

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Boots the test VM: the one qemu command line of the system test (run.sh) and the power-cut
-# test (power.py). It execs qemu, so the caller's child pid is qemu's own (power.py kills it).
+# Boots the test VM: the one qemu command line of the system test (run.sh) and of the
+# tests driven from the host (vmhost.py: power.py, flood.py). It execs qemu, so the caller's
+# child pid is qemu's own (power.py kills it: a power cut).
 #
 # Usage: tests/system/qemu.sh IMAGE_DIR ROOT_QCOW2 IO_IMG CONSOLE_LOG CACHE [qemu args...]
 #   IMAGE_DIR  a base image directory from build-image.sh (vmlinuz, partuuid)
