@@ -55,6 +55,8 @@ class Tally:
     replies: dict[str, int] = field(default_factory=dict)  # final reply (or where it stopped)
     greetings: dict[str, int] = field(default_factory=dict)  # the prober's
     bytes_sent: int = 0
+    in_data: int = 0  # clients that reached DATA (354)
+    finished: int = 0  # client threads done, however
     critical: dict[str, int] = field(default_factory=dict)  # greetings while the ballast held
 
     def count(self, table: dict[str, int], key: str) -> None:
@@ -72,7 +74,7 @@ def _reply(f: BinaryIO) -> bytes:
 
 
 def send_one(port: int, seq: int, mib: int, tally: Tally, deadline: float, slots: threading.Semaphore,
-             phase: list[str]) -> None:
+             connecting: threading.Semaphore, phase: list[str]) -> None:
     """One message of `mib` MiB, its 250 recorded with the body's hash. The session goes into DATA
     at once, then waits for one of the streaming slots; at `deadline` it hangs up wherever it is.
     `phase` says where it is (for the report of a client that fails)."""
@@ -80,10 +82,16 @@ def send_one(port: int, seq: int, mib: int, tally: Tally, deadline: float, slots
             f"X-Power-Seq: {seq}\r\n\r\n").encode()
     first = f"flood {seq} {secrets.token_hex(8)}\r\n".encode()
     sha = hashlib.sha256(first.replace(b"\r\n", b"\n"))
-    with socket.create_connection(("127.0.0.1", port), timeout=STALL) as s:
+    with connecting:  # qemu's forwarded port listens with a backlog of 1: a few at a time
+        s = socket.create_connection(("127.0.0.1", port), timeout=STALL)
         f = s.makefile("rb")
         phase[0] = "greeting"
-        greeting = _reply(f)
+        try:
+            greeting = _reply(f)
+        except BaseException:
+            s.close()
+            raise
+    with s:
         if not greeting.startswith(b"220"):
             tally.count(tally.replies, "greeting " + greeting[:9].decode(errors="replace").strip())
             return
@@ -96,6 +104,8 @@ def send_one(port: int, seq: int, mib: int, tally: Tally, deadline: float, slots
                 tally.count(tally.replies, cmd.split()[0].decode() + " " + r[:9].decode(errors="replace").strip())
                 return
         phase[0] = "waiting in DATA for a slot"
+        with tally.lock:
+            tally.in_data += 1
         if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             tally.count(tally.replies, "hung up in DATA at the deadline, before sending")
             return
@@ -123,13 +133,16 @@ def send_one(port: int, seq: int, mib: int, tally: Tally, deadline: float, slots
 
 
 def client(port: int, seq: int, tally: Tally, deadline: float, slots: threading.Semaphore,
-           rng: random.Random) -> None:
+           connecting: threading.Semaphore, rng: random.Random) -> None:
     phase = ["connect"]
     try:
-        send_one(port, seq, rng.randint(*SIZES_MIB), tally, deadline, slots, phase)
+        send_one(port, seq, rng.randint(*SIZES_MIB), tally, deadline, slots, connecting, phase)
     except (OSError, ConnectionError) as exc:
         where = phase[0] if not phase[0].startswith("MiB") else "streaming"
         tally.count(tally.replies, f"error {type(exc).__name__} at {where}")
+    finally:
+        with tally.lock:
+            tally.finished += 1
 
 
 def prober(port: int, tally: Tally, stop: threading.Event, holding: threading.Event) -> None:
@@ -218,17 +231,17 @@ def run(deb: Path, release: str, clients: int, streams: int, deadline_s: float, 
         stop, holding = threading.Event(), threading.Event()
         t0 = time.monotonic()
         deadline = t0 + deadline_s
-        slots = threading.Semaphore(streams)
-        threads = [threading.Thread(target=client, args=(vm.port, i + 1, tally, deadline, slots,
+        slots, connecting = threading.Semaphore(streams), threading.Semaphore(4)
+        threads = [threading.Thread(target=client, args=(vm.port, i + 1, tally, deadline, slots, connecting,
                                                          random.Random(rng.randrange(1 << 30))))
                    for i in range(clients)]
         probe = threading.Thread(target=prober, args=(vm.port, tally, stop, holding))
         for t in threads:
             t.start()
         probe.start()
-        # Under way: the first streams past their first MiB or so.
-        until(lambda: tally.bytes_sent >= streams * MiB, 300)
-        t_ballast, sent_then = time.monotonic(), tally.bytes_sent
+        # Under way: every client in DATA (or done), the first streams past their first MiB.
+        until(lambda: tally.in_data + tally.finished >= clients and tally.bytes_sent >= streams * MiB, 300)
+        t_ballast, sent_then, in_data = time.monotonic(), tally.bytes_sent, tally.in_data
         held = control.ask(f"ballast {FRACTION}")
         holding.set()
         got_452 = until(lambda: tally.critical.get("452", 0) > 0, 120)
@@ -268,7 +281,7 @@ def run(deb: Path, release: str, clients: int, streams: int, deadline_s: float, 
         damaged = sorted(s for s, sha in tally.acked.items() if s in stored and stored[s] != [sha])
         oom = int(after["oom_kill"]) - int(before["oom_kill"])
         print(f"flood-test ({release}): ballast {held[0] if held else '?'} MiB after {t_ballast - t0:.0f}s "
-              f"({sent_then >> 20} MiB sent by then); first 452 greeting {t_452 - t_ballast:.0f}s later; "
+              f"({in_data} clients in DATA, {sent_then >> 20} MiB sent by then); first 452 greeting {t_452 - t_ballast:.0f}s later; "
               f"during: current {int(during['current']) >> 20} MiB of {int(during['limit']) >> 20} MiB, "
               f"memory.events max {during['max_events']}; {released[0] if released else ''}", flush=True)
         print(f"flood-test ({release}): {clients} clients, {tally.bytes_sent >> 20} MiB sent in {flood_s:.0f}s; "

@@ -411,19 +411,28 @@ else
     # trigger needs) meets under each of the shipped unit's obstacles, one lifted at a time; the
     # journal must say at info level that the trigger is off and why.
     mp=/sys/fs/cgroup$(awk -F: '$1=="0"{print $3}' /proc/"$(prop MainPID)"/cgroup)/memory.pressure
-    open_rw() {
+    arm() {
         systemd-run --wait --quiet --pipe "$@" python3 -c '
 import os, sys
+caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]
 try:
-    os.close(os.open(sys.argv[1], os.O_RDWR))
-    print("opened")
+    fd = os.open(sys.argv[1], os.O_RDWR)
 except OSError as e:
-    print(e.strerror)' "$mp" 2>&1
+    sys.exit(print(f"open: {e.strerror} (CapEff {caps})"))
+try:
+    os.write(fd, b"some 200000 2000000\0")
+    print(f"trigger armed (CapEff {caps})")
+except OSError as e:
+    print(f"write: {e.strerror} (CapEff {caps})")' "$mp" 2>&1
     }
-    probes="as the unit (User=elemta, ProtectControlGroups=yes): $(open_rw -p User=elemta -p ProtectControlGroups=yes);"
-    probes="$probes root, ProtectControlGroups=yes: $(open_rw -p ProtectControlGroups=yes);"
-    probes="$probes root without CAP_SYS_RESOURCE: $(open_rw -p CapabilityBoundingSet=~CAP_SYS_RESOURCE);"
-    probes="$probes root: $(open_rw)"
+    probes="as the unit (User=elemta, ProtectControlGroups=yes): $(arm -p User=elemta -p ProtectControlGroups=yes);"
+    probes="$probes root, ProtectControlGroups=yes: $(arm -p ProtectControlGroups=yes);"
+    probes="$probes root without CAP_SYS_RESOURCE: $(arm -p CapabilityBoundingSet=~CAP_SYS_RESOURCE);"
+    # What a unit could do on systemd 252: hand the file to the user (ExecStartPre=+chown) and
+    # exempt it from the read-only cgroup tree (ReadWritePaths=).
+    chown elemta "$mp"
+    probes="$probes User=elemta owning the file, ProtectControlGroups=yes, ReadWritePaths= it: $(arm -p User=elemta -p ProtectControlGroups=yes -p ReadWritePaths="$mp")"
+    chown root "$mp"
     line=$(journalctl -u elemta -p info -o cat --no-pager | grep -m1 -E 'memory pressure trigger (armed|not armed)')
     if [ -n "$line" ]; then
         pass pressure-own-trigger "journal (info): $line; opening $mp for writing: $probes"
