@@ -407,9 +407,10 @@ PY
     systemctl daemon-reload
 else
     skip memory-pressure "systemd $SYSTEMD_VERSION has no MemoryPressureWatch= (>= 254)"
-    # elemta's own PSI trigger instead: what opening the unit's memory.pressure for writing (as a
-    # trigger needs) meets under each of the shipped unit's obstacles, one lifted at a time; the
-    # journal must say at info level that the trigger is off and why.
+    # elemta's own PSI trigger instead, which the unit makes possible (elemta-pressure hands the
+    # file to the service, ReadWritePaths= exempts it from ProtectControlGroups=): the journal must
+    # say at info level that it is armed. The probes show what each obstacle alone does to
+    # arming a trigger (open for writing, write the trigger).
     mp=/sys/fs/cgroup$(awk -F: '$1=="0"{print $3}' /proc/"$(prop MainPID)"/cgroup)/memory.pressure
     arm() {
         systemd-run --wait --quiet --pipe "$@" python3 -c '
@@ -428,17 +429,20 @@ except OSError as e:
     probes="as the unit (User=elemta, ProtectControlGroups=yes): $(arm -p User=elemta -p ProtectControlGroups=yes);"
     probes="$probes root, ProtectControlGroups=yes: $(arm -p ProtectControlGroups=yes);"
     probes="$probes root without CAP_SYS_RESOURCE: $(arm -p CapabilityBoundingSet=~CAP_SYS_RESOURCE);"
-    # What a unit could do on systemd 252: hand the file to the user (ExecStartPre=+chown) and
-    # exempt it from the read-only cgroup tree (ReadWritePaths=).
-    chown elemta "$mp"
-    probes="$probes User=elemta owning the file, ProtectControlGroups=yes, ReadWritePaths= it: $(arm -p User=elemta -p ProtectControlGroups=yes -p ReadWritePaths="$mp")"
+    owner=$(stat -c %U "$mp")
     chown root "$mp"
-    line=$(journalctl -u elemta -p info -o cat --no-pager | grep -m1 -E 'memory pressure trigger (armed|not armed)')
-    if [ -n "$line" ]; then
-        pass pressure-own-trigger "journal (info): $line; opening $mp for writing: $probes"
-    else
-        fail pressure-own-trigger "no info line about elemta's own PSI trigger in the journal; opening $mp for writing: $probes"
-    fi
+    probes="$probes the file owned by root as without elemta-pressure: $(arm -p User=elemta -p ProtectControlGroups=yes -p ReadWritePaths="$mp");"
+    chown elemta "$mp"
+    probes="$probes owned by elemta, ProtectControlGroups=yes and ReadWritePaths= as the unit: $(arm -p User=elemta -p ProtectControlGroups=yes -p ReadWritePaths="$mp")"
+    chown "$owner" "$mp"
+    probes="$probes (owner after ExecStartPre: $owner)"
+    line=$(journalctl -u elemta -p info -o cat --no-pager | grep -E 'memory pressure trigger (armed|not armed)' | tail -1)
+    case $line in
+        "memory pressure trigger armed"*)
+            pass pressure-own-trigger "journal (info): $line; arming a trigger on $mp: $probes" ;;
+        *)
+            fail pressure-own-trigger "journal: '${line:-no line about elemta's own PSI trigger}'; arming a trigger on $mp: $probes" ;;
+    esac
 fi
 
 # ---- stop drains and exits 0

@@ -90,12 +90,14 @@ def _open_watch(path: Path, write: bytes) -> tuple[int, int, socket.socket | Non
     return fd, select.EPOLLPRI, None
 
 
-# Why opening a cgroup's memory.pressure for writing fails, as met under systemd on Debian 12
-# (kernel 6.1, systemd 252, the shipped unit); all three stand in the way there.
+# Why opening a cgroup's memory.pressure for writing fails. Under systemd 252 (Debian 12) the
+# unit must hand the file to the service (elemta-pressure) and exempt it from
+# ProtectControlGroups= (ReadWritePaths=); systemd >= 254 does both for MemoryPressureWatch=.
 _OPEN_HINTS = {
-    errno.EACCES: " (the file belongs to root: systemd before 254 does not hand it to the service)",
-    errno.EROFS: " (the cgroup tree is mounted read-only, as ProtectControlGroups= does)",
-    errno.EPERM: " (kernels before 6.5 let only CAP_SYS_RESOURCE open it for writing)",
+    errno.EACCES: " (the file belongs to root: is the unit's ExecStartPre=+elemta-pressure there?)",
+    errno.EROFS: " (the cgroup tree is mounted read-only by ProtectControlGroups=: is the unit's "
+                 "ReadWritePaths= for it there?)",
+    errno.EPERM: " (this kernel lets only CAP_SYS_RESOURCE create PSI triggers)",
 }
 
 
