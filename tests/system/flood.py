@@ -293,7 +293,8 @@ def run(deb: Path, release: str, clients: int, streams: int, deadline_s: float, 
               f"journal: critical lines {after['critical_lines']}, breaker opened {after['breaker_opened']}, "
               f"closed {after['breaker_closed']}; after the flood: {outcome} in {recovered_after:.0f}s "
               f"(active_file {int(after['active_file']) >> 20} MiB, inactive_file "
-              f"{int(after['inactive_file']) >> 20} MiB); {time.monotonic() - start:.0f}s in all", flush=True)
+              f"{int(after['inactive_file']) >> 20} MiB, {int(after['mail_free']) >> 20} MiB free for mail); "
+              f"{time.monotonic() - start:.0f}s in all", flush=True)
         if oom:
             failures.append(f"{oom} OOM kill(s)")
         if before.get("MainPID") != after.get("MainPID"):

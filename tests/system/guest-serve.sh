@@ -50,6 +50,14 @@ if ! dpkg -s elemta >/dev/null 2>&1; then
         # (elemta applies its thresholds to it); the configuration stays as shipped.
         mkdir -p /etc/systemd/system/elemta.service.d
         printf '[Service]\nMemoryHigh=infinity\nMemoryMax=384M\n' >/etc/systemd/system/elemta.service.d/50-flood.conf
+        # 2-3 GiB of mail would fill the 3 GiB root disk, and elemta would rightly refuse for
+        # want of space: the Maildir goes on the (large, sparse) I/O disk instead.
+        systemctl stop elemta.service elemta.socket
+        mkdir -p "$IO/mail"
+        cp -a /var/lib/elemta/mail/. "$IO/mail/"
+        chown --reference=/var/lib/elemta/mail "$IO/mail"
+        chmod --reference=/var/lib/elemta/mail "$IO/mail"
+        mount --bind "$IO/mail" /var/lib/elemta/mail || fail "cannot bind $IO/mail"
     fi
     systemctl stop elemta.service elemta.socket
     systemctl daemon-reload
@@ -125,7 +133,7 @@ print(f"ready {len(chunks)}", flush=True)
 sys.stdin.read()  # until released
 PY
 cat >/tmp/control.py <<'PY'
-import os, socket, subprocess, sys
+import os, shutil, socket, subprocess, sys
 mail = sys.argv[1]
 def cgroup():
     pid = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", "elemta.service"],
@@ -143,6 +151,7 @@ def stats():
     return [f"oom_kill {ev.get('oom_kill', '?')}", f"oom {ev.get('oom', '?')}", f"max_events {ev.get('max', '?')}",
             f"current {open(cg + '/memory.current').read().strip()}", f"limit {open(cg + '/memory.max').read().strip()}",
             f"active_file {st['active_file']}", f"inactive_file {st['inactive_file']}",
+            f"mail_free {shutil.disk_usage(mail).free}",
             f"critical_lines {j.count('Memory critical threshold exceeded')}",
             f"breaker_opened {j.count('Circuit breaker opened')}", f"breaker_closed {j.count('Circuit breaker closed')}",
             *main]

@@ -80,7 +80,9 @@ def prepare(deb: Path, release: str, mode: str) -> tuple[Path, Path]:
     shutil.copy(HERE / "guest-serve.sh", inputs / "run.sh")
     (inputs / "run.sh").chmod(0o755)
     (inputs / "mode").write_text(mode + "\n")
-    subprocess.run(["truncate", "-s", "64M", str(work / "io.img")], check=True)
+    # Sparse: the flood's Maildir lives there (guest-serve.sh), a few GiB.
+    size = "8G" if mode == "flood" else "64M"
+    subprocess.run(["truncate", "-s", size, str(work / "io.img")], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-L", "elemta-io", "-d", str(inputs), str(work / "io.img")],
                    check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image / "base.raw"),
