@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup bench stress clean deb system-test
+.PHONY: run test lint setup bench stress clean deb system-test power-test flood-test
 
 run: $(STAMP)
 	$(BIN)/elemta serve
@@ -49,6 +49,26 @@ deb:
 # are cached in /var/cache/elemta-vm. See tests/system/.
 system-test: deb
 	./tests/system/run.sh dist/elemta_$(VERSION)$(SUFFIX)_all.deb $(RELEASE)
+
+# Tests driven from the host against $(DEBIAN)'s VM (default: both releases), the package as
+# installed (tests/system/vmhost.py):
+# - power-test: sends mail, kills qemu (SIGKILL) at random moments, boots again from the same
+#   disk and checks that every message answered 250 is in the Maildir, intact, and nothing torn
+#   is in new/. POWER_CUTS per release (default 5: 10 over both). See tests/system/power.py.
+# - flood-test: 200 clients in DATA with 5-20 MiB messages plus a ballast in the unit's cgroup
+#   under MemoryMax=384M: no OOM kill, 452 while critical, every 250 intact, recovery.
+POWER_CUTS ?= 5
+VM_RELEASES = $(if $(DEBIAN),$(DEBIAN),bookworm trixie)
+power-test flood-test:
+	@rc=0; for r in $(VM_RELEASES); do \
+	    case $$r in trixie) s=+deb13 ;; *) s=+deb12 ;; esac; \
+	    $(MAKE) --no-print-directory deb DEBIAN=$$r && \
+	    if [ $@ = power-test ]; then \
+	        ./tests/system/power.py dist/elemta_$(VERSION)$${s}_all.deb $$r --cuts $(POWER_CUTS); \
+	    else \
+	        ./tests/system/flood.py dist/elemta_$(VERSION)$${s}_all.deb $$r; \
+	    fi || rc=1; \
+	done; exit $$rc
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info var

@@ -37,19 +37,10 @@ truncate -s 256M "$WORK/io.img"
 mkfs.ext4 -q -L elemta-io -d "$WORK/in" "$WORK/io.img"
 qemu-img create -q -f qcow2 -b "$IMAGE/base.raw" -F raw "$WORK/root.qcow2"
 
-# KVM here is a paravirtual device qemu cannot use (see the note): software emulation, always.
 t_vm=$(date +%s)
 rc=0
-timeout "$TIMEOUT" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
-    -display none -serial "file:$WORK/console.log" -monitor none -no-reboot -nic none \
-    -kernel "$IMAGE/vmlinuz" \
-    -append "root=PARTUUID=$(cat "$IMAGE/partuuid") rw console=ttyS0 panic=-1 systemd.unified_cgroup_hierarchy=1 quiet" \
-    -device nvme,serial=elemta,id=nvme0 \
-    -drive file="$WORK/root.qcow2",if=none,id=root,format=qcow2 \
-    -device nvme-ns,drive=root,bus=nvme0,nsid=1 \
-    -drive file="$WORK/io.img",if=none,id=io,format=raw \
-    -device nvme-ns,drive=io,bus=nvme0,nsid=2 || rc=$?
+timeout "$TIMEOUT" "$HERE/qemu.sh" "$IMAGE" "$WORK/root.qcow2" "$WORK/io.img" "$WORK/console.log" writeback \
+    -nic none || rc=$?
 vm_seconds=$(( $(date +%s) - t_vm ))
 if [ "$rc" = 124 ]; then
     echo "system-test: FAIL: the VM did not power off within ${TIMEOUT}s; last console lines:"

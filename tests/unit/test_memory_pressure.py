@@ -151,3 +151,19 @@ def test_regular_file_gets_the_trigger_written(tmp_path: Path,
 
 def test_missing_path_and_dev_null(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     asyncio.run(_missing_path_and_dev_null(tmp_path, caplog))
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a PSI file"])
+def test_own_trigger_not_armed_is_logged_at_info(tmp_path: Path, kind: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Without a trigger the monitor only wakes on its timer: the log must say so by default
+    (Debian 12 under the shipped unit cannot open memory.pressure for writing)."""
+    path = tmp_path / "memory.pressure"
+    if kind == "not a PSI file":
+        path.write_bytes(b"")  # takes the write, but epoll refuses a regular file
+    with caplog.at_level(logging.INFO, logger="elemta.memory"):
+        assert PressureTrigger.arm(path, lambda: None) is None
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1, caplog.text
+    assert lines[0].startswith(f"memory pressure trigger not armed on {path}: ")
+    assert lines[0].endswith("the memory monitor wakes only every monitoring_interval")

@@ -90,6 +90,24 @@ def _open_watch(path: Path, write: bytes) -> tuple[int, int, socket.socket | Non
     return fd, select.EPOLLPRI, None
 
 
+# Why opening a cgroup's memory.pressure for writing fails. Under systemd 252 (Debian 12) the
+# unit must hand the file to the service (elemta-pressure) and exempt it from
+# ProtectControlGroups= (ReadWritePaths=); systemd >= 254 does both for MemoryPressureWatch=.
+_OPEN_HINTS = {
+    errno.EACCES: " (the file belongs to root: is the unit's ExecStartPre=+elemta-pressure there?)",
+    errno.EROFS: " (the cgroup tree is mounted read-only by ProtectControlGroups=: is the unit's "
+                 "ReadWritePaths= for it there?)",
+    errno.EPERM: " (this kernel lets only CAP_SYS_RESOURCE create PSI triggers)",
+}
+
+
+def _not_armed(path: Path, exc: OSError, hint: str) -> None:
+    # Info, not debug: without a trigger the memory monitor wakes only on its timer, which an
+    # administrator tuning monitoring_interval needs to know (Debian 12's normal case).
+    log.info("memory pressure trigger not armed on %s: %s%s; the memory monitor wakes only "
+             "every monitoring_interval", path, exc.strerror or exc, hint)
+
+
 class PressureTrigger:
     """One armed watch; calls `on_pressure` on the loop each time it fires."""
 
@@ -107,11 +125,12 @@ class PressureTrigger:
     @classmethod
     def arm(cls, path: Path, on_pressure: Callable[[], None]) -> PressureTrigger | None:
         """Arm our own trigger on `path` (a memory.pressure or /proc/pressure/memory file) in the
-        running loop; None (logged at debug) where the kernel or permissions do not allow it."""
+        running loop; None (logged at info, with the reason) where the kernel or permissions do
+        not allow it."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
+            _not_armed(path, exc, _OPEN_HINTS.get(exc.errno or 0, ""))
             return None
         try:
             for trigger in PSI_TRIGGERS:
@@ -125,7 +144,7 @@ class PressureTrigger:
             ep.register(fd, select.EPOLLPRI)
         except OSError as exc:
             os.close(fd)
-            log.debug("no PSI trigger on %s: %s", path, exc.strerror)
+            _not_armed(path, exc, "")
             return None
         log.info("memory pressure trigger armed on %s (%s)", path, trigger.rstrip(b"\0").decode())
         return cls(fd, ep, asyncio.get_running_loop(), on_pressure)

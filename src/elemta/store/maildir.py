@@ -207,14 +207,16 @@ class Maildir:
         if not self.root.is_dir():
             return 0
         now = time.time()
+        booted = _boot_time()
         for tmpdir in self.root.glob("*/*/tmp"):
             for entry in os.scandir(tmpdir):
                 try:
                     if not entry.is_file(follow_symlinks=False):
                         continue
                     st = entry.stat(follow_symlinks=False)
-                    if not stale_tmp_file(entry.name, now - max(st.st_mtime, st.st_atime),
-                                          self.hostname, _writer_alive):
+                    touched = max(st.st_mtime, st.st_atime)
+                    if not stale_tmp_file(entry.name, now - touched, self.hostname, _writer_alive,
+                                          before_boot=touched < booted):
                         continue
                     os.unlink(entry.path)
                     removed += 1
@@ -234,21 +236,36 @@ _SPOOL_NAME = re.compile(r"\d+\.M\d+P(\d+)Q\d+_[0-9A-F]{12}\.(.+)")
 TMP_STALE_AFTER = 36 * 3600
 
 
-def stale_tmp_file(name: str, idle: float, hostname: str, alive: Callable[[int], bool]) -> bool:
-    """May a start-up remove tmp/ file `name`, untouched for `idle` seconds?
+def stale_tmp_file(name: str, idle: float, hostname: str, alive: Callable[[int], bool],
+                   before_boot: bool = False) -> bool:
+    """May a start-up remove tmp/ file `name`, untouched for `idle` seconds (`before_boot`: last
+    touched before this boot)?
 
     Another program (an IMAP server, a second elemta) may be writing any tmp/ file, so only
     what the convention calls abandoned goes, and elemta's own leftovers: files named by
     `spool_name` with this hostname whose writing process is gone. A live process with that
     pid may be another elemta on this maildir (or an unrelated process that reused the pid):
-    its file stays, until it is 36 hours old.
+    its file stays, until it is 36 hours old. Unless the file dates from before this boot (a
+    power cut, a crash): pids start again at boot, so whoever has that pid now never wrote it.
     """
     if idle > TMP_STALE_AFTER:
         return True
     m = _SPOOL_NAME.fullmatch(name)
     if m is None or m.group(2) != hostname:
         return False
-    return not alive(int(m.group(1)))
+    return before_boot or not alive(int(m.group(1)))
+
+
+def _boot_time() -> float:
+    """When this machine booted (Linux /proc/stat btime); 0 where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def _writer_alive(pid: int) -> bool:
