@@ -100,28 +100,13 @@ def api_token(path: str) -> bytes | None:
     """
     if not path:
         return None
-
-    def bad(problem: str) -> SetupError:
-        return SetupError("api", "token_file", f"{path!r}: {problem}")
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise bad(f"cannot open: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise bad("not a regular file")
-        if st.st_mode & 0o007:
-            raise bad(f"readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                      f"chmod o-rwx {path}")
-        raw = os.read(fd, 4096)
-    finally:
-        os.close(fd)
+    raw = _read_secret(path, "api", "token_file", 0o007, "readable by others", "chmod o-rwx",
+                       4096)
     token = raw.strip()
     if len(token) < MIN_TOKEN_LENGTH or not all(0x21 <= b <= 0x7E for b in token):
-        raise bad(f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
-                  "on one line (e.g. `openssl rand -hex 32`)")
+        raise SetupError("api", "token_file",
+                         f"{path!r}: the token must be at least {MIN_TOKEN_LENGTH} visible "
+                         "ASCII characters on one line (e.g. `openssl rand -hex 32`)")
     return token
 
 
@@ -130,9 +115,21 @@ def relay_auth(path: str) -> Credentials:
     its owner may read or write (mode 0600 or 0400), since it holds passwords."""
     if not path:
         return {}
+    raw = _read_secret(path, "delivery", "relay_auth_file", 0o077, "group or others have access",
+                       "chmod 600", 1024 * 1024)
+    try:
+        return parse_auth(raw.decode("utf-8"), path)
+    except (UnicodeDecodeError, ValueError) as exc:
+        problem = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise SetupError("delivery", "relay_auth_file", f"{path!r}: {problem}") from None
 
+
+def _read_secret(path: str, section: str, key: str, forbidden: int, exposed: str, fix: str,
+                 limit: int) -> bytes:
+    """A credential file's bytes: a regular file (no symlink followed) with none of the
+    `forbidden` mode bits, since it holds a secret; else a SetupError naming the key."""
     def bad(problem: str) -> SetupError:
-        return SetupError("delivery", "relay_auth_file", f"{path!r}: {problem}")
+        return SetupError(section, key, f"{path!r}: {problem}")
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -142,18 +139,11 @@ def relay_auth(path: str) -> Credentials:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise bad("not a regular file")
-        if st.st_mode & 0o077:
-            raise bad(f"group or others have access (mode {stat.S_IMODE(st.st_mode):04o}): "
-                      f"chmod 600 {path}")
-        raw = os.read(fd, 1024 * 1024)
+        if st.st_mode & forbidden:
+            raise bad(f"{exposed} (mode {stat.S_IMODE(st.st_mode):04o}): {fix} {path}")
+        return os.read(fd, limit)
     finally:
         os.close(fd)
-    try:
-        return parse_auth(raw.decode("utf-8"), path)
-    except UnicodeDecodeError:
-        raise bad("not UTF-8") from None
-    except ValueError as exc:
-        raise bad(str(exc)) from None
 
 
 def problems(cfg: Config) -> list[str]:
