@@ -19,30 +19,16 @@ import time
 from pathlib import Path
 
 from common import MiB, Server, free_port, popen_server, tree_pids, wait_port
+from postfixhub import SERVICES
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
-# Only the services this instance needs; chroot off (column 5 = n) so nothing has to be
-# copied into a jail; no pickup/maildrop (nothing is submitted locally).
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-proxymap  unix - - n - - proxymap
+# The shared services (tests/postfixhub.py) plus showq and the lmtp transport.
+MASTER_CF = SERVICES + """\
 showq     unix n - n - - showq
-error     unix - - n - - error
-retry     unix - - n - - error
-discard   unix - - n - - discard
 lmtp      unix - - n - - lmtp
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
 """
 
 MAIN_CF = """\

@@ -13,7 +13,7 @@ from pathlib import Path
 from test_smtp_relay import hub, records, relay_extra  # noqa: F401 - hub is a fixture
 
 from daemon import Daemon, free_port, running, wait_until
-from postfix import DOMAIN, Postfix
+from postfixhub import DOMAIN, Postfix
 
 
 def dsn_of(raw: bytes) -> email.message.EmailMessage:

@@ -1,5 +1,5 @@
 """Relaying to a smarthost over SMTP: the client (delivery/smtp.py) against a real Postfix
-(tests/postfix.py) and against elemta itself as the next hop; the daemon with
+(tests/postfixhub.py) and against elemta itself as the next hop; the daemon with
 [delivery] relay_domains, which never turns into an open relay."""
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from pathlib import Path
 
 import pytest
 
-import postfix
+import postfixhub
 from daemon import Daemon, free_port, running, wait_until
 from elemta.delivery.base import Envelope, RecipientResult
 from elemta.delivery.client import Timeouts
 from elemta.delivery.smtp import SmtpTransport
-from postfix import DOMAIN, Postfix
+from postfixhub import DOMAIN, Postfix
 
-pytestmark = pytest.mark.skipif(not postfix.installed(), reason="postfix not installed")
+pytestmark = pytest.mark.skipif(not postfixhub.installed(), reason="postfix not installed")
 
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[Postfix]:
-    with postfix.running() as p:
+    with postfixhub.running() as p:
         yield p
 
 
@@ -245,7 +245,7 @@ def test_hop_down_deferred_then_delivered_after_flush(tmp_path: Path) -> None:
         wait_until(lambda: d.log.count("status=deferred") == 2, "both recipients deferred")
         assert f"(451 4.4.1 connect to 127.0.0.1:{port}: Connection refused)" in d.log
         assert set(states(tmp_path / "queue").values()) == {"pending"}
-        with postfix.running(port) as hub:
+        with postfixhub.running(port) as hub:
             flush = subprocess.run([sys.executable, "-m", "elemta.cli", "queue", "flush",
                                     "--config", str(d.config_path)], capture_output=True,
                                    text=True, timeout=60)
