@@ -226,6 +226,11 @@ class DeliveryConfig:
         "", "relay_transport", "Where mail for relay_domains goes: \"smtp:[HOST]:PORT\" "
         "(or an LMTP spec); empty: every relay domain needs a [[delivery.route]]"
     )
+    relay_recipients: str = _f(
+        "any", "relay_recipients", "Which recipients of relay_domains are taken: \"any\", "
+        "\"file:PATH\" (one address or @domain per line) or \"smtp\" (ask the domain's next "
+        "hop at RCPT, cached)"
+    )
     smtp_connect_timeout: float = _f(
         30.0, "duration", "SMTP relay client: TCP connect plus the server's 220 greeting",
         minimum=0.1, maximum=86400,
@@ -434,6 +439,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "transport": routing.parse_spec,
     "routes": routing.parse_routes,
     "relay_transport": routing.parse_relay_spec,
+    "relay_recipients": recipients.parse_relay_mode,
 }
 
 
@@ -537,7 +543,8 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
         problems.extend(f"{where('delivery', key)}: {problem}"
                         for key, problem in recipients.problems(
                             d.recipients, d.aliases, d.domains,
-                            getattr(d, "transport", "maildir")))
+                            getattr(d, "transport", "maildir"), d.relay_recipients,
+                            d.relay_domains))
         if not is_loopback(cfg.api.listen) and not cfg.api.token_file:
             problems.append(
                 f"{where('api', 'listen')}: {cfg.api.listen} is not a loopback address: set "

@@ -33,6 +33,7 @@ POSTMASTER = "postmaster"
 if TYPE_CHECKING:
     from .config import DeliveryConfig
 MODES = ("maildir", "any", "file:PATH", "lmtp")
+RELAY_MODES = ("any", "file:PATH", "smtp")  # [delivery] relay_recipients
 
 
 class RecipientRefusal(enum.Enum):
@@ -49,6 +50,7 @@ class Lookup(enum.Enum):
 
     MAILDIR = "ask the maildir"
     LMTP = "ask the lmtp server"
+    NEXT_HOP = "ask the relay domain's next hop"  # relay_recipients = "smtp"
 
 
 class AddressProbe(Protocol):
@@ -108,6 +110,8 @@ class RecipientMap:
     table: RecipientTable = field(default_factory=RecipientTable)
     aliases: Aliases = field(default_factory=dict)
     description: str = ""  # for the start and reload log lines
+    relay_mode: str = "any"  # relay_recipients: "any", "file" or "smtp"
+    relay_table: RecipientTable = field(default_factory=RecipientTable)
 
 
 def parse_mode(value: object) -> str:
@@ -117,6 +121,15 @@ def parse_mode(value: object) -> str:
     if value in ("maildir", "any", "lmtp") or (value.startswith("file:") and value[5:].strip()):
         return value
     raise ValueError(f"must be \"maildir\", \"any\", \"file:PATH\" or \"lmtp\", got {value!r}")
+
+
+def parse_relay_mode(value: object) -> str:
+    """[delivery] relay_recipients: "any", "file:PATH" (checked, not read, here) or "smtp"."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    if value in ("any", "smtp") or (value.startswith("file:") and value[5:].strip()):
+        return value
+    raise ValueError(f"must be \"any\", \"file:PATH\" or \"smtp\", got {value!r}")
 
 
 def table_path(mode: str) -> str | None:
@@ -133,18 +146,20 @@ def _entries(text: str, path: str) -> list[tuple[str, str]]:
     return out
 
 
-def _address(entry: str, domains: Collection[str]) -> Mailbox | str:
+def _address(entry: str, domains: Collection[str], key: str = "domains") -> Mailbox | str:
     """A full address of one of our domains, or the problem with it."""
     localpart, at, domain = entry.lower().rpartition("@")
     if not at or not localpart or len(localpart) > 64 or not LOCALPART.fullmatch(localpart) \
             or not _DOMAIN.fullmatch(domain):
         return f"{entry!r} is not an address (local@domain)"
     if domain not in domains:
-        return f"{domain} is not in [delivery] domains"
+        return f"{domain} is not in [delivery] {key}"
     return Mailbox(domain, localpart)
 
 
-def parse_table(text: str, path: str, domains: Collection[str]) -> RecipientTable:
+def parse_table(text: str, path: str, domains: Collection[str],
+                key: str = "domains") -> RecipientTable:
+    """`key` names the config list `domains` comes from (relay_recipients: relay_domains)."""
     addresses: set[Mailbox] = set()
     catchall: set[str] = set()
     problems = []
@@ -152,11 +167,11 @@ def parse_table(text: str, path: str, domains: Collection[str]) -> RecipientTabl
         if entry.startswith("@"):
             domain = entry[1:].lower().rstrip(".")
             if domain not in domains:
-                problems.append(f"{where}: {entry!r}: {domain} is not in [delivery] domains")
+                problems.append(f"{where}: {entry!r}: {domain} is not in [delivery] {key}")
             else:
                 catchall.add(domain)
             continue
-        box = _address(entry, domains)
+        box = _address(entry, domains, key)
         if isinstance(box, str):
             problems.append(f"{where}: {box}")
         else:
@@ -214,7 +229,8 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def load_map(mode: str, aliases_path: str, domains: Collection[str]) -> RecipientMap:
+def load_map(mode: str, aliases_path: str, domains: Collection[str], relay: str = "any",
+             relay_domains: Collection[str] = ()) -> RecipientMap:
     """The maps as the config names them. Raises OSError (with its filename) or MapError."""
     table = RecipientTable()
     path = table_path(mode)
@@ -229,23 +245,43 @@ def load_map(mode: str, aliases_path: str, domains: Collection[str]) -> Recipien
         what = "lmtp (asked of the LMTP server at RCPT)"
     aliases = parse_aliases(_read(aliases_path), aliases_path, domains) if aliases_path else {}
     shown = f"{len(aliases)} alias(es) from {aliases_path}" if aliases_path else "no aliases"
-    return RecipientMap("file" if path is not None else mode, table, aliases, f"{what}; {shown}")
+    relay_table = RecipientTable()
+    relay_path = table_path(relay)
+    if relay_path is not None:
+        relay_table = parse_table(_read(relay_path), relay_path, relay_domains, "relay_domains")
+        shown += (f"; relay recipients: file {relay_path} ({len(relay_table.addresses)} "
+                  f"address(es), {len(relay_table.catchall)} catch-all domain(s))")
+    elif relay_domains:
+        shown += f"; relay recipients: {relay}"
+    return RecipientMap("file" if path is not None else mode, table, aliases, f"{what}; {shown}",
+                        "file" if relay_path is not None else relay, relay_table)
+
+
+def load_delivery_map(delivery: DeliveryConfig) -> RecipientMap:
+    """load_map for the keys of [delivery]."""
+    return load_map(delivery.recipients, delivery.aliases, delivery.domains,
+                    getattr(delivery, "relay_recipients", "any"),
+                    getattr(delivery, "relay_domains", ()))
 
 
 def problems(mode: str, aliases_path: str, domains: Collection[str],
-             transport: str = "maildir") -> list[tuple[str, str]]:
+             transport: str = "maildir", relay: str = "any",
+             relay_domains: Collection[str] = ()) -> list[tuple[str, str]]:
     """("key", problem) for each map file that cannot be read or parsed: config errors."""
     out: list[tuple[str, str]] = []
     if mode == "lmtp" and not transport.startswith("lmtp:"):
         out.append(("recipients", f"\"lmtp\" asks the LMTP server, but [delivery] transport is "
                                   f"{transport!r}: set transport = \"lmtp:HOST:PORT\" or "
                                   "\"lmtp:unix:/path\""))
-    for key, path, parse in (("recipients", table_path(mode), parse_table),
-                             ("aliases", aliases_path or None, parse_aliases)):
+    for key, path, parse, known in (
+            ("recipients", table_path(mode), parse_table, domains),
+            ("aliases", aliases_path or None, parse_aliases, domains),
+            ("relay_recipients", table_path(relay),
+             lambda t, p, d: parse_table(t, p, d, "relay_domains"), relay_domains)):
         if path is None:
             continue
         try:
-            parse(_read(path), path, domains)
+            parse(_read(path), path, known)
         except OSError as exc:
             out.append((key, f"cannot read {path!r}: {exc.strerror or exc}"))
         except UnicodeDecodeError:
@@ -269,6 +305,20 @@ def decide(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | RecipientR
     if rmap.mode == "lmtp":
         return Lookup.LMTP
     return Lookup.MAILDIR
+
+
+def decide_relay(rmap: RecipientMap, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal | \
+        Lookup:
+    """Whether a relay domain's recipient is taken (relay_recipients), or "ask the next hop".
+    The file lists addresses lower-cased; the local part relayed keeps its case."""
+    if rmap.relay_mode == "file":
+        if Mailbox(box.domain, box.localpart.lower()) in rmap.relay_table.addresses or \
+                box.domain in rmap.relay_table.catchall:
+            return (box,)
+        return RecipientRefusal.UNKNOWN_USER
+    if rmap.relay_mode == "smtp":
+        return Lookup.NEXT_HOP
+    return (box,)
 
 
 # -- the maildir question, off the loop -----------------------------------------------------
@@ -324,17 +374,22 @@ class Recipients:
     LMTP probe for recipients = "lmtp")."""
 
     def __init__(self, rmap: RecipientMap, cache: MailboxCache,
-                 probe: AddressProbe | None = None) -> None:
+                 probe: AddressProbe | None = None,
+                 hop_probe: Callable[[str], AddressProbe] | None = None) -> None:
         self.map = rmap
         self.cache = cache
         self.probe = probe
         self._probe_target: str | None = None  # the transport `probe` was made for by _set_probe
+        # relay_recipients = "smtp": one probe per next-hop spec, made on first use by hop_probe.
+        self.hop_probe = hop_probe
+        self.hop_probes: dict[str, AddressProbe] = {}
+        self._hop_of: Callable[[str], str] = lambda domain: ""
 
     @classmethod
-    def build(cls, delivery: DeliveryConfig, root: Path, executor: Executor) -> Recipients:
+    def build(cls, delivery: DeliveryConfig, root: Path, executor: Executor,
+              hop_probe: Callable[[str], AddressProbe] | None = None) -> Recipients:
         """Reads the map files: at start (config.load has just checked them) and nowhere else."""
-        r = cls(load_map(delivery.recipients, delivery.aliases, delivery.domains),
-                MailboxCache(root, executor))
+        r = cls(load_delivery_map(delivery), MailboxCache(root, executor), hop_probe=hop_probe)
         r._set_probe(delivery)
         return r
 
@@ -352,10 +407,25 @@ class Recipients:
             from .delivery.probe import LmtpProbe  # only this mode needs the LMTP client
             self.probe = LmtpProbe(target)
         self._probe_target = target
+        self._set_hop_probes(delivery)
+
+    def _set_hop_probes(self, delivery: DeliveryConfig) -> None:
+        """The next hop of each relay domain; a probe whose hop no domain uses any more (or
+        every probe, when relay_recipients is no longer "smtp") is abandoned."""
+        from .queue.routing import transport_for  # a lower layer would import upwards
+
+        relay = getattr(delivery, "relay_recipients", "any")
+        default = getattr(delivery, "relay_transport", "")
+        routes = getattr(delivery, "route", ())
+        hops = {d: transport_for(d, default, routes)
+                for d in getattr(delivery, "relay_domains", ())} if relay == "smtp" else {}
+        for spec in [s for s in self.hop_probes if s not in hops.values()]:
+            self.hop_probes.pop(spec).abandon()
+        self._hop_of = lambda domain: hops.get(domain, "")
 
     def reload(self, delivery: DeliveryConfig) -> None:
         """Re-read the map files (SIGHUP); on OSError/MapError the current maps stay."""
-        self.install(load_map(delivery.recipients, delivery.aliases, delivery.domains), delivery)
+        self.install(load_delivery_map(delivery), delivery)
 
     def install(self, rmap: RecipientMap, delivery: DeliveryConfig) -> None:
         """Put maps read elsewhere (off the event loop) in force."""
@@ -364,6 +434,8 @@ class Recipients:
         self.cache.forget()  # an administrator who reloads expects new mailboxes seen at once
         if self.probe is not None:
             self.probe.forget()
+        for hop in self.hop_probes.values():
+            hop.forget()
 
     async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
         verdict = decide(self.map, box)
@@ -372,10 +444,26 @@ class Recipients:
             if found is None:
                 return RecipientRefusal.LOOKUP_FAILED
             return (box,) if found else RecipientRefusal.UNKNOWN_USER
-        if verdict is not Lookup.MAILDIR:
+        if not isinstance(verdict, Lookup):  # decide asks for nothing else than MAILDIR now
             return verdict
         return (box,) if await self.cache.exists(box) else RecipientRefusal.UNKNOWN_USER
+
+    async def resolve_relay(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
+        """A relay domain's recipient: relay_recipients decides, or its next hop is asked."""
+        verdict = decide_relay(self.map, box)
+        if not isinstance(verdict, Lookup):
+            return verdict
+        spec = self._hop_of(box.domain)
+        probe = self.hop_probes.get(spec)
+        if probe is None and spec and self.hop_probe is not None:
+            probe = self.hop_probes[spec] = self.hop_probe(spec)
+        found = await probe.exists(str(box)) if probe is not None else None
+        if found is None:
+            return RecipientRefusal.LOOKUP_FAILED
+        return (box,) if found else RecipientRefusal.UNKNOWN_USER
 
     async def close(self) -> None:
         if self.probe is not None:
             await self.probe.close()
+        for hop in list(self.hop_probes.values()):
+            await hop.close()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import config, mailboxes, runtime
 from .events import emit
-from .recipients import MapError, RecipientMap, Recipients, load_map
+from .recipients import MapError, RecipientMap, Recipients, load_delivery_map
 
 if TYPE_CHECKING:
     from .observe.systemd import SystemdNotifier
@@ -108,11 +108,11 @@ def log_rejected(logger: logging.Logger, outcome: ReloadOutcome) -> None:
 
 
 def read_recipients(delivery: config.DeliveryConfig) -> RecipientMap | Exception:
-    """SIGHUP, off the event loop: re-read the recipient map and aliases (even when their paths
+    """SIGHUP, off the event loop: re-read the recipient maps and aliases (even when their paths
     did not change). config.load has just parsed both files; a failure here means they changed
     in between."""
     try:
-        return load_map(delivery.recipients, delivery.aliases, delivery.domains)
+        return load_delivery_map(delivery)
     except (OSError, MapError, UnicodeDecodeError) as exc:
         return exc
 

@@ -1,4 +1,5 @@
-"""recipients = "lmtp": ask the LMTP server at RCPT time whether a mailbox exists.
+"""Ask the next hop at RCPT time whether an address exists: recipients = "lmtp" (the LMTP
+server, LmtpProbe) and relay_recipients = "smtp" (a relay domain's SMTP hop, SmtpProbe).
 
 One probe connection (LHLO once, then per question MAIL FROM:<>, RCPT TO:<address>, RSET,
 pipelined when offered), answers cached like recipients.MailboxCache caches Maildir stats:
@@ -18,10 +19,12 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .base import Reply
 from .client import Connection, ProtocolError, Refused, Timeouts, read_reply, reason
 from .lmtp import TransportSpec, connect, parse_transport
+from .smtp import SmtpTransport
 
 log = logging.getLogger("elemta.delivery.probe")
 
@@ -51,19 +54,18 @@ def verdict(reply: Reply) -> bool | None:
     return None
 
 
-class LmtpProbe:
-    def __init__(self, spec: TransportSpec | str, *, timeouts: Timeouts = PROBE_TIMEOUTS,
+class RcptProbe:
+    """The cache and the one connection; subclasses say how to open a greeted connection."""
+
+    def __init__(self, where: str, *, timeouts: Timeouts = PROBE_TIMEOUTS,
                  found_ttl: float = FOUND_TTL, missing_ttl: float = MISSING_TTL,
-                 cache_limit: int = CACHE_LIMIT, lhlo_name: str = "localhost",
+                 cache_limit: int = CACHE_LIMIT,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.spec = parse_transport(spec) if isinstance(spec, str) else spec
-        if self.spec.kind != "lmtp":
-            raise ValueError(f"recipients = \"lmtp\" needs an LMTP transport, not {self.spec}")
+        self.where = where  # how last_error names the server
         self.timeouts = timeouts
         self.found_ttl = found_ttl
         self.missing_ttl = missing_ttl
         self.cache_limit = cache_limit
-        self.lhlo_name = lhlo_name
         self.clock = clock
         self._seen: dict[str, tuple[bool, float]] = {}  # address -> (exists, valid until)
         self._asking: dict[str, asyncio.Future[bool | None]] = {}
@@ -75,6 +77,11 @@ class LmtpProbe:
         self._down_until = 0.0
         self._abandoned = False
         self.last_error = ""  # why the last question got no answer (logged, and for tests)
+
+    async def _connect(self) -> Connection:
+        """Connected and greeted, ready for MAIL. Raises OSError, TimeoutError, ProtocolError
+        or Refused."""
+        raise NotImplementedError
 
     def cached(self, address: str) -> bool | None:
         hit = self._seen.get(address.lower())
@@ -136,14 +143,14 @@ class LmtpProbe:
             try:
                 if self._conn is None:
                     self.attempts += 1
-                    self._conn = await connect(self.spec, self.timeouts, self.lhlo_name)
+                    self._conn = await self._connect()
                     self.connections += 1
                 reply = await self._question(self._conn, address)
             except (OSError, TimeoutError, ProtocolError, Refused) as exc:
                 self._close()
                 if fresh or attempt == 2:
                     self._down_until = self.clock() + DOWN_TTL
-                    self.last_error = f"{self.spec.where}: {reason(exc)}"
+                    self.last_error = f"{self.where}: {reason(exc)}"
                     log.warning("recipient probe for <%s> failed: %s", address,
                                 self.last_error)
                     return None
@@ -151,7 +158,7 @@ class LmtpProbe:
             self.lookups += 1
             answer = verdict(reply)
             if answer is None:
-                self.last_error = f"{self.spec.where}: RCPT TO:<{address}>: {reply}"
+                self.last_error = f"{self.where}: RCPT TO:<{address}>: {reply}"
                 log.warning("recipient probe: no verdict: %s", self.last_error)
             return answer
         return None  # not reached: the loop returns
@@ -189,3 +196,37 @@ class LmtpProbe:
             conn.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(conn.writer.wait_closed(), 5)
+
+
+class LmtpProbe(RcptProbe):
+    """recipients = "lmtp": the LMTP server of [delivery] transport (LHLO once)."""
+
+    def __init__(self, spec: TransportSpec | str, *, lhlo_name: str = "localhost",
+                 **kw: Any) -> None:
+        self.spec = parse_transport(spec) if isinstance(spec, str) else spec
+        if self.spec.kind != "lmtp":
+            raise ValueError(f"recipients = \"lmtp\" needs an LMTP transport, not {self.spec}")
+        super().__init__(self.spec.where, **kw)
+        self.lhlo_name = lhlo_name
+
+    async def _connect(self) -> Connection:
+        return await connect(self.spec, self.timeouts, self.lhlo_name)
+
+
+class SmtpProbe(RcptProbe):
+    """relay_recipients = "smtp": a relay domain's SMTP hop, greeted as its SmtpTransport
+    greets it (EHLO, STARTTLS and AUTH as configured); the transport is used for nothing
+    else, so it never holds a connection of its own."""
+
+    def __init__(self, hop: SmtpTransport, **kw: Any) -> None:
+        super().__init__(hop.where, timeouts=hop.timeouts, **kw)
+        self.hop = hop
+
+    async def _connect(self) -> Connection:
+        conn = await self.hop._open()
+        try:
+            await self.hop._greet(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn

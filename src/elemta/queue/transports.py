@@ -11,6 +11,7 @@ from ..delivery.auth import Credentials
 from ..delivery.base import Transport
 from ..delivery.client import Timeouts
 from ..delivery.lmtp import LmtpTransport
+from ..delivery.probe import PROBE_TIMEOUTS, LmtpProbe, RcptProbe, SmtpProbe
 from ..delivery.smtp import SmtpTransport, TlsPolicy, is_smtp, parse_smtp
 from ..store.maildir import Maildir
 from .bounce import Bouncer
@@ -41,6 +42,18 @@ def build(spec: str, maildir: Maildir, max_connections: int,
                              auth=(auth or {}).get(hop))
     return LmtpTransport(spec, max_connections=max_connections, executor=maildir.executor,
                          lhlo_name=maildir.hostname)
+
+
+def hop_probe(spec: str, delivery: DeliveryConfig, helo_name: str,
+              auth: Credentials) -> RcptProbe:
+    """relay_recipients = "smtp": asks the hop `spec` as its transport talks to it (EHLO name,
+    STARTTLS, AUTH), with the probe's short timeouts (a client waits for our RCPT reply)."""
+    if is_smtp(spec):
+        hop = parse_smtp(spec)
+        return SmtpProbe(SmtpTransport(hop, helo_name=helo_name, timeouts=PROBE_TIMEOUTS,
+                                       tls=TlsPolicy(delivery.smtp_tls, delivery.smtp_tls_ca_file),
+                                       auth=auth.get(hop)))
+    return LmtpProbe(spec, lhlo_name=helo_name)
 
 
 def manager(config: Config, maildir: Maildir, concurrency: Callable[[], int],

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
-from .. import __version__
+from .. import __version__, runtime
 from ..config import Config
 from ..delivery.dsnparams import MailDsn, RcptDsn, split_mail, split_rcpt
 from ..events import emit
 from ..memory.refusal import Refusal
+from ..queue import transports
 from ..queue.disk import DiskWatch, declared_size
 from ..queue.intake import QueueIntake
 from ..recipients import RecipientRefusal, Recipients
@@ -191,8 +192,12 @@ class SmtpContext:
 
     def __post_init__(self) -> None:
         self.handler = Handler(self)  # stateless: one for all sessions, not one each
-        self.recipients = Recipients.build(self.config.delivery, self.store.root,
-                                           self.store.executor)
+        d = self.config.delivery
+        auth = runtime.relay_auth(d.relay_auth_file)  # checked by runtime.problems before start
+        self.recipients = Recipients.build(
+            d, self.store.root, self.store.executor,
+            lambda spec: transports.hop_probe(spec, self.config.delivery, self.store.hostname,
+                                              auth))
 
     @property
     def session_bytes(self) -> int:
@@ -275,6 +280,9 @@ class Handler:
             if isinstance(relayed, str):
                 return relayed
             if relayed is not None:
+                taken = await self.ctx.recipients.resolve_relay(relayed)
+                if isinstance(taken, RecipientRefusal):
+                    return recipient_reply(taken, relayed)
                 envelope.rcpt_tos.append(address)
                 envelope.rcpt_options.extend(options)
                 if relayed not in envelope.mailboxes:
