@@ -396,6 +396,7 @@ class Recipients:
     def _set_probe(self, delivery: DeliveryConfig) -> None:
         """A probe for recipients = "lmtp", asking [delivery] transport; the old one (if its
         target changed) closes its connection once its question in flight is answered."""
+        self._set_hop_probes(delivery)
         target = getattr(delivery, "transport", "maildir") if delivery.recipients == "lmtp" \
             else None
         if target == self._probe_target:
@@ -407,7 +408,6 @@ class Recipients:
             from .delivery.probe import LmtpProbe  # only this mode needs the LMTP client
             self.probe = LmtpProbe(target)
         self._probe_target = target
-        self._set_hop_probes(delivery)
 
     def _set_hop_probes(self, delivery: DeliveryConfig) -> None:
         """The next hop of each relay domain; a probe whose hop no domain uses any more (or
