@@ -94,6 +94,9 @@ def strategy(section: str, f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
     if kind == "recipients":
         # "file:PATH" must name a readable map: tests/unit/test_recipient_map.py covers it.
         return st.sampled_from(["maildir", "any"])
+    if kind == "relay_recipients":
+        # "file:PATH" must name a readable map: tests/integration/test_relay_recipients.py.
+        return st.sampled_from(["any", "smtp"])
     if kind == "transport":
         return TRANSPORTS
     if kind == "relay_transport":
