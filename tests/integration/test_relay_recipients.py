@@ -123,6 +123,15 @@ def test_smtp_probe_asks_the_hub_at_rcpt_and_remembers_the_answer(
         assert replies == [UNKNOWN.format(at("erin"))]
         wait_until(lambda: rejects(hub, at("erin")) == 1, "the hub's refusal of erin logged")
         assert rejects(hub, at("dave")) == 1, hub.log
+        # SIGHUP to "any": the probe is dropped, nobody is asked any more.
+        d.config_path.write_text(d.config_path.read_text().replace(
+            'relay_recipients = "smtp"', 'relay_recipients = "any"'))
+        expected = d.log.count(REREAD) + 1
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.log.count(REREAD) >= expected, "the recipient maps re-read")
+        replies, s = rcpts(d, [at("dave")])
+        s.close()
+        assert replies == ["250 2.1.5 Recipient ok"]
 
 
 def test_smtp_probe_with_the_hub_down_answers_451(tmp_path: Path) -> None:
