@@ -260,8 +260,7 @@ def load_map(mode: str, aliases_path: str, domains: Collection[str], relay: str 
 def load_delivery_map(delivery: DeliveryConfig) -> RecipientMap:
     """load_map for the keys of [delivery]."""
     return load_map(delivery.recipients, delivery.aliases, delivery.domains,
-                    getattr(delivery, "relay_recipients", "any"),
-                    getattr(delivery, "relay_domains", ()))
+                    delivery.relay_recipients, delivery.relay_domains)
 
 
 def problems(mode: str, aliases_path: str, domains: Collection[str],
@@ -412,13 +411,8 @@ class Recipients:
     def _set_hop_probes(self, delivery: DeliveryConfig) -> None:
         """The next hop of each relay domain; a probe whose hop no domain uses any more (or
         every probe, when relay_recipients is no longer "smtp") is abandoned."""
-        from .queue.routing import transport_for  # a lower layer would import upwards
-
-        relay = getattr(delivery, "relay_recipients", "any")
-        default = getattr(delivery, "relay_transport", "")
-        routes = getattr(delivery, "route", ())
-        hops = {d: transport_for(d, default, routes)
-                for d in getattr(delivery, "relay_domains", ())} if relay == "smtp" else {}
+        relay = set(delivery.relay_domains) if delivery.relay_recipients == "smtp" else set()
+        hops = {r.domain: r.transport for r in delivery.all_routes() if r.domain in relay}
         for spec in [s for s in self.hop_probes if s not in hops.values()]:
             self.hop_probes.pop(spec).abandon()
         self._hop_of = lambda domain: hops.get(domain, "")
