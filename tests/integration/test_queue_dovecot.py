@@ -74,9 +74,12 @@ def test_a_user_over_quota_gets_dovecots_own_answer(tmp_path: Path) -> None:
         body = b"Message-ID: <big@test>\r\n\r\n" + (b"q" * 70 + b"\r\n") * 60  # > carol's 1 KiB
         d.send(["alice@example.test", f"{dovecot.QUOTA_USER}@example.test"], body)
         wait_until(lambda: ids_in(dc, "alice") == ["big@test"], "alice delivered")
-        wait_until(lambda: [rec["attempts"] for rec in queued(tmp_path)] == [1],
-                   "the attempt recorded")
-        (rec,) = queued(tmp_path)
+        # The original only: a bounce for carol (from <>, issue 13) may be queued beside it.
+        def original() -> list[dict[str, object]]:
+            return [rec for rec in queued(tmp_path) if rec["sender"]]
+
+        wait_until(lambda: [rec["attempts"] for rec in original()] == [1], "the attempt recorded")
+        (rec,) = original()
         rcpts = {r["address"]: r for r in rec["recipients"]}  # type: ignore[attr-defined]
         assert rcpts["alice@example.test"]["state"] == "delivered"
         carol = rcpts[f"{dovecot.QUOTA_USER}@example.test"]
@@ -84,6 +87,8 @@ def test_a_user_over_quota_gets_dovecots_own_answer(tmp_path: Path) -> None:
         assert (carol["state"], carol["reply"][:9]) in (("failed", "552 5.2.2"),
                                                         ("pending", "452 4.2.2")), carol
         assert dc.messages(dovecot.QUOTA_USER) == []
+        if carol["state"] == "failed":  # the sender is told: a DSN from <> is queued for it
+            wait_until(lambda: any(not r["sender"] for r in queued(tmp_path)), "the bounce queued")
 
 
 def test_kill_9_during_a_burst_of_1000_loses_nothing(tmp_path: Path) -> None:
