@@ -21,7 +21,13 @@ def test_disk_refusal_decisions() -> None:
 
 
 def test_free_bytes_of_a_path_not_created_yet(tmp_path: Path) -> None:
-    assert free_bytes([tmp_path / "not" / "yet"]) == free_bytes([tmp_path])
+    # The nearest existing ancestor's filesystem; others write to it meanwhile (the machine is
+    # shared), so its free space may move a little between the reads.
+    before = free_bytes([tmp_path])
+    measured = free_bytes([tmp_path / "not" / "yet"])
+    after = free_bytes([tmp_path])
+    slack = 16 * 1024 * 1024
+    assert min(before, after) - slack <= measured <= max(before, after) + slack
 
 
 def test_mail_gets_452_when_the_filesystem_is_below_queue_minfree(tmp_path: Path) -> None:
