@@ -107,7 +107,8 @@ wait_for 60 banner || fail "no SMTP banner on 10.0.2.15:25"
 
 # Flood mode: a control server for flood.py, one command per line, one reply (ending "END"):
 #   ballast FRACTION   a process in elemta.service's cgroup holding anonymous memory until the
-#                      working set (memory.current - inactive_file) passes FRACTION of
+#                      working set (as elemta counts it: memory.current minus the clean page
+#                      cache, elemta.memory.cgroup.reclaimable_file) passes FRACTION of
 #                      memory.max; replies once it holds it
 #   release            the ballast exits
 #   stats              memory.events, memory.current/max, active/inactive file, journal counts
@@ -120,9 +121,9 @@ while "elemta.service" not in open("/proc/self/cgroup").read():
     time.sleep(0.05)
 def read(name):
     return open(f"{cg}/{name}").read()
+from elemta.memory.cgroup import parse_keyed, reclaimable_file  # the installed package's
 def working_set():
-    stat = dict(line.split() for line in read("memory.stat").splitlines())
-    return int(read("memory.current")) - int(stat["inactive_file"])
+    return int(read("memory.current")) - reclaimable_file(parse_keyed(read("memory.stat")), 2)
 limit = int(read("memory.max"))
 chunks = []
 while working_set() < fraction * limit:
