@@ -39,8 +39,11 @@ def test_real_cgroup_sessions_entering_data_together_are_refused_not_killed(tmp_
         report = json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
         assert alive and kills == 0, f"daemon alive {alive}, oom_kill {kills}: {report}"
         messages, replies = report["messages"], report["replies"]
-        # Every message got an answer: stored, or a temporary refusal the client retries.
-        assert messages["accepted"] + messages["refused"] == SESSIONS, report
+        greeted_452 = report["sessions"]["refused_at_greeting"]
+        # Every message got an answer: stored, or a temporary refusal the client retries (at
+        # DATA, or already at the greeting once the breaker or the critical state shows).
+        assert messages["accepted"] + messages["refused"] + greeted_452 == SESSIONS, report
+        assert report["sessions"]["failed"] == 0, report
         assert set(replies) <= {"220", "221", "250", "354", "452"}, report
         assert replies.get("452", 0) > 0, f"no 452: the limit was never approached? {report}"
         # Every 250 is on disk, whole.
@@ -48,5 +51,5 @@ def test_real_cgroup_sessions_entering_data_together_are_refused_not_killed(tmp_
         assert len(stored) == messages["accepted"], (len(stored), report)
         assert all(p.stat().st_size >= 0.95 * MiB for p in stored)  # LF line ends on disk
         print(f"data flood: {SESSIONS} sessions x 1 MiB in a 160 MiB cgroup v{cg.version}: "
-              f"{messages['accepted']} stored, {messages['refused']} refused (452 replies "
-              f"{replies.get('452', 0)}), oom_kill {kills}")
+              f"{messages['accepted']} stored, {messages['refused']} refused, {greeted_452} "
+              f"refused at the greeting (452 replies {replies.get('452', 0)}), oom_kill {kills}")
