@@ -12,9 +12,13 @@ written mail. A real cgroup shows the same with the classic LRU once the pages a
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from elemta.memory.cgroup import CgroupReader, Location
 from realcgroup import MemoryCgroup, MiB, join
@@ -64,10 +68,14 @@ def fstype(path: Path) -> str:
     return kind
 
 
-def test_real_cgroup_clean_page_cache_is_not_working_set(real_cgroup: MemoryCgroup, tmp_path: Path) -> None:
+def test_real_cgroup_clean_page_cache_is_not_working_set(real_cgroup: MemoryCgroup, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
     # On tmpfs (Debian 13's /tmp) the file would be shmem, which no reclaim can drop and elemta
     # rightly counts: the premise needs a disk.
-    assert fstype(tmp_path) != "tmpfs", f"{tmp_path} is on tmpfs: set TMPDIR to a disk directory"
+    if fstype(tmp_path) == "tmpfs":
+        tmp_path = Path(tempfile.mkdtemp(dir="/var/tmp"))
+        request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    assert fstype(tmp_path) != "tmpfs", f"{tmp_path} is on tmpfs: no disk directory to write to"
     proc = subprocess.Popen([sys.executable, "-c", CACHE, str(tmp_path / "mail"), str(FILE_MIB)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             preexec_fn=join(real_cgroup))
