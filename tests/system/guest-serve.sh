@@ -11,6 +11,8 @@
 #   M <seq> <sha256 of the body, 16 hex> <size>   one per file in new/ and cur/ (seq "?" if the
 #                                                 file has no X-Power-Seq header: a torn file)
 #   T <size> <name>                               one per file still in tmp/
+#   S <size> <name>                               one per file in tmp/ when elemta started
+#                                                 (before its clean-up removed its leftovers)
 #   CLEANED <n>                                   tmp/ files elemta's start-up removed this boot
 #   READY <interface> | FAIL <why>
 # Flood mode then serves line commands on port 7000 (see the Python below).
@@ -59,6 +61,11 @@ if ! dpkg -s elemta >/dev/null 2>&1; then
         chmod --reference=/var/lib/elemta/mail "$IO/mail"
         mount --bind "$IO/mail" /var/lib/elemta/mail || fail "cannot bind $IO/mail"
     fi
+    # What tmp/ holds when elemta starts (before its clean-up): after a cut, an acknowledged
+    # message found there would mean its move into new/ was not durable.
+    mkdir -p /etc/systemd/system/elemta.service.d
+    printf '[Service]\nExecStartPre=+/bin/sh -c "ls -l --time-style=+%%%%s %s/tmp >/run/elemta-tmp-at-start || :"\n' \
+        "$MAIL" >/etc/systemd/system/elemta.service.d/50-tmp-snapshot.conf
     systemctl stop elemta.service elemta.socket
     systemctl daemon-reload
     systemctl start elemta.socket elemta.service || fail "cannot restart elemta with the drop-ins"
@@ -87,9 +94,11 @@ PY
 manifest() { python3 /tmp/manifest.py "$MAIL"; }
 manifest >/tmp/manifest
 cat /tmp/manifest >/dev/ttyS1
-
 is_active() { [ "$(systemctl is-active elemta.service)" = active ]; }
 wait_for 120 is_active || fail "elemta.service is $(systemctl is-active elemta.service): $(journalctl -b -u elemta -n 5 --no-pager -o cat | tr '\n' ' ')"
+# tmp/ as elemta found it at start (the drop-in above): size and name of each file
+[ -f /run/elemta-tmp-at-start ] && awk 'NF >= 7 && $1 ~ /^-/ {print "S", $5, $7}' /run/elemta-tmp-at-start >/dev/ttyS1
+
 cleaned=$(journalctl -b -u elemta -o cat --no-pager | sed -n 's/.*removed \([0-9]*\) stale file.*/\1/p' | head -1)
 say "CLEANED ${cleaned:-0}"
 

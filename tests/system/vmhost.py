@@ -34,6 +34,7 @@ class Report:
     installed: str = ""
     files: list[tuple[str, str, int]] = field(default_factory=list)  # (seq, sha, size): new/, cur/
     tmp: list[str] = field(default_factory=list)
+    tmp_at_start: list[str] = field(default_factory=list)  # "size name", before elemta's clean-up
     cleaned: int = 0
 
 
@@ -50,6 +51,8 @@ def parse_report(lines: list[str]) -> Report:
             out.files.append((seq, sha, int(size)))
         elif word == "T":
             out.tmp.append(rest)
+        elif word == "S":
+            out.tmp_at_start.append(rest)
         elif word == "CLEANED":
             out.cleaned = int(rest)
     return out
