@@ -18,12 +18,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -376,3 +377,43 @@ def table(rows: list[list[str]]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+def alternating_rounds(rounds: int, factories: Mapping[str, Callable[[], S]],
+                       measure: Callable[[S], dict[str, float]],
+                       describe: Callable[[dict[str, float]], str], label: str = "round",
+                       fresh_fs: bool = True) -> dict[tuple[str, str], list[float]]:
+    """Every round starts each server (on a fresh file system unless `fresh_fs` is False),
+    measures it and stops it, in alternating order, so a trend in the shared machine's load
+    weighs on every server alike; figures[(server, key)] lists one value per round. A server
+    that fails loses that round's figures, never the others'."""
+    from freshfs import spool_on_fresh_fs
+
+    figures: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(rounds):
+        order = list(factories) if rnd % 2 == 0 else list(reversed(list(factories)))
+        for name in order:
+            t0 = time.monotonic()
+            try:
+                with spool_on_fresh_fs() if fresh_fs else contextlib.nullcontext():
+                    server = factories[name]()
+                    try:
+                        got = measure(server)
+                    finally:
+                        server.stop()
+            except Exception as exc:  # one broken server must not cost the others' figures
+                print(f"{label} {rnd + 1}/{rounds} {name}: failed: {exc}"[:600], flush=True)
+                continue
+            for key, value in got.items():
+                figures.setdefault((name, key), []).append(value)
+            # Every round's own figures too, so the spread behind each median is visible.
+            print(f"{label} {rnd + 1}/{rounds} {name} ({time.monotonic() - t0:.0f} s): "
+                  f"{describe(got)}", flush=True)
+    return figures

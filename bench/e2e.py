@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import dovecot
 import postfix
-from common import Server, elemta, median, smtp_source, table, tree_cpu
-from freshfs import spool_on_fresh_fs
+from common import Server, alternating_rounds, elemta, median, smtp_source, table, tree_cpu
 
 KiB = 1024
 USER = f"alice@{dovecot.DOMAIN}"
@@ -97,29 +96,14 @@ def run(rounds: int, messages: int) -> None:
         print(f"end-to-end LMTP workload: skipped ({missing})")
         return
     dc = dovecot.make()
-    figures: dict[tuple[str, str], list[float]] = {}
     t_start = time.monotonic()
     try:
         dc.start()
         factories = servers(dc)
-        for rnd in range(rounds):
-            order = list(factories) if rnd % 2 == 0 else list(reversed(factories))
-            for name in order:
-                t0 = time.monotonic()
-                try:
-                    with spool_on_fresh_fs():
-                        server = factories[name]()
-                        try:
-                            got = measure(server, dc, messages)
-                        finally:
-                            server.stop()
-                except Exception as exc:  # one broken server must not cost the others' figures
-                    print(f"e2e round {rnd + 1}/{rounds} {name}: failed: {exc}"[:600], flush=True)
-                    continue
-                for key, value in got.items():
-                    figures.setdefault((name, key), []).append(value)
-                print(f"e2e round {rnd + 1}/{rounds} {name} ({time.monotonic() - t0:.0f} s): "
-                      f"{got['rate']:.0f} msg/s, {got['cpu_msg_ms']:.2f} ms CPU/msg", flush=True)
+        figures = alternating_rounds(
+            rounds, factories, lambda server: measure(server, dc, messages),
+            lambda got: f"{got['rate']:.0f} msg/s, {got['cpu_msg_ms']:.2f} ms CPU/msg",
+            label="e2e round")
         dc.stop()
         dc.check_log()
     finally:

@@ -14,19 +14,18 @@ On a shared, loaded machine the ratios are rough.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import postfix
-from common import MiB, Server, median, popen_server, smtp_source, spool_dir, table
+from common import MiB, Server, alternating_rounds, median, popen_server, smtp_source, spool_dir, table
 from daemon import start as start_elemta
 
 RELAY_DOMAIN = "relay.test"
@@ -37,13 +36,15 @@ class Relay:
     server: Server
     queued: Callable[[], int]  # messages still in its queue
 
+    def stop(self) -> None:
+        self.server.stop()
+
 
 def _count(root: Path, subdirs: tuple[str, ...]) -> int:
     return sum(len(files) for sub in subdirs for _, _, files in os.walk(root / sub))
 
 
-@contextlib.contextmanager
-def elemta_relay(sink_port: int, workers: str) -> Iterator[Relay]:
+def elemta_relay(sink_port: int, workers: str) -> Relay:
     work = spool_dir()
     count = workers if workers.isdigit() else f'"{workers}"'
     extra = (f'[server]\nworkers = {count}\n'
@@ -52,23 +53,16 @@ def elemta_relay(sink_port: int, workers: str) -> Iterator[Relay]:
              f'queue_dir = "{work / "queue"}"\n')
     d = start_elemta(work, extra)
     server = popen_server("elemta", d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
-    try:
-        yield Relay(server, lambda: _count(work / "queue", ("incoming", "deferred")))
-    finally:
-        server.stop()
+    return Relay(server, lambda: _count(work / "queue", ("incoming", "deferred")))
 
 
-@contextlib.contextmanager
-def postfix_relay(sink_port: int) -> Iterator[Relay]:
+def postfix_relay(sink_port: int) -> Relay:
     main = (f"relay_domains = {RELAY_DOMAIN}\nrelay_transport = smtp:[127.0.0.1]:{sink_port}\n"
             "smtp_tls_security_level = none\n")
     master = "smtp      unix - - n - - smtp\nrelay     unix - - n - - smtp\n"
     server = postfix.durable(processes=200, main_extra=main, master_extra=master)
     queue = next(Path(p) for p in _postfix_queues(server.pid))
-    try:
-        yield Relay(server, lambda: _count(queue, ("incoming", "active", "deferred", "maildrop")))
-    finally:
-        server.stop()
+    return Relay(server, lambda: _count(queue, ("incoming", "active", "deferred", "maildrop")))
 
 
 def _postfix_queues(master_pid: int) -> list[str]:
@@ -101,22 +95,19 @@ def main() -> int:
     loads = [("10 KiB", 10 * 1024, 300 if args.quick else 2000, 20),
              ("1 MiB", MiB, 20 if args.quick else 100, 10)]
     sink = postfix.sink()
-    results: dict[tuple[str, str], list[float]] = {}
     try:
-        with elemta_relay(sink.port, args.workers) as ours, postfix_relay(sink.port) as theirs:
-            for n in range(args.rounds):
-                order = [ours, theirs] if n % 2 == 0 else [theirs, ours]
-                for label, size, messages, sessions in loads:
-                    for r in order:
-                        rate = one_run(r, messages, sessions, size)
-                        results.setdefault((label, r.server.name), []).append(rate)
-                        print(f"round {n + 1} {label:>6} {r.server.name:8} {rate:8.1f} msg/s",
-                              flush=True)
+        factories = {"elemta": lambda: elemta_relay(sink.port, args.workers),
+                     "postfix": lambda: postfix_relay(sink.port)}
+        results = alternating_rounds(
+            args.rounds, factories,
+            lambda r: {label: one_run(r, messages, sessions, size)
+                       for label, size, messages, sessions in loads},
+            lambda got: ", ".join(f"{label} {rate:.1f} msg/s" for label, rate in got.items()))
     finally:
         sink.stop()
     rows = [["relay throughput (msg/s, median)", "elemta", "postfix", "elemta / postfix"]]
     for label, *_ in loads:
-        e, p = median(results[(label, "elemta")]), median(results[(label, "postfix")])
+        e, p = median(results[("elemta", label)]), median(results[("postfix", label)])
         rows.append([f"{label} messages", f"{e:.1f}", f"{p:.1f}", f"{e / p:.2f}x"])
     print()
     print(table(rows))

@@ -49,8 +49,7 @@ from pathlib import Path
 import datapath
 import e2e
 import postfix
-from common import Server, aiosmtpd_sink, elemta, median, table
-from freshfs import spool_on_fresh_fs
+from common import Server, aiosmtpd_sink, alternating_rounds, elemta, median, table
 from throughput import Sizes, measure
 
 # Production-like elemta for the bench: default config except a size limit that lets the
@@ -188,28 +187,12 @@ def main() -> None:
     factories = servers(args)
     if args.only:
         factories = {k: v for k, v in factories.items() if k in args.only}
-    figures: dict[tuple[str, str], list[float]] = {}
     t_start = time.monotonic()
-    for rnd in range(rounds):
-        order = list(factories) if rnd % 2 == 0 else list(reversed(factories))
-        for name in order:
-            t0 = time.monotonic()
-            try:
-                with spool_on_fresh_fs():
-                    server = factories[name]()
-                    try:
-                        got = measure(server, sizes)
-                    finally:
-                        server.stop()
-            except Exception as exc:  # one broken server must not cost the others' figures
-                print(f"round {rnd + 1}/{rounds} {name}: failed: {exc}"[:600], flush=True)
-                continue
-            for key, value in got.items():
-                figures.setdefault((name, key), []).append(value)
-            # Every round's own figures too, so the spread behind each median is visible.
-            print(f"round {rnd + 1}/{rounds} {name} ({time.monotonic() - t0:.0f} s): "
-                  f"{got['small_1_rate']:.0f} / {got['small_100_rate']:.0f} / {got['mib_rate']:.1f} msg/s, "
-                  f"big +{got['big_rss_mib']:.1f} MiB, idle {got['idle_pss_kib']:.1f} KiB PSS", flush=True)
+    figures = alternating_rounds(
+        rounds, factories, lambda server: measure(server, sizes),
+        lambda got: (f"{got['small_1_rate']:.0f} / {got['small_100_rate']:.0f} / "
+                     f"{got['mib_rate']:.1f} msg/s, big +{got['big_rss_mib']:.1f} MiB, "
+                     f"idle {got['idle_pss_kib']:.1f} KiB PSS"))
 
     gov = [] if args.no_governor else governor_rows(rounds, args.quick)
     if not args.no_datapath:
