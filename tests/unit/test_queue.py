@@ -469,3 +469,72 @@ def test_orphans_are_old_bodies_without_a_record_in_any_state(tmp_path: Path) ->
                                 frozenset({"00000000000E"})) == ["00000000000D"]
     assert sorted(p.name for p in (store.root / "body").iterdir()) == [
         "00000000000A", "00000000000B", "00000000000C", "00000000000E", "00000000000F"]
+
+
+def test_a_record_without_its_body_is_dropped_and_logged(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # What a crash may leave (store.py): the record's rename durable, the body's not (never
+    # acknowledged), or the body's unlink durable and the record's not (already delivered).
+    t = Scripted()
+    mgr, store = make_manager(tmp_path, {"t1": t}, [1000.0])
+    lost, kept = meta("00000000000A"), meta("00000000000B")
+    put(store, lost)
+    put(store, kept)
+    store.body(lost.id).unlink()
+    asyncio.run(settle(mgr))
+    assert [c.queue_id for c in t.calls] == [kept.id]
+    assert store.locate(lost.id) is None and store.locate(kept.id) is None
+    assert "queue 00000000000A: record without a body removed" in caplog.text
+    assert "to=a@x.test" in caplog.text
+
+
+def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_error(
+        tmp_path: Path) -> None:
+    from elemta.queue.store import QueueFile
+
+    store = make_store(tmp_path)
+    placed: list[str] = []
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        placed.append(Path(dst).parent.name)
+        real_rename(src, dst)
+
+    m = meta("00000000000C")
+    f = QueueFile(store.path("tmp", f"{m.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m)
+    f.append(b"Subject: x\r\n\r\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", rename)
+        f.commit(b"body\r\n")
+    assert placed == ["body", "incoming"]
+    assert store.read(store.path("incoming", m.id)).size == len(b"Subject: x\r\n\r\nbody\r\n")
+    assert store.body(m.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    assert os.listdir(store.path("tmp")) == []
+
+    # A failing directory sync (EIO, say): no body, no record, no tmp/ file is left.
+    m2 = meta("00000000000D")
+    f2 = QueueFile(store.path("tmp", f"{m2.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m2)
+
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.dirsync, "sync", broken)
+        with pytest.raises(OSError):
+            f2.commit(b"x\r\n")
+    assert not store.body(m2.id).exists() and store.locate(m2.id) is None
+    assert os.listdir(store.path("tmp")) == []
+
+    # A failing fdatasync (the disk full of a delayed allocation, say): likewise.
+    m3 = meta("00000000000E")
+    f3 = QueueFile(store.path("tmp", f"{m3.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m3)
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fdatasync", no_space)
+        with pytest.raises(OSError):
+            f3.commit(b"x\r\n")
+    assert not store.body(m3.id).exists() and store.locate(m3.id) is None
+    assert os.listdir(store.path("tmp")) == []

@@ -265,12 +265,24 @@ class Manager:
         out = []
         for path in self.store.due(now, room, skip):
             try:
-                out.append((path, self.store.read(path)))
+                meta = self.store.read(path)
+                if not self.store.body(meta.id).exists():
+                    self._drop_bodiless(path, meta)
+                    continue
+                out.append((path, meta))
             except FileNotFoundError:
                 continue  # moved meanwhile (an admin command)
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("queue: unreadable record %s (left in place): %s", path, exc)
         return out
+
+    def _drop_bodiless(self, path: Path, meta: Meta) -> None:
+        """A record whose body is gone: only a crash leaves one (store.py says when), and
+        its message was either never acknowledged or already delivered."""
+        log.error("queue %s: record without a body removed (a crash before the message was "
+                  "acknowledged, or after it was delivered); from=<%s> to=%s", meta.id,
+                  meta.sender, ",".join(r.address for r in meta.recipients))
+        self.store.remove(path, meta.id)
 
     def _pump(self) -> None:
         """Start ready deliveries while the total and per-destination limits allow."""

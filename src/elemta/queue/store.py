@@ -11,9 +11,17 @@
 A message's state is where its meta record is. Two files, not one: the body is written once and
 never again, the small meta record is replaced atomically at every state change (temp file,
 fsync, rename, directory fsync), so a change costs one small file's fsync instead of rewriting
-the message. Accepting costs the body's fdatasync, the meta's fsync and the fsyncs of body/ and
-incoming/ (shared by concurrent accepts: DirSync). Each record has a sequence number: a crash
-between a move's rename and its unlink leaves two records of one message, and the higher wins.
+the message. Each record has a sequence number: a crash between a move's rename and its unlink
+leaves two records of one message, and the higher wins.
+
+Accepting (QueueFile.commit) takes two rounds of syncs, each pair run side by side so that the
+file system commits its journal once per round: the body's and the record's fdatasync, then
+both renames, then the fsyncs of body/ and incoming/ (shared by concurrent accepts: DirSync).
+Only then does the session answer 250. A crash before that may leave a record whose body never
+became durable (the manager drops it, logged: it was never acknowledged) or a body without a
+record (the orphan sweep removes it). Removing a delivered message syncs nothing: a crash may
+bring the record back, and the message is delivered again (the duplicate window elemta(8)
+describes), or leave a record without its body (dropped, logged) or a body without its record.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..store.maildir import DirSync, SpoolFile, fsync_dir
+from ..store.maildir import COMMIT_THREADS, DirSync, SpoolFile, fsync_dir
 from . import policy
 
 STATES = ("incoming", "deferred", "hold", "failed")
@@ -109,10 +118,16 @@ class Census:
     oldest: float | None  # creation time (body mtime) of the oldest message
 
 
+# Threads for the second sync of a pair (QueueFile.commit): as many as commits may run at once.
+SIDE_THREADS = COMMIT_THREADS
+
+
 @dataclass
 class QueueStore:
     root: Path
     dirsync: DirSync = field(default_factory=DirSync)
+    side: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        SIDE_THREADS, thread_name_prefix="queue-sync"))
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -145,15 +160,12 @@ class QueueStore:
     # -- one record ------------------------------------------------------------------------
     def write(self, meta: Meta, state: str, old: Path | None = None) -> Path:
         """Put `meta` (seq + 1) in `state` atomically; remove the `old` record if elsewhere."""
-        meta.seq += 1
         dest_dir = self._state_dir(state, meta)
         if state == "deferred" and not dest_dir.is_dir():
             dest_dir.mkdir(mode=_DIR_MODE, exist_ok=True)
             self.dirsync.sync(dest_dir.parent)
-        tmp = self.path("tmp", f"{meta.id}.{os.getpid()}.meta")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        tmp, fd = self._record_file(meta)
         try:
-            os.write(fd, meta.to_json())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -166,6 +178,18 @@ class QueueStore:
             self.dirsync.sync(old.parent)
         return dest
 
+    def _record_file(self, meta: Meta) -> tuple[Path, int]:
+        """`meta` (seq + 1) written to its tmp/ file, not yet synced: (path, open descriptor)."""
+        meta.seq += 1
+        tmp = self.path("tmp", f"{meta.id}.{os.getpid()}.meta")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            os.write(fd, meta.to_json())
+        except OSError:
+            os.close(fd)
+            raise
+        return tmp, fd
+
     def _state_dir(self, state: str, meta: Meta) -> Path:
         if state == "deferred":
             return self.path("deferred", str(policy.bucket_of(meta.next_attempt)))
@@ -175,10 +199,9 @@ class QueueStore:
         return Meta.from_json(path.read_bytes())
 
     def remove(self, meta_path: Path, qid: str) -> None:
-        """The record first, then the body: a crash in between leaves only an orphan body."""
+        """The record, then the body. Nothing is synced: see the module's docstring."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(meta_path)
-        self.dirsync.sync(meta_path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path("body", qid))
 
@@ -315,26 +338,50 @@ class QueueFile(SpoolFile):
     meta: Meta | None = None
 
     def commit(self, data: bytes) -> None:
-        """Body fdatasync'd, then the meta record, then both renames and directory fsyncs:
-        only then may the session answer 250. On OSError nothing is left in the queue."""
+        """Body and record synced (side by side), renamed into body/ and incoming/, both
+        directories synced (side by side): only then may the session answer 250. The body is
+        in body/ before the record appears. On OSError nothing is left in the queue."""
         assert self.store is not None and self.meta is not None
+        store, meta = self.store, self.meta
         placed: list[Path] = []
+        meta_tmp: Path | None = None
         try:
             self.append(data)
-            os.fdatasync(self.fd)
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-            self.meta.size = os.stat(self.tmp).st_size
-            body = self.store.body(self.meta.id)
+            meta.size = os.fstat(self.fd).st_size
+            meta_tmp, meta_fd = store._record_file(meta)
+            try:
+                _side_by_side(store.side, lambda: os.fdatasync(meta_fd), lambda: os.fdatasync(self.fd))
+            finally:
+                os.close(meta_fd)
+                fd, self.fd = self.fd, -1
+                os.close(fd)
+            body, record = store.body(meta.id), store.path("incoming", meta.id)
             os.rename(self.tmp, body)
             placed.append(body)
-            self.store.dirsync.sync(body.parent)
-            # The record appears (in incoming/) only once its body is durable.
-            placed.append(self.store.write(self.meta, "incoming"))
+            os.rename(meta_tmp, record)
+            placed.append(record)
+            _side_by_side(store.side, lambda: store.dirsync.sync(body.parent),
+                          lambda: store.dirsync.sync(record.parent))
             self.done = True
         except OSError:
             for p in reversed(placed):
                 with contextlib.suppress(OSError):
                     os.unlink(p)
+            if meta_tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(meta_tmp)
             self.abort()
             raise
+
+
+def _side_by_side(side: ThreadPoolExecutor, first: Callable[[], None], second: Callable[[], None]) -> None:
+    """Run `first` on a `side` thread while `second` runs here; raise the first OSError.
+
+    Two fsyncs issued together end in one journal commit where they would take two in a row.
+    A side job never waits for anything but its own syscall, so the commit threads waiting
+    on the side pool cannot deadlock it."""
+    job = side.submit(first)
+    try:
+        second()
+    finally:
+        job.result()
