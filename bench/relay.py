@@ -1,6 +1,6 @@
 """Relay throughput: SMTP in, SMTP out to a discarding sink, elemta beside Postfix.
 
-    .venv/bin/python bench/relay.py [--rounds 3] [--quick] [--workers N|auto]
+    .venv/bin/python bench/relay.py [--rounds 3] [--quick] [--workers N|auto ...]
 
 Both servers take mail for relay.test from smtp-source and relay it over SMTP to one
 smtp-sink (Postfix's in-memory discarding server), each queueing durably first (elemta's
@@ -8,7 +8,9 @@ queue: fdatasync of the body and fsync of the record; Postfix: its queue file). 
 the same load to each server in alternating order and times it from the first connection
 until the server's queue is empty again (every message relayed), so the figure is end-to-end
 relay throughput, not just intake. The table shows medians over rounds and elemta / postfix.
-On a shared, loaded machine the ratios are rough.
+The elemta column is the shipped default configuration (workers = "auto"); --workers adds
+columns with [server] workers set (workers=1 by default). On a shared, loaded machine the
+ratios are rough.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,14 +47,15 @@ def _count(root: Path, subdirs: tuple[str, ...]) -> int:
     return sum(len(files) for sub in subdirs for _, _, files in os.walk(root / sub))
 
 
-def elemta_relay(sink_port: int, workers: str) -> Relay:
+def elemta_relay(sink_port: int, workers: str = "") -> Relay:
+    """elemta relaying to the sink; `workers` "" keeps the shipped default."""
     work = spool_dir()
     count = workers if workers.isdigit() else f'"{workers}"'
-    extra = (f'[server]\nworkers = {count}\n'
-             f'[delivery]\nrelay_domains = ["{RELAY_DOMAIN}"]\n'
+    extra = ((f'[server]\nworkers = {count}\n' if workers else "")
+             + f'[delivery]\nrelay_domains = ["{RELAY_DOMAIN}"]\n'
              f'relay_transport = "smtp:[127.0.0.1]:{sink_port}"\nsmtp_tls = "none"\n'
              f'queue_dir = "{work / "queue"}"\n')
-    d = start_elemta(work, extra)
+    d = start_elemta(work, extra, builtin_workers=not workers)
     server = popen_server("elemta", d.port, d.proc, lambda: shutil.rmtree(work, ignore_errors=True))
     return Relay(server, lambda: _count(work / "queue", ("incoming", "deferred")))
 
@@ -87,7 +91,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer messages (rough figures)")
-    ap.add_argument("--workers", default="1", help="elemta's [server] workers: N or auto")
+    ap.add_argument("--workers", nargs="*", default=["1"],
+                    help="elemta columns besides the shipped default: [server] workers N or auto "
+                         "(default: 1)")
     args = ap.parse_args()
     if not postfix.installed():
         print("relay bench: postfix or smtp-sink not installed", file=sys.stderr)
@@ -96,8 +102,10 @@ def main() -> int:
              ("1 MiB", MiB, 20 if args.quick else 100, 10)]
     sink = postfix.sink()
     try:
-        factories = {"elemta": lambda: elemta_relay(sink.port, args.workers),
-                     "postfix": lambda: postfix_relay(sink.port)}
+        factories: dict[str, Callable[[], Relay]] = {"elemta": lambda: elemta_relay(sink.port)}
+        for w in args.workers:
+            factories[f"elemta workers={w}"] = partial(elemta_relay, sink.port, w)
+        factories["postfix"] = lambda: postfix_relay(sink.port)
         results = alternating_rounds(
             args.rounds, factories,
             lambda r: {label: one_run(r, messages, sessions, size)
@@ -105,10 +113,13 @@ def main() -> int:
             lambda got: ", ".join(f"{label} {rate:.1f} msg/s" for label, rate in got.items()))
     finally:
         sink.stop()
-    rows = [["relay throughput (msg/s, median)", "elemta", "postfix", "elemta / postfix"]]
+    elemtas = [n for n in factories if n != "postfix"]
+    rows = [["relay throughput (msg/s, median)", *factories, *(f"{e} / postfix" for e in elemtas)]]
     for label, *_ in loads:
-        e, p = median(results[("elemta", label)]), median(results[("postfix", label)])
-        rows.append([f"{label} messages", f"{e:.1f}", f"{p:.1f}", f"{e / p:.2f}x"])
+        rate = {n: median(results[(n, label)]) for n in factories if (n, label) in results}
+        p = rate.get("postfix", 0.0)
+        rows.append([f"{label} messages", *(f"{rate.get(n, 0.0):.1f}" for n in factories),
+                     *(f"{rate.get(e, 0.0) / p:.2f}x" if p else "-" for e in elemtas)])
     print()
     print(table(rows))
     return 0
