@@ -218,10 +218,41 @@ elif wait_for 120 workers_ready && is_active; then
         [ -n "$idx" ] && [ "$(jsince | grep -c "worker $idx (pid [0-9]*) ready")" -ge 2 ]
     }
     if wait_for 90 replaced && is_active && [ "$(prop MainPID)" = "$main" ] && [ "$(prop NRestarts)" = "$restarts" ]; then
-        pass worker-frozen "SIGSTOP worker pid $victim: replaced after $(( $(date +%s) - t0 ))s, service active, same MainPID $main; journal: $(jsince | grep "(pid $victim) stalled" | head -1 | cut -c1-120)"
+        pass worker-frozen "SIGSTOP worker pid $victim: replaced after $(( $(date +%s) - t0 ))s, service active, same MainPID $main; systemctl status: $(systemctl status elemta.service --no-pager -n 30 2>/dev/null | grep -m1 "(pid $victim) stalled" | sed 's/^.*\]: //' | cut -c1-120)"
     else
         fail worker-frozen "SIGSTOP worker pid $victim: $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main); journal: $(jsince | grep "(pid $victim)" | tail -2 | tr '\n' ' ')"
     fi
+    # The other half of the failure model, still with the default config: a frozen supervisor
+    # (its loop sends WATCHDOG=1) is killed and restarted by systemd's watchdog, workers and all.
+    mkdir -p /etc/systemd/system/elemta.service.d
+    printf '[Service]\nEnvironment=ELEMTA_TEST_BLOCK_LOOP_SECONDS=3600\nWatchdogSec=8s\n' \
+        >/etc/systemd/system/elemta.service.d/50-system-test.conf
+    systemctl daemon-reload
+    since=$(date '+%Y-%m-%d %H:%M:%S')
+    systemctl restart elemta.service
+    if wait_for 120 workers_ready && is_active; then
+        restarts=$(prop NRestarts)
+        main=$(prop MainPID)
+        since=$(date '+%Y-%m-%d %H:%M:%S')
+        t0=$(date +%s)
+        systemctl kill --kill-whom=main --signal=SIGUSR2 elemta.service
+        restarted() { [ "$(prop NRestarts)" -gt "$restarts" ] && is_active && [ "$(prop MainPID)" != "$main" ] && workers_ready; }
+        if wait_for 120 restarted; then
+            st=$(systemctl status elemta.service --no-pager -n 20 2>/dev/null | grep -i -m1 'watchdog timeout' | sed 's/^ *//' | cut -c1-120)
+            n=$(ps -o pid= --ppid "$(prop MainPID)" | wc -l)
+            if [ -n "$st" ]; then
+                pass supervisor-frozen "default config, supervisor loop frozen (SIGUSR2, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID) with $n workers; systemctl status: $st"
+            else
+                fail supervisor-frozen "restarted, but systemctl status does not say why: $(systemctl status elemta.service --no-pager -n 5 | tail -3 | tr '\n' ' ')"
+            fi
+        else
+            fail supervisor-frozen "NRestarts $(prop NRestarts) (was $restarts), $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main)"
+        fi
+    else
+        fail supervisor-frozen "not ready with the watchdog drop-in: $(jsince | tail -3 | tr '\n' ' ')"
+    fi
+    rm -f /etc/systemd/system/elemta.service.d/50-system-test.conf
+    systemctl daemon-reload
 else
     fail workers "workers = \"auto\": not all $ncpu workers ready within 120s: $(jsince | tail -3 | tr '\n' ' ')"
 fi

@@ -63,3 +63,32 @@ def test_a_lone_dot_line_cannot_end_the_message_early() -> None:
     s = DotStuffer()
     wire = s.feed(b"a\r\n") + s.feed(b".") + s.feed(b"\r\nb\r\n") + s.finish()
     assert wire == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies, st.integers(1, 70))
+def test_send_body_from_a_file_sends_what_stuff_makes(body: bytes, chunk: int) -> None:
+    # Through a real socket: one chunk (read whole at open), exactly one chunk, several.
+    import asyncio
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from elemta.delivery.stream import send_body
+
+    async def go(path: Path) -> bytes:
+        a, b = socket.socketpair()
+        with a, b:
+            _, writer = await asyncio.open_connection(sock=a)
+            reader, _w2 = await asyncio.open_connection(sock=b)
+            sent = await send_body(writer, path, None, 10.0, chunk_size=chunk)
+            writer.close()
+            got = await reader.read()
+            _w2.close()
+            assert sent == len(got)
+            return got
+
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        assert asyncio.run(go(Path(f.name))) == stuff(body, chunk)

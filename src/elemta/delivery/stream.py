@@ -69,8 +69,20 @@ def stuff(body: bytes, chunk_size: int = CHUNK) -> bytes:
     return b"".join(parts) + stuffer.finish()
 
 
-def _open(path: Path) -> BinaryIO:
-    return open(path, "rb", buffering=0)  # closed by send_body
+def _open(path: Path, chunk_size: int) -> tuple[BinaryIO | None, bytes]:
+    """The file's first `chunk_size` bytes, and the open file if there may be more (None when
+    that read reached the end: a regular file reads short only there). Most messages are one
+    chunk: one trip to the executor instead of open, read, read, close."""
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed here or by send_body
+    try:
+        first = f.read(chunk_size)
+    except BaseException:
+        f.close()
+        raise
+    if len(first) < chunk_size:
+        f.close()
+        return None, first
+    return f, first
 
 
 async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor | None,
@@ -82,23 +94,27 @@ async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor
     TimeoutError or ConnectionError; the caller turns them into per-recipient results.
     """
     loop = asyncio.get_running_loop()
-    f = await loop.run_in_executor(executor, _open, path)
+    f, first = await loop.run_in_executor(executor, _open, path, chunk_size)
+    stuffer = DotStuffer()
+    if f is None:
+        last = stuffer.feed(first) + stuffer.finish()
+        writer.write(last)
+        await asyncio.wait_for(writer.drain(), timeout)
+        return len(last)
     pending: asyncio.Future[bytes] = loop.run_in_executor(executor, f.read, chunk_size)
     try:
-        stuffer = DotStuffer()
         sent = 0
         # Each piece is written once the next read has answered, so the last one goes out
-        # with the end marker in one write (one send, one segment: most messages are one piece).
-        held = b""
+        # with the end marker in one write (one send, one segment).
+        held = stuffer.feed(first)
         while True:
             chunk = await pending
             if not chunk:
                 break
             pending = loop.run_in_executor(executor, f.read, chunk_size)
-            if held:
-                writer.write(held)
-                sent += len(held)
-                await asyncio.wait_for(writer.drain(), timeout)
+            writer.write(held)
+            sent += len(held)
+            await asyncio.wait_for(writer.drain(), timeout)
             held = stuffer.feed(chunk)
         last = held + stuffer.finish()
         writer.write(last)
