@@ -137,3 +137,56 @@ def test_a_bad_value_is_one_line_naming_file_and_key(tmp_path: Path, toml: str,
         load(tmp_path, f"[delivery]\n{toml}\n")
     [line] = exc.value.problems
     assert line.startswith(f"{tmp_path / 'e.toml'}:") and "[delivery] " + problem in line, line
+
+
+def test_the_manager_warns_once_and_retries_a_notice_it_could_not_queue(tmp_path: Path) -> None:
+    """The manager with an in-test transport (always 451) and an in-test `warn` that fails
+    with OSError once (a full disk): the message is deferred all the same, unmarked, and the
+    notice is queued at the next attempt; then never again."""
+    import asyncio
+    import dataclasses
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_queue import Scripted, make_store, meta, put, settle
+
+    from elemta.delivery.base import Reply
+    from elemta.queue.manager import Manager
+    from elemta.queue.store import Meta
+
+    t = Scripted({"a@x.test": Reply(451, "4.4.1 try later")})
+    now = [1000.5]
+    warned: list[tuple[float, list[str]]] = []
+    fail = [True]
+
+    def warn(m: Meta) -> None:
+        if fail.pop() if fail else False:
+            raise OSError(28, "No space left on device")
+        warned.append((now[0], [r.address for r in m.pending()]))
+
+    store = make_store(tmp_path)
+    cfg = config.Config()
+    cfg = dataclasses.replace(cfg, delivery=dataclasses.replace(cfg.delivery,
+                                                                delay_warning_time=3600.0))
+    with ThreadPoolExecutor(2) as pool:
+        mgr = Manager(cfg, store, lambda spec: t, lambda: 20, pool, rng=random.Random(0),
+                      clock=lambda: now[0], warn=warn)
+        assert mgr.lock.try_acquire()
+        m = meta(created=1000.0)
+        put(store, m)
+
+        def attempt(at: float) -> Meta:
+            now[0] = at
+            asyncio.run(settle(mgr))
+            state, path = store.locate(m.id) or ("", Path())
+            assert state == "deferred"
+            return store.read(path)
+
+        assert attempt(1000.5).delay_warned == 0.0 and warned == []  # not old enough
+        rec = attempt(4700.0)  # due, but the notice cannot be queued: deferred, unmarked
+        assert rec.delay_warned == 0.0 and warned == [] and rec.attempts == 2
+        rec = attempt(rec.next_attempt + policy.BUCKET)
+        assert warned == [(rec.delay_warned, ["a@x.test"])]  # queued, and marked
+        attempt(rec.next_attempt + policy.BUCKET)
+        attempt(rec.next_attempt + 10 * 4000.0)
+        assert len(warned) == 1 and len(t.calls) == 5
