@@ -274,6 +274,14 @@ class DeliveryConfig:
     maximal_queue_lifetime: float = _f(
         432000.0, "duration", "A recipient still deferred after this long is failed", minimum=1
     )
+    delay_warning_time: float = _f(
+        0.0, "duration", "The sender of a message still deferred after this long gets one "
+        "delay notice (RFC 3464 Action: delayed); 0: never"
+    )
+    notify_postmaster: tuple[str, ...] = _f(
+        [], "notice_classes", "Notices postmaster@ the first of domains gets a copy of "
+        "(headers only): \"bounce\", \"delay\"; empty: none"
+    )
     queue_minfree: int = _f(
         78643200, "size", "Free space the queue and Maildir filesystems keep: below it MAIL "
         "gets 452 4.3.1"
@@ -379,6 +387,21 @@ def _domain_list(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+NOTICE_CLASSES = ("bounce", "delay")  # [delivery] notify_postmaster
+
+
+def _notice_classes(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of notice classes ({', '.join(NOTICE_CLASSES)}), "
+                         f"got {value!r}")
+    for i, v in enumerate(value):
+        if v not in NOTICE_CLASSES:
+            raise ValueError(f"{v!r} is not a notice class (known: {', '.join(NOTICE_CLASSES)})")
+        if v in value[:i]:
+            raise ValueError(f"{v!r} twice")
+    return tuple(value)
+
+
 def _listen_list(value: object) -> tuple[ListenAddress, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
@@ -435,6 +458,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "listen": _listen_list,
     "listen1": parse_listen,
     "domains": _domain_list,
+    "notice_classes": _notice_classes,
     "recipients": recipients.parse_mode,
     "transport": routing.parse_spec,
     "routes": routing.parse_routes,
@@ -560,6 +584,9 @@ def build(data: Mapping[str, Any], source: str = "<built-in defaults>", text: st
             problems.append(f"{where('delivery', 'smtp_tls')}: \"none\", but relay_auth_file "
                             "is set: credentials are sent only inside TLS (use \"may\" or "
                             "\"encrypt\")")
+        if d.notify_postmaster and not d.domains:
+            problems.append(f"{where('delivery', 'notify_postmaster')}: the notices go to "
+                            "postmaster@ the first of [delivery] domains, which is empty")
         if d.maximal_backoff_time < d.minimal_backoff_time:
             problems.append(f"{where('delivery', 'maximal_backoff_time')}: "
                             f"{d.maximal_backoff_time:g}s is below minimal_backoff_time "
@@ -672,7 +699,7 @@ def _is_control(c: str) -> bool:
 def _toml_value(kind: str, value: Any) -> str:
     if kind == "duration":
         return toml_string(format_duration(value))
-    if kind in ("listen", "domains"):
+    if kind in ("listen", "domains", "notice_classes"):
         return "[" + ", ".join(toml_string(str(v)) for v in value) + "]"
     if kind == "listen1":
         return toml_string(str(value))

@@ -91,6 +91,8 @@ def strategy(section: str, f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
         return _listen1()
     if kind == "domains":
         return st.lists(HOSTNAME, max_size=3)
+    if kind == "notice_classes":
+        return st.lists(st.sampled_from(config.NOTICE_CLASSES), unique=True)
     if kind == "recipients":
         # "file:PATH" must name a readable map: tests/unit/test_recipient_map.py covers it.
         return st.sampled_from(["maildir", "any"])

@@ -90,3 +90,10 @@ def wants_failure_notice(notify: str) -> bool:
     """RFC 3461 4.1: without NOTIFY, failures are reported; NOTIFY=NEVER or a list without
     FAILURE asks for none."""
     return not notify or "FAILURE" in notify.split(",")
+
+
+def wants_delay_notice(notify: str) -> bool:
+    """RFC 3461 4.1 lets an MTA read an absent NOTIFY as FAILURE or as FAILURE,DELAY; with
+    delay notices turned on (delay_warning_time) elemta reads it as FAILURE,DELAY, as Postfix
+    does. A NOTIFY list without DELAY (or NEVER) asks for none."""
+    return not notify or "DELAY" in notify.split(",")

@@ -1,6 +1,9 @@
 """Bounces: when a queued message ends with failed recipients, its sender gets one DSN (dsn.py)
 listing them, queued like any other message with the null sender <>. Blocking: `Bouncer` is
-called on the queue's executor thread, before the message's record moves to failed/.
+called on the queue's executor thread, before the message's record moves to failed/; its
+`warn` likewise, before the record of a message whose delay notice is due (delay_warning_time)
+is written back to deferred/. [delivery] notify_postmaster sends postmaster@ the first of
+[delivery] domains a copy of each bounce ("bounce") or delay notice ("delay"), headers only.
 
 Where the DSN goes is decided by the same routing as incoming mail: a sender of one of our
 domains gets it through that domain's transport (the Maildir, or LMTP), a sender of a relay
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..delivery.dsnparams import wants_failure_notice
+from ..delivery.dsnparams import wants_delay_notice, wants_failure_notice
+from ..recipients import POSTMASTER
 from ..store.maildir import fsync_dir, new_queue_id
 from . import dsn, policy, routing
 from .store import Meta, QueueStore, Recipient
@@ -85,32 +89,75 @@ class Bouncer:
             log.info("%s: from=<>, %d recipient(s) failed: not bounced (a bounce is never "
                      "bounced); kept in failed/", meta.id, len(failed))
             return None
-        now = self.clock()
         # A failed recipient whose last reply is not a 5xx was failed by maximal_queue_lifetime.
-        failures = [dsn.Failure(r.address, r.reply, r.relay, expired=not r.reply.startswith("5"),
-                                orcpt=r.orcpt) for r in failed]
+        return self._notify(meta, "bounce", [
+            dsn.Failure(r.address, r.reply, r.relay, expired=not r.reply.startswith("5"),
+                        orcpt=r.orcpt) for r in failed])
+
+    def warn(self, meta: Meta) -> str | None:
+        """Queue the delay notice for `meta`'s pending recipients (policy.delay_warning_due
+        said it is due); its queue id, or None when none is sent (null sender, no pending
+        recipient wants one). Raises OSError."""
+        pending = meta.pending()
+        if not pending:
+            return None
+        if not meta.sender:
+            log.info("%s: from=<>: no delay notification (a bounce is never bounced)", meta.id)
+            return None
+        wanted = [r for r in pending if wants_delay_notice(r.notify)]
+        if not wanted:
+            log.info("%s: pending recipients asked for no delay notice (NOTIFY): not warned",
+                     meta.id)
+            return None
+        return self._notify(meta, "delay", [
+            dsn.Failure(r.address, r.reply, r.relay, orcpt=r.orcpt, delayed=True)
+            for r in wanted])
+
+    def _notify(self, meta: Meta, kind: str, entries: list[dsn.Failure]) -> str:
+        """Queue the sender's notice (and first the postmaster's copy, when notify_postmaster
+        names `kind`: "bounce" or "delay"); the sender's notice's queue id."""
+        now = self.clock()
+        d = self.config().delivery
+        until = meta.created + d.maximal_queue_lifetime if kind == "delay" else None
+        what = "non-delivery" if kind == "bounce" else "delay"
+        if kind in d.notify_postmaster:
+            # Only the report and the original's headers: the body is the sender's business.
+            qid, held = self._queue(meta, entries, now, until, full=False,
+                                    copy_to=f"{POSTMASTER}@{d.domains[0]}")
+            log.info("%s: postmaster %s notification: %s%s", meta.id, what, qid,
+                     " (held: no route)" if held else "")
+        # RET is about failure notices (RFC 3461 4.3): a delay notice returns the headers.
+        qid, held = self._queue(meta, entries, now, until, full=meta.ret == "FULL" and
+                                until is None)
+        log.info("%s: sender %s notification: %s%s", meta.id, what, qid,
+                 f" (held: no route to <{meta.sender}>)" if held else "")
+        return qid
+
+    def _queue(self, meta: Meta, entries: list[dsn.Failure], now: float,
+               until: float | None, full: bool, copy_to: str = "") -> tuple[str, bool]:
+        """Queue one notice about `meta` from <> to its sender (or `copy_to`): (its queue id,
+        whether it waits in hold/ for want of a route)."""
         qid = new_queue_id()
-        full = meta.ret == "FULL"
         head, tail = dsn.build(queue_id=meta.id, sender=meta.sender,
                                reporting_mta=self.hostname, arrival=meta.created, now=now,
-                               failures=failures, message_id=f"{qid}.{int(now)}@{self.hostname}",
-                               full=full, envid=meta.envid)
-        spec = route_of(meta.sender, self.config())
-        local, _, domain = meta.sender.rpartition("@")
-        to = meta.sender
-        if domain.lower().rstrip(".") in self.config().delivery.domains:
+                               failures=entries, message_id=f"{qid}.{int(now)}@{self.hostname}",
+                               full=full, envid=meta.envid, retry_until=until,
+                               copy_to=copy_to)
+        to = copy_to or meta.sender
+        config = self.config()
+        spec = route_of(to, config)
+        local, _, domain = to.rpartition("@")
+        if domain.lower().rstrip(".") in config.delivery.domains:
             to = f"{local.lower()}@{domain.lower().rstrip('.')}"  # our mailboxes are lower case
         rcpt = Recipient(to, spec or "")
         state = "incoming"
         if spec is None:
             rcpt.reply, state = NO_ROUTE, "hold"
-        bounce = Meta(qid, "", now, 0, [rcpt])
+        notice = Meta(qid, "", now, 0, [rcpt])
         original = self.store.body(meta.id)
-        self._enqueue(bounce, head, b"" if full else read_headers(original),
+        self._enqueue(notice, head, b"" if full else read_headers(original),
                       original if full else None, tail, state)
-        log.info("%s: sender non-delivery notification: %s%s", meta.id, qid,
-                 "" if spec else f" (held: no route to <{meta.sender}>)")
-        return qid
+        return qid, spec is None
 
     def _enqueue(self, meta: Meta, head: bytes, headers: bytes, full: Path | None, tail: bytes,
                  state: str) -> None:

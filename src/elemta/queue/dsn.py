@@ -7,6 +7,8 @@ Final-Recipient, Action, Status, Remote-MTA when a server answered, Diagnostic-C
 Last-Attempt-Date) and the original message: its header section as text/rfc822-headers
 (RET=HDRS, the default) or the whole of it as message/rfc822 (RET=FULL). `build` returns what
 goes before and after the original, which the caller streams in between. CRLF line ends.
+A delay notice is the same report for the recipients still pending (Action: delayed, a 4.x.x
+Status, Will-Retry-Until); a postmaster's copy (`copy_to`) is one addressed to the postmaster.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Failure:
     relay: str  # who answered: "hub.test[10.0.0.5]:25", or where we tried: "10.0.0.5:25"
     expired: bool = False  # still deferred at maximal_queue_lifetime
     orcpt: str = ""  # the client's ORCPT= ("rfc822;" xtext), "" when not given
+    delayed: bool = False  # still pending: reported in a delay notice, not failed
 
 
 def _clean(text: str) -> str:
@@ -39,14 +42,16 @@ def _clean(text: str) -> str:
 
 
 def status_of(f: Failure) -> str:
-    """The RFC 3463 status: the reply's enhanced code if it has a 5.x.x one, 5.4.7 when the
-    recipient expired in the queue, else 5.0.0."""
+    """The RFC 3463 status: the reply's enhanced code if it has one of the right class (5.x.x
+    for a failure, 4.x.x for a delay), 5.4.7 when the recipient expired in the queue, else
+    5.0.0 (4.0.0)."""
     if f.expired:
         return EXPIRED_STATUS
+    cls = "4" if f.delayed else "5"
     parts = f.reply.split(" ", 2)
-    if len(parts) > 1 and _ENHANCED.match(parts[1]) and parts[1][0] == "5":
+    if len(parts) > 1 and _ENHANCED.match(parts[1]) and parts[1][0] == cls:
         return parts[1]
-    return "5.0.0"
+    return f"{cls}.0.0"
 
 
 def remote_mta(relay: str) -> str | None:
@@ -70,18 +75,38 @@ def _human(f: Failure) -> str:
     return _clean(f"<{f.recipient}>: {said}")
 
 
+def _explanation(reporting_mta: str, retry_until: float | None) -> list[str]:
+    if retry_until is None:
+        return [f"This is the mail system at host {reporting_mta}.",
+                "",
+                "I'm sorry to have to inform you that your message could not",
+                "be delivered to one or more recipients. It's attached below."]
+    return [f"This is the mail system at host {reporting_mta}.",
+            "",
+            "This is a warning only: you do not need to send your message again.",
+            "It has not yet been delivered to the recipients below; delivery",
+            f"will be tried until {email.utils.formatdate(retry_until)}.",
+            "Its header section is attached below."]
+
+
 def build(*, queue_id: str, sender: str, reporting_mta: str, arrival: float, now: float,
           failures: Sequence[Failure], message_id: str, full: bool = False,
-          envid: str = "") -> tuple[bytes, bytes]:
+          envid: str = "", retry_until: float | None = None,
+          copy_to: str = "") -> tuple[bytes, bytes]:
     """(head, tail) of the DSN sent to `sender` for `failures`: the original goes between,
     CRLF lines ending with CRLF (the header section without its empty line, or with `full`
-    the whole message)."""
+    the whole message). With `retry_until` it is a delay notice (the failures are `delayed`
+    ones, pending until then); with `copy_to` the postmaster's copy, addressed there."""
     boundary = f"{queue_id}.{int(now)}/{reporting_mta}"
     date = email.utils.formatdate(now)
+    subject = ("Mail delivery delayed (still being retried)" if retry_until is not None
+               else "Undelivered Mail Returned to Sender")
+    copy = [f"Postmaster copy of the notice sent to <{_clean(sender)}> about message "
+            f"{queue_id}.", ""] if copy_to else []
     lines = [
         f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)",
-        f"To: <{_clean(sender)}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"To: <{_clean(copy_to or sender)}>",
+        f"Subject: {'Postmaster Copy: ' if copy_to else ''}{subject}",
         f"Date: {date}",
         f"Message-ID: <{message_id}>",
         "Auto-Submitted: auto-replied",
@@ -95,10 +120,8 @@ def build(*, queue_id: str, sender: str, reporting_mta: str, arrival: float, now
         "Content-Description: Notification",
         "Content-Type: text/plain; charset=us-ascii",
         "",
-        f"This is the mail system at host {reporting_mta}.",
-        "",
-        "I'm sorry to have to inform you that your message could not",
-        "be delivered to one or more recipients. It's attached below.",
+        *copy,
+        *_explanation(reporting_mta, retry_until),
         "",
         *(_human(f) for f in failures),
         "",
@@ -116,15 +139,18 @@ def build(*, queue_id: str, sender: str, reporting_mta: str, arrival: float, now
         if f.orcpt:
             kind, _, addr = f.orcpt.partition(";")
             lines.append(f"Original-Recipient: {_clean(kind)}; {_clean(xtext_decode(addr))}")
-        lines += [f"Final-Recipient: rfc822; {_clean(f.recipient)}", "Action: failed",
-                  f"Status: {status_of(f)}"]
+        lines += [f"Final-Recipient: rfc822; {_clean(f.recipient)}",
+                  f"Action: {'delayed' if f.delayed else 'failed'}", f"Status: {status_of(f)}"]
         mta = remote_mta(f.relay)
         if mta:
             lines.append(f"Remote-MTA: dns; {_clean(mta)}")
         lines += [f"Diagnostic-Code: {diagnostic(f)}", f"Last-Attempt-Date: {date}"]
+        if retry_until is not None:
+            lines.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until)}")
     lines += ["", f"--{boundary}"]
-    lines += (["Content-Description: Undelivered Message", "Content-Type: message/rfc822"]
-              if full else ["Content-Description: Undelivered Message Headers",
+    what = "Delayed" if retry_until is not None else "Undelivered"
+    lines += ([f"Content-Description: {what} Message", "Content-Type: message/rfc822"]
+              if full else [f"Content-Description: {what} Message Headers",
                             "Content-Type: text/rfc822-headers"])
     head = "\r\n".join([*lines, ""]).encode("ascii") + b"\r\n"
     return head, f"\r\n--{boundary}--\r\n".encode("ascii")

@@ -87,7 +87,8 @@ class Manager:
                  transport: Callable[[str], Transport], concurrency: Callable[[], int],
                  executor: ThreadPoolExecutor, *, observer: DeliveryObserver | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.time,
-                 bounce: Callable[[Meta], object] | None = None) -> None:
+                 bounce: Callable[[Meta], object] | None = None,
+                 warn: Callable[[Meta], object] | None = None) -> None:
         self.config = config
         self.store = store
         self._make_transport = transport
@@ -99,6 +100,8 @@ class Manager:
         # Called on the executor with a message about to move to failed/ (queue/bounce.py):
         # an OSError keeps the record where it is, so the bounce is tried again.
         self._bounce = bounce
+        # Likewise with a deferred message whose delay notice is due (delay_warning_time).
+        self._warn = warn
         self.active: dict[str, Active] = {}
         self._ready: deque[tuple[str, str]] = deque()  # (queue id, transport spec)
         self.running = 0
@@ -405,6 +408,7 @@ class Manager:
             if a.then == "hold":
                 await self._run_io(self.store.write, m, "hold", a.path)
             elif m.pending():
+                await self._delay_warning(m, now)
                 await self._run_io(self.store.write, m, "deferred", a.path)
             elif any(r.state == policy.FAILED for r in m.recipients):
                 if self._bounce is not None:
@@ -421,6 +425,21 @@ class Manager:
         finally:
             self.active.pop(m.id, None)
             self._changed.set()
+
+    async def _delay_warning(self, m: Meta, now: float) -> None:
+        """Queue the delay notice if it is due, and mark the record (written next) so that it
+        is never sent twice, a restart included. If it cannot be queued, the message is
+        deferred all the same, and the notice tried again at its next attempt."""
+        if self._warn is None or not policy.delay_warning_due(
+                m.created, now, self.config.delivery.delay_warning_time, m.delay_warned):
+            return
+        try:
+            await self._run_io(self._warn, m)
+        except OSError as exc:
+            log.error("%s: cannot queue the delay notification: %s", m.id, exc)
+            return
+        m.delay_warned = now
+        self.wake()
 
     # -- what the admin sees and does ------------------------------------------------------
     def stats(self) -> dict[str, Any]:

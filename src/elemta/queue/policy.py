@@ -43,6 +43,13 @@ def expired(created: float, now: float, lifetime: float) -> bool:
     return now - created >= lifetime
 
 
+def delay_warning_due(created: float, now: float, warning_time: float, warned: float) -> bool:
+    """Is the delay notice of a message with deferred recipients due now? Once it has been
+    in the queue `warning_time` (delay_warning_time; 0: never), and only once: `warned` is
+    when the notice was sent (0: not yet), kept in the message's record."""
+    return warning_time > 0 and not warned and now - created >= warning_time
+
+
 def outcome(code: int) -> str:
     """What the queue makes of a reply code for one recipient."""
     if 200 <= code < 300:

@@ -95,6 +95,7 @@ class Meta:
     smtputf8: bool = False  # received with SMTPUTF8: passed on likewise
     ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given (issue 13)
     envid: str = ""  # MAIL ENVID= (xtext)
+    delay_warned: float = 0.0  # when its delay notice was decided (sent or not wanted); 0: not
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -63,9 +63,10 @@ def manager(config: Config, maildir: Maildir, concurrency: Callable[[], int],
     d = config.delivery
     auth = runtime.relay_auth(d.relay_auth_file)  # checked by runtime.problems before start
     store = QueueStore(Path(d.queue_dir))
+    # The current config (a reload replaces the manager's) routes each bounce.
+    bouncer = Bouncer(store, lambda: m.config, maildir.hostname)
     m = Manager(config, store, lambda spec: build(spec, maildir, d.destination_concurrency, d,
                                                   auth),
-                concurrency, maildir.executor, observer=observer,
-                # The current config (a reload replaces the manager's) routes each bounce.
-                bounce=Bouncer(store, lambda: m.config, maildir.hostname))
+                concurrency, maildir.executor, observer=observer, bounce=bouncer,
+                warn=bouncer.warn)
     return m
