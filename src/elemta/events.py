@@ -132,8 +132,10 @@ EVENTS: dict[str, Event] = {
             "Queued message failed for one recipient",
             ("queue_id", "recipient", "transport", "relay", "dsn", "delay", "reply"),
             "The server answered 5xx for this recipient, or it was still deferred at\n"
-            "maximal_queue_lifetime. The message stays in the queue's failed state\n"
-            "('elemta queue show ID'; 'elemta queue delete ID' removes it); no bounce is sent yet.",
+            "maximal_queue_lifetime. Once no recipient is pending, the sender gets one\n"
+            "bounce (a DSN listing every failed recipient; none for the null sender <>)\n"
+            "and the message stays in the queue's failed state ('elemta queue show ID';\n"
+            "'elemta queue delete ID' removes it).",
         ),
         Event(
             "config_reloaded", "0946329d9eae45a1b3e87632f4764ab5", NOTICE,
