@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MiB, Server, free_port, popen_server, tree_pids, wait_port
+from common import MiB, Server, popen_server, tree_pids, wait_port
+from daemon import free_port
 from postfixhub import SERVICES
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"

@@ -24,6 +24,8 @@ and between real servers.
 
 After them, bench/e2e.py's end-to-end table (--no-e2e skips it): 10 KiB messages received by
 SMTP and delivered over LMTP into one real Dovecot, elemta beside Postfix's lmtp transport.
+Then bench/relay.py's relay table (--no-relay skips it): 10 KiB and 1 MiB messages relayed
+through each server's durable queue to one smtp-sink, elemta (default, workers=1) beside Postfix.
 
 Governor rows come from bench/governor.py when it exists: it should define
     bench_rows(rounds: int, quick: bool) -> list[tuple[str, str]]
@@ -49,6 +51,7 @@ from pathlib import Path
 import datapath
 import e2e
 import postfix
+import relay
 from common import Server, aiosmtpd_sink, alternating_rounds, elemta, median, table
 from throughput import Sizes, measure
 
@@ -174,6 +177,7 @@ def main() -> None:
     ap.add_argument("--no-governor", action="store_true", help="skip the governor rows")
     ap.add_argument("--no-datapath", action="store_true", help="skip bench/datapath.py's tables")
     ap.add_argument("--no-e2e", action="store_true", help="skip bench/e2e.py's LMTP table")
+    ap.add_argument("--no-relay", action="store_true", help="skip bench/relay.py's table")
     ap.add_argument("--e2e-messages", type=int, help="messages per end-to-end round (default "
                     "2000, --quick 300)")
     args = ap.parse_args()
@@ -226,6 +230,8 @@ def main() -> None:
     if not args.no_e2e:
         print()
         e2e.run(rounds, args.e2e_messages or (300 if args.quick else 2000))
+    if not args.no_relay:
+        relay.run(rounds, args.quick, ["1"])
 
 
 if __name__ == "__main__":
