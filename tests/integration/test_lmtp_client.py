@@ -140,6 +140,32 @@ def test_connection_reused_for_the_next_message(dc: Dovecot, tmp_path: Path) -> 
     assert len(stored(dc, "alice", b3)) == 1 and len(stored(dc, "bob", b3)) == 1
 
 
+def test_kept_connection_closed_by_the_server_is_not_a_delivery_failure(
+        tmp_path: Path) -> None:
+    """The server's end of a kept connection is gone (its lmtp process killed while idle, as
+    an idle timeout or a restart would): the next message goes out on a new connection,
+    with no 4xx; the RSET that checks a kept connection rides in the pipelined group."""
+    p1, _ = body_file(tmp_path)
+    p2, b2 = body_file(tmp_path)
+    with dovecot.running() as dc:
+        dc.expected_errors.append("killed with signal 9")
+
+        async def main() -> tuple[list[RecipientResult], LmtpTransport]:
+            t = LmtpTransport(dc.tcp)
+            try:
+                first = await t.deliver(envelope(p1, ["alice@example.test"]))
+                assert [r.reply.code for r in first] == [250] and t.idle == 1
+                for pid in dc.lmtp_children():
+                    os.kill(pid, signal.SIGKILL)
+                return list(await t.deliver(envelope(p2, ["bob@example.test"]))), t
+            finally:
+                await t.close()
+        second, t = asyncio.run(main())
+        assert [r.reply.code for r in second] == [250], second
+        assert t.stats.connections == 2 and t.stats.messages == 2 and t.stats.reused == 0
+        assert len(stored(dc, "bob", b2)) == 1
+
+
 def test_idle_connection_closed_after_idle_timeout(dc: Dovecot, tmp_path: Path) -> None:
     p1, _ = body_file(tmp_path)
 

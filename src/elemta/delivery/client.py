@@ -112,6 +112,11 @@ class Refused(Exception):
         self.reply = reply
 
 
+class Stale(Exception):
+    """A kept connection that did not take RSET (closed while idle, 421, ...): nothing of the
+    transaction reached the server, so it is tried again on a new connection."""
+
+
 def reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" says less
@@ -201,6 +206,12 @@ async def hello(conn: Connection, timeouts: Timeouts, verb: str, name: str,
         conn.extensions[keyword.upper()] = params
 
 
+async def _rset_reply(conn: Connection, timeouts: Timeouts) -> None:
+    reply = await read_reply(conn.reader, min(timeouts.command, 20.0), "in reply to RSET")
+    if reply.code != 250:
+        raise Stale(f"RSET answered {reply.reply()}")
+
+
 def size_refusal(extensions: dict[str, str], size: int) -> Reply | None:
     """RFC 1870: a message larger than the server's declared SIZE would be refused after its
     transfer; refuse it before (a permanent failure, as Postfix bounces it)."""
@@ -218,9 +229,13 @@ def _address(addr: str) -> str:
 
 async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
                    executor: Executor | None, results: dict[int, RecipientResult],
-                   lmtp: bool) -> None:
+                   lmtp: bool, rset: bool = False) -> None:
     """One message on `conn`; every decided recipient goes into `results` (index -> result)
-    as soon as it is known, so a failure later still leaves the earlier decisions."""
+    as soon as it is known, so a failure later still leaves the earlier decisions.
+
+    `rset`: `conn` is a kept one; the transaction starts with RSET (in the pipelined group
+    when the server pipelines: no round trip of its own), and if that RSET is not answered
+    250 (or the connection turns out closed before its reply), Stale is raised."""
     too_big = size_refusal(conn.extensions, envelope.size)
     if too_big is not None:
         for i, r in enumerate(envelope.recipients):
@@ -246,8 +261,17 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
     data: ServerReply | None = None
     if "PIPELINING" in conn.extensions:
         # RFC 2920: DATA may end the group; with no recipient accepted the server refuses it.
-        w.write("".join(c + "\r\n" for c in [mail, *rcpts, "DATA"]).encode())
-        await asyncio.wait_for(w.drain(), timeouts.command)
+        # RSET may start it (RFC 2920 3.1).
+        group = (["RSET"] if rset else []) + [mail, *rcpts, "DATA"]
+        try:
+            w.write("".join(c + "\r\n" for c in group).encode())
+            await asyncio.wait_for(w.drain(), timeouts.command)
+            if rset:
+                await _rset_reply(conn, timeouts)
+        except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
+            if rset:
+                raise Stale(reason(exc)) from exc
+            raise
         replies = [await read_reply(conn.reader, timeouts.command, "in reply to MAIL FROM")]
         if replies[0].code == 250:  # else the connection is closed unread: the RCPTs got 503s
             for r in envelope.recipients:
@@ -258,6 +282,13 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
             else:
                 data = await read_reply(conn.reader, timeouts.data_init, "in reply to DATA")
     else:
+        if rset:
+            try:
+                w.write(b"RSET\r\n")
+                await asyncio.wait_for(w.drain(), timeouts.command)
+                await _rset_reply(conn, timeouts)
+            except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
+                raise Stale(reason(exc)) from exc
         replies = [await conn.command(mail, timeouts.command, "in reply to MAIL FROM")]
         if replies[0].code == 250:
             for r, line in zip(envelope.recipients, rcpts, strict=True):
@@ -336,17 +367,20 @@ class PooledTransport:
         async with self._slots:
             conn: Connection | None = None
             try:
-                conn = await self._take()
-                if conn is None:
-                    conn = await self._open()
-                    self.stats.connections += 1
-                    await self._greet(conn)
-                before = conn.transactions
-                await transact(conn, envelope, self.timeouts, self.executor, results, self.lmtp)
-                if conn.transactions > before:
-                    self.stats.messages += 1
-                    self.stats.reused += before > 0
-                self._give_back(conn)
+                kept = self._take()
+                if kept is not None:
+                    conn = kept
+                    try:
+                        await self._send(kept, envelope, results, rset=True)
+                        conn = None
+                        return [results[i] for i in range(len(envelope.recipients))]
+                    except Stale:  # closed while idle, or going away: not a delivery failure
+                        kept.close()
+                        conn = None
+                conn = await self._open()
+                self.stats.connections += 1
+                await self._greet(conn)
+                await self._send(conn, envelope, results, rset=False)
                 conn = None
             except Refused as exc:
                 self._fill(envelope, results, exc.reply, conn)
@@ -366,19 +400,24 @@ class PooledTransport:
             if i not in results:
                 results[i] = RecipientResult(r, reply, relay)
 
-    async def _take(self) -> Connection | None:
-        """A kept connection that still answers RSET, or None: open a new one."""
+    def _take(self) -> Connection | None:
+        """A kept connection (checked by the RSET that starts its next transaction), or None."""
         while self._idle:
             conn = self._idle.pop()
-            try:
-                rset = await conn.command("RSET", min(self.timeouts.command, 20.0),
-                                          "in reply to RSET")
-                if rset.code == 250:
-                    return conn
-            except (OSError, TimeoutError, ProtocolError):
-                pass  # the server closed it while idle: not a delivery failure
+            if not conn.writer.is_closing():
+                return conn
             conn.close()
         return None
+
+    async def _send(self, conn: Connection, envelope: Envelope,
+                    results: dict[int, RecipientResult], rset: bool) -> None:
+        """One transaction on `conn`, then `conn` is kept for the next. Raises what transact does."""
+        before = conn.transactions
+        await transact(conn, envelope, self.timeouts, self.executor, results, self.lmtp, rset)
+        if conn.transactions > before:
+            self.stats.messages += 1
+            self.stats.reused += before > 0
+        self._give_back(conn)
 
     def _give_back(self, conn: Connection) -> None:
         if self._closed:
