@@ -238,6 +238,25 @@ def test_relay_domains_relayed_and_everything_else_refused(hub: Postfix, tmp_pat
         assert d.delivered("user@example.test")
 
 
+def test_bare_lf_in_a_queued_body_goes_out_as_crlf(hub: Postfix, tmp_path: Path) -> None:
+    """A bare LF (kept as received) goes to the hop as CRLF, the line after it dot-stuffed:
+    Postfix ends a line at a bare LF, so sent as-is the ".two" line would lose its dot. The
+    queue records which bodies hold one (Meta.crlf): a clean body is not checked again."""
+    with running(tmp_path, relay_extra(tmp_path, hub.port)) as d:
+        with d.smtp() as s:
+            s.ehlo("client.test")
+            assert s.mail("sender@example.org")[0] == 250
+            assert s.rcpt(at("alice"))[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(b"Subject: lf\r\nMessage-ID: <bare-1@test>\r\n\r\none\n.two\r\n.\r\n")
+            assert s.getreply()[0] == 250
+            assert s.mail("sender@example.org")[0] == 250
+            assert s.rcpt(at("alice"))[0] == 250
+            assert s.data(b"Subject: crlf\r\nMessage-ID: <clean-1@test>\r\n\r\n.three\r\n")[0] == 250
+        assert hub.wait_for("alice", b"bare-1@test").endswith(b"\n\none\n.two\n")
+        assert hub.wait_for("alice", b"clean-1@test").endswith(b"\n\n.three\n")
+
+
 def test_hop_down_deferred_then_delivered_after_flush(tmp_path: Path) -> None:
     port = free_port()
     with running(tmp_path, relay_extra(tmp_path, port)) as d:

@@ -538,3 +538,21 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
             f3.commit(b"x\r\n")
     assert not store.body(m3.id).exists() and store.locate(m3.id) is None
     assert os.listdir(store.path("tmp")) == []
+
+
+def test_the_queue_records_whether_a_body_holds_a_bare_lf(tmp_path: Path) -> None:
+    # The delivering side skips the bare-LF check for a body recorded clean (Meta.crlf):
+    # a CRLF split between two writes is clean, a LF alone in any write is not.
+    from elemta.queue.store import QueueFile
+
+    store = make_store(tmp_path)
+    for qid, pieces, clean in (("0000000000A1", [b"a\r", b"\nb\r\n"], True),
+                               ("0000000000A2", [b"a\r\n", b"b\nc\r\n"], False),
+                               ("0000000000A3", [b"a\r\n", b"\n"], False)):
+        m = meta(qid)
+        f = QueueFile(store.path("tmp", f"{qid}.{os.getpid()}.body"), [], store.dirsync,
+                      store=store, meta=m)
+        for piece in pieces[:-1]:
+            f.append(piece)
+        f.commit(pieces[-1])
+        assert store.read(store.path("incoming", qid)).crlf is clean, qid

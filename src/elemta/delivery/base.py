@@ -55,6 +55,7 @@ class Envelope:
     envid: str = ""  # MAIL ENVID=
     notify: tuple[str, ...] = ()  # RCPT NOTIFY= per recipient ("" where not given); () none
     orcpt: tuple[str, ...] = ()  # RCPT ORCPT= per recipient, likewise
+    crlf: bool = False  # the body is known to hold no bare LF (store.Meta.crlf)
 
 
 class Transport(Protocol):

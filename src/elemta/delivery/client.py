@@ -314,7 +314,7 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
         data = await conn.command("DATA", timeouts.data_init, "in reply to DATA")
     if data.code != 354:
         raise Refused(data.reply(), "in reply to DATA")
-    await send_body(w, envelope.body, executor, timeouts.data_xfer)
+    await send_body(w, envelope.body, executor, timeouts.data_xfer, crlf=envelope.crlf)
     conn.transactions += 1
     if not lmtp:
         # RFC 5321: one reply for the message, which is every accepted recipient's.

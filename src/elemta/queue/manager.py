@@ -329,7 +329,7 @@ class Manager:
             env = Envelope(qid, m.sender, tuple(r.address for r in rcpts), self.store.body(qid),
                            m.size, eight_bit=m.eight_bit, smtputf8=m.smtputf8, ret=m.ret,
                            envid=m.envid, notify=tuple(r.notify for r in rcpts),
-                           orcpt=tuple(r.orcpt for r in rcpts))
+                           orcpt=tuple(r.orcpt for r in rcpts), crlf=m.crlf)
             started = time.monotonic()
             name = spec or "none"
             try:

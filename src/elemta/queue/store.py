@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..delivery.stream import has_bare_lf
 from ..store.maildir import COMMIT_THREADS, DirSync, SpoolFile, fsync_dir
 from . import policy
 
@@ -95,6 +96,7 @@ class Meta:
     smtputf8: bool = False  # received with SMTPUTF8: passed on likewise
     ret: str = ""  # MAIL RET= (FULL / HDRS), "" when not given (issue 13)
     envid: str = ""  # MAIL ENVID= (xtext)
+    crlf: bool = False  # the body holds no bare LF (checked as it was written): not rechecked
     delay_warned: float = 0.0  # when its delay notice was decided (sent or not wanted); 0: not
 
     def to_json(self) -> bytes:
@@ -337,6 +339,17 @@ class QueueFile(SpoolFile):
 
     store: QueueStore | None = None
     meta: Meta | None = None
+    # Bare LF seen so far, and whether the last byte written was CR (a CRLF split in two).
+    # Checked here, on a commit thread of the receiving process, so the delivering one
+    # (the supervisor, with workers) need not check every chunk again (Meta.crlf).
+    bare_lf: bool = False
+    _after_cr: bool = False
+
+    def append(self, data: bytes) -> None:
+        if data and not self.bare_lf:
+            self.bare_lf = has_bare_lf(data, self._after_cr)
+            self._after_cr = data[-1:] == b"\r"
+        super().append(data)
 
     def commit(self, data: bytes) -> None:
         """Body and record synced (side by side), renamed into body/ and incoming/, both
@@ -349,6 +362,7 @@ class QueueFile(SpoolFile):
         try:
             self.append(data)
             meta.size = os.fstat(self.fd).st_size
+            meta.crlf = not self.bare_lf
             meta_tmp, meta_fd = store._record_file(meta)
             try:
                 _side_by_side(store.side, lambda: os.fdatasync(meta_fd), lambda: os.fdatasync(self.fd))
