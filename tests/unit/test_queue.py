@@ -25,7 +25,7 @@ from elemta.memory.snapshot import BreakerState, MemoryState
 from elemta.queue import policy, routing
 from elemta.queue.local import CrlfToLf
 from elemta.queue.manager import Manager
-from elemta.queue.store import Meta, QueueStore, Recipient, stale_tmp
+from elemta.queue.store import Meta, QueueFile, QueueStore, Recipient, stale_tmp
 
 S = policy.Backoff(300, 4000, 5 * 86400)
 
@@ -490,8 +490,6 @@ def test_a_record_without_its_body_is_dropped_and_logged(tmp_path: Path,
 
 def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_error(
         tmp_path: Path) -> None:
-    from elemta.queue.store import QueueFile
-
     store = make_store(tmp_path)
     placed: list[str] = []
     real_rename = os.rename
@@ -501,7 +499,7 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
         real_rename(src, dst)
 
     m = meta("00000000000C")
-    f = QueueFile(store.path("tmp", f"{m.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m)
+    f = queue_file(store, m)
     f.append(b"Subject: x\r\n\r\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "rename", rename)
@@ -511,47 +509,39 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
     assert store.body(m.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
     assert os.listdir(store.path("tmp")) == []
 
-    # A failing directory sync (EIO, say): no body, no record, no tmp/ file is left.
-    m2 = meta("00000000000D")
-    f2 = QueueFile(store.path("tmp", f"{m2.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m2)
+    # A failing directory sync (EIO, say) or fdatasync (the disk full of a delayed
+    # allocation): no body, no record, no tmp/ file is left.
+    def fails(errno: int, why: str) -> Callable[[object], None]:
+        def raise_(_: object) -> None:
+            raise OSError(errno, why)
+        return raise_
 
-    def broken(path: Path) -> None:
-        raise OSError(5, "Input/output error")
+    for qid, target, name, errno, why in (
+            ("00000000000D", store.dirsync, "sync", 5, "Input/output error"),
+            ("00000000000E", os, "fdatasync", 28, "No space left on device")):
+        f2 = queue_file(store, meta(qid))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(target, name, fails(errno, why))
+            with pytest.raises(OSError):
+                f2.commit(b"x\r\n")
+        assert not store.body(qid).exists() and store.locate(qid) is None
+        assert os.listdir(store.path("tmp")) == []
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store.dirsync, "sync", broken)
-        with pytest.raises(OSError):
-            f2.commit(b"x\r\n")
-    assert not store.body(m2.id).exists() and store.locate(m2.id) is None
-    assert os.listdir(store.path("tmp")) == []
 
-    # A failing fdatasync (the disk full of a delayed allocation, say): likewise.
-    m3 = meta("00000000000E")
-    f3 = QueueFile(store.path("tmp", f"{m3.id}.{os.getpid()}.body"), [], store.dirsync, store=store, meta=m3)
-
-    def no_space(fd: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "fdatasync", no_space)
-        with pytest.raises(OSError):
-            f3.commit(b"x\r\n")
-    assert not store.body(m3.id).exists() and store.locate(m3.id) is None
-    assert os.listdir(store.path("tmp")) == []
+def queue_file(store: QueueStore, m: Meta) -> QueueFile:
+    """A message's way into the queue, as intake.QueueIntake.open makes it."""
+    return QueueFile(store.path("tmp", f"{m.id}.{os.getpid()}.body"), [], store.dirsync,
+                     store=store, meta=m)
 
 
 def test_the_queue_records_whether_a_body_holds_a_bare_lf(tmp_path: Path) -> None:
     # The delivering side skips the bare-LF check for a body recorded clean (Meta.crlf):
     # a CRLF split between two writes is clean, a LF alone in any write is not.
-    from elemta.queue.store import QueueFile
-
     store = make_store(tmp_path)
     for qid, pieces, clean in (("0000000000A1", [b"a\r", b"\nb\r\n"], True),
                                ("0000000000A2", [b"a\r\n", b"b\nc\r\n"], False),
                                ("0000000000A3", [b"a\r\n", b"\n"], False)):
-        m = meta(qid)
-        f = QueueFile(store.path("tmp", f"{qid}.{os.getpid()}.body"), [], store.dirsync,
-                      store=store, meta=m)
+        f = queue_file(store, meta(qid))
         for piece in pieces[:-1]:
             f.append(piece)
         f.commit(pieces[-1])
