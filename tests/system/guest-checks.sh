@@ -238,12 +238,17 @@ elif wait_for 120 workers_ready && is_active; then
         systemctl kill --kill-whom=main --signal=SIGUSR2 elemta.service
         restarted() { [ "$(prop NRestarts)" -gt "$restarts" ] && is_active && [ "$(prop MainPID)" != "$main" ] && workers_ready; }
         if wait_for 120 restarted; then
-            st=$(systemctl status elemta.service --no-pager -n 20 2>/dev/null | grep -i -m1 'watchdog timeout' | sed 's/^ *//' | cut -c1-120)
+            st=$(systemctl status elemta.service --no-pager -n 300 2>/dev/null | grep -i -m1 'watchdog timeout' | sed 's/^ *//' | cut -c1-120)
+            jl=$(jsince | grep -i -m1 'watchdog timeout' | cut -c1-120)
             n=$(ps -o pid= --ppid "$(prop MainPID)" | wc -l)
+            what="default config, supervisor loop frozen (SIGUSR2, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID) with $n workers"
             if [ -n "$st" ]; then
-                pass supervisor-frozen "default config, supervisor loop frozen (SIGUSR2, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID) with $n workers; systemctl status: $st"
+                pass supervisor-frozen "$what; systemctl status: $st"
+            elif [ -n "$jl" ]; then
+                # systemd may show only the current run's lines in `systemctl status`
+                pass supervisor-frozen "$what; journalctl -u elemta: $jl (systemctl status shows only the new run's lines)"
             else
-                fail supervisor-frozen "restarted, but systemctl status does not say why: $(systemctl status elemta.service --no-pager -n 5 | tail -3 | tr '\n' ' ')"
+                fail supervisor-frozen "restarted, but neither systemctl status nor the journal says why: $(systemctl status elemta.service --no-pager -n 5 | tail -3 | tr '\n' ' ')"
             fi
         else
             fail supervisor-frozen "NRestarts $(prop NRestarts) (was $restarts), $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main)"
