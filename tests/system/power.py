@@ -11,14 +11,13 @@ acknowledged is present and intact (its body's hash), and no file in new/ is tor
 Messages present without a 250 (stored, but the reply was lost in the cut) are fine and counted.
 The same boot then serves the next cut, so N cuts take N + 1 boots.
 
-Disk cache mode: cache=none (O_DIRECT on the host file). The guest sees a volatile write cache
-("write back") and so sends flushes; qemu honours each one (qcow2 metadata written, then
-fdatasync of the host file). cache=unsafe would drop them, and a lost message would prove nothing
-about elemta. What a SIGKILL of qemu loses: the guest's page cache and qemu's unflushed qcow2
-metadata (new clusters are unreachable without it). What it does not lose: data qemu already
-wrote to the host file; a real disk may lose its whole unflushed cache, so this is the weaker cut
-of the two for data written but never flushed, and the same for the commit order under test
-(fdatasync before rename, fsync of new/ before 250).
+Disk: a raw copy of the base image (vmhost.prepare says why not a qcow2 overlay), cache=none
+(O_DIRECT on the host file). The guest sees a volatile write cache ("write back") and so sends
+flushes; qemu honours each one (fdatasync of the host file). cache=unsafe would drop them, and a
+lost message would prove nothing about elemta. What a SIGKILL of qemu loses: the guest's page
+cache. What it does not lose: data qemu already wrote to the host file; a real disk may lose its
+whole unflushed cache, so this is the weaker cut of the two for data written but never flushed,
+and the same for the commit order under test (fdatasync before rename, fsync of new/ before 250).
 
 Usage: tests/system/power.py DEB RELEASE [--cuts N] [--seed S] [--clients K]
 Exit 0 when nothing acknowledged was lost or torn; 1 otherwise; 77 when it cannot run here.
