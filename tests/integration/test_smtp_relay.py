@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -111,24 +111,32 @@ def test_hop_down_is_a_4xx_for_every_recipient(tmp_path: Path) -> None:
         [(451, f"4.4.1 connect to 127.0.0.1:{port}: Connection refused")] * 2
 
 
-def test_greeting_and_reply_timeouts_come_from_the_timeouts(tmp_path: Path) -> None:
-    """A hop that greets and then says nothing: the EHLO reply times out after `command`."""
-    path, _ = body_file(tmp_path)
-
+def to_scripted_hop(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                     Awaitable[None]],
+                    path: Path, timeouts: Timeouts) -> RecipientResult:
+    """One message for alice relayed to a loopback hop whose side of the talk is `handle`."""
     async def main() -> list[RecipientResult]:
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(b"220 mute.test ESMTP\r\n")
-            await r.read()  # never answers; returns when the client hangs up
-            w.close()
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        t = SmtpTransport(f"smtp:[127.0.0.1]:{port}", timeouts=Timeouts(command=0.3))
+        t = SmtpTransport(f"smtp:[127.0.0.1]:{port}", timeouts=timeouts)
         try:
             return list(await t.deliver(envelope(path, [at("alice")])))
         finally:
             await t.close()
             server.close()
     [r] = asyncio.run(main())
+    return r
+
+
+def test_greeting_and_reply_timeouts_come_from_the_timeouts(tmp_path: Path) -> None:
+    """A hop that greets and then says nothing: the EHLO reply times out after `command`."""
+    path, _ = body_file(tmp_path)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mute.test ESMTP\r\n")
+        await r.read()  # never answers; returns when the client hangs up
+        w.close()
+    r = to_scripted_hop(handle, path, Timeouts(command=0.3))
     assert (r.reply.code, r.reply.text) == (451, f"4.4.2 conversation with mute.test[127.0.0.1]:"
                                                  f"{r.relay.rsplit(':', 1)[1]}: timed out in "
                                                  "reply to EHLO")
@@ -434,26 +442,17 @@ def test_data_is_pipelined_with_mail_and_rcpt(tmp_path: Path) -> None:
     Postfix's client sends them: this one answers only once it has all three."""
     path, _ = body_file(tmp_path)
 
-    async def main() -> list[RecipientResult]:
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(b"220 strict.test ESMTP\r\n")
-            assert (await r.readline()).startswith(b"EHLO")
-            w.write(b"250-strict.test\r\n250 PIPELINING\r\n")
-            group = [await r.readline() for _ in range(3)]
-            assert group[2] == b"DATA\r\n", group
-            w.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
-            while await r.readline() not in (b".\r\n", b""):
-                pass
-            w.write(b"250 2.0.0 kept\r\n")
-            await r.read()
-            w.close()
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        t = SmtpTransport(f"smtp:[127.0.0.1]:{port}", timeouts=Timeouts(command=2))
-        try:
-            return list(await t.deliver(envelope(path, [at("alice")])))
-        finally:
-            await t.close()
-            server.close()
-    [r] = asyncio.run(main())
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 strict.test ESMTP\r\n")
+        assert (await r.readline()).startswith(b"EHLO")
+        w.write(b"250-strict.test\r\n250 PIPELINING\r\n")
+        group = [await r.readline() for _ in range(3)]
+        assert group[2] == b"DATA\r\n", group
+        w.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+        while await r.readline() not in (b".\r\n", b""):
+            pass
+        w.write(b"250 2.0.0 kept\r\n")
+        await r.read()
+        w.close()
+    r = to_scripted_hop(handle, path, Timeouts(command=2))
     assert str(r.reply) == "250 2.0.0 kept", r
