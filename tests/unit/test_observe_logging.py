@@ -137,6 +137,19 @@ def test_json_formatter_has_the_guides_shape() -> None:
     assert second["level"] == "WARN" and second["msg"] == "plain 7"
 
 
+def test_json_time_follows_each_records_second() -> None:
+    """The formatter keeps the text of the current second: a record in the next second (or
+    an earlier one, from another thread) must not reuse it."""
+    formatter = elog.JsonFormatter()
+    stamps = []
+    for created in (1_700_000_000.5, 1_700_000_000.999, 1_700_000_001.25, 1_700_000_000.0):
+        record = logging.LogRecord("elemta.t", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        stamps.append(json.loads(formatter.format(record))["time"])
+    assert stamps == ["2023-11-14T22:13:20.500Z", "2023-11-14T22:13:20.999Z",
+                      "2023-11-14T22:13:21.250Z", "2023-11-14T22:13:20.000Z"]
+
+
 def test_text_formatter_is_readable() -> None:
     stream = io.StringIO()
     logger = logging.getLogger("elemta.test.text")

@@ -107,3 +107,35 @@ def test_a_body_known_crlf_clean_is_stuffed_alike_without_the_check(body: bytes,
     if not bare:
         known = DotStuffer(crlf=True)
         assert b"".join(known.feed(p) for p in pieces) + known.finish() == stuff(body, chunk)
+
+
+def test_send_body_to_a_peer_that_stops_reading_times_out() -> None:
+    # Postfix's smtp_data_xfer_timeout: each wait for the socket to drain is bounded, so a
+    # peer that takes the connection and reads nothing ends the delivery with TimeoutError
+    # (a 4xx for every recipient), and the file is closed.
+    import asyncio
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from elemta.delivery.stream import send_body
+
+    async def go(path: Path) -> float:
+        a, b = socket.socketpair()
+        with a, b:
+            _, writer = await asyncio.open_connection(sock=a)
+            started = time.monotonic()
+            try:
+                await send_body(writer, path, None, 0.3)
+            except TimeoutError:
+                return time.monotonic() - started
+            finally:
+                writer.transport.abort()
+            raise AssertionError("send_body returned though nothing was read")
+
+    with tempfile.NamedTemporaryFile() as f:
+        f.write((b"x" * 998 + b"\r\n") * 16_384)  # 16 MiB: more than the socket buffers hold
+        f.flush()
+        waited = asyncio.run(go(Path(f.name)))
+    assert 0.3 <= waited < 5

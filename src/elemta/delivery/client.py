@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from .base import Envelope, RecipientResult, Reply
-from .stream import send_body
+from .stream import drain, send_body
 
 REPLY_LINE_LIMIT = 2048  # RFC 5321 4.5.3.1.5 says 512; be lenient, but bounded
 REPLY_LINES_LIMIT = 100
@@ -154,7 +154,7 @@ class Connection:
 
     async def command(self, line: str, timeout: float, what: str) -> ServerReply:
         self.writer.write(line.encode() + b"\r\n")
-        await asyncio.wait_for(self.writer.drain(), timeout)
+        await drain(self.writer, timeout)
         return await read_reply(self.reader, timeout, what)
 
 
@@ -265,7 +265,7 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
         group = (["RSET"] if rset else []) + [mail, *rcpts, "DATA"]
         try:
             w.write("".join(c + "\r\n" for c in group).encode())
-            await asyncio.wait_for(w.drain(), timeouts.command)
+            await drain(w, timeouts.command)
             if rset:
                 await _rset_reply(conn, timeouts)
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
@@ -285,7 +285,7 @@ async def transact(conn: Connection, envelope: Envelope, timeouts: Timeouts,
         if rset:
             try:
                 w.write(b"RSET\r\n")
-                await asyncio.wait_for(w.drain(), timeouts.command)
+                await drain(w, timeouts.command)
                 await _rset_reply(conn, timeouts)
             except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
                 raise Stale(reason(exc)) from exc

@@ -25,6 +25,7 @@ from .base import Reply
 from .client import Connection, ProtocolError, Refused, Timeouts, read_reply, reason
 from .lmtp import TransportSpec, connect, parse_transport
 from .smtp import SmtpTransport
+from .stream import drain
 
 log = logging.getLogger("elemta.delivery.probe")
 
@@ -168,7 +169,7 @@ class RcptProbe:
         t = self.timeouts.command
         if "PIPELINING" in conn.extensions:
             conn.writer.write("".join(c + "\r\n" for c in lines).encode())
-            await asyncio.wait_for(conn.writer.drain(), t)
+            await drain(conn.writer, t)
             mail, rcpt, rset = [await read_reply(conn.reader, t, f"in reply to {c.split(':')[0]}")
                                 for c in lines]
         else:

@@ -25,6 +25,14 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 END = b".\r\n"
 
 
+async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
+    """`writer.drain()`, TimeoutError after `timeout` seconds. Not asyncio.wait_for, which
+    wraps the drain in a task of its own (and a loop iteration to start it) for every command
+    of every delivery, though a drain rarely has to wait."""
+    async with asyncio.timeout(timeout):
+        await writer.drain()
+
+
 def has_bare_lf(chunk: bytes, after_cr: bool) -> bool:
     """Does `chunk` hold a LF that no CR precedes (`after_cr`: the bytes before `chunk` ended
     with CR)? Two memchr-speed counts."""
@@ -112,7 +120,7 @@ async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor
     if f is None:
         last = stuffer.feed(first) + stuffer.finish()
         writer.write(last)
-        await asyncio.wait_for(writer.drain(), timeout)
+        await drain(writer, timeout)
         return len(last)
     pending: asyncio.Future[bytes] = loop.run_in_executor(executor, f.read, chunk_size)
     try:
@@ -127,11 +135,11 @@ async def send_body(writer: asyncio.StreamWriter, path: Path, executor: Executor
             pending = loop.run_in_executor(executor, f.read, chunk_size)
             writer.write(held)
             sent += len(held)
-            await asyncio.wait_for(writer.drain(), timeout)
+            await drain(writer, timeout)
             held = stuffer.feed(chunk)
         last = held + stuffer.finish()
         writer.write(last)
-        await asyncio.wait_for(writer.drain(), timeout)
+        await drain(writer, timeout)
         return sent + len(last)
     finally:
         # A read may still be in flight when the peer failed: let it finish before closing.

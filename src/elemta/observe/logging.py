@@ -62,6 +62,8 @@ def record_fields(record: logging.LogRecord) -> tuple[Event | None, dict[str, An
     """The event (if any) and its fields, lower-case; plus UPPERCASE extra= keys, lower-cased."""
     event: Event | None = getattr(record, "elemta_event", None)
     fields: dict[str, Any] = dict(getattr(record, "elemta_fields", {}) or {})
+    if event is not None:  # emit() passes no other extra=: nothing more to look for
+        return event, fields
     for key, value in vars(record).items():
         if key not in _RECORD_ATTRS and _JOURNAL_FIELD.fullmatch(key):
             fields.setdefault(key.lower(), value)
@@ -114,11 +116,27 @@ class ElemtaJournalHandler(journal.JournalHandler):  # type: ignore[misc]
 
 
 class JsonFormatter(logging.Formatter):
+    """The guide's JSON lines. A line per message accepted or delivered makes this a hot
+    path: the seconds are formatted once per second, the encoder made once."""
+
+    _encoder = json.JSONEncoder(default=str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp: tuple[int, str] = (-1, "")  # (a second, its UTC text): one tuple, swapped whole
+
+    def _utc(self, created: float) -> str:
+        second, text = self._stamp
+        if second != int(created):
+            second = int(created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._stamp = (second, text)
+        return text
+
     def format(self, record: logging.LogRecord) -> str:
         event, fields = record_fields(record)
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._utc(record.created)}.{int(record.msecs):03d}Z",
             "level": _LEVEL_NAMES.get(record.levelno, record.levelname),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -130,7 +148,7 @@ class JsonFormatter(logging.Formatter):
             out.setdefault(key, value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return self._encoder.encode(out)
 
 
 class TextFormatter(logging.Formatter):
