@@ -14,9 +14,10 @@ fsync, rename, directory fsync), so a change costs one small file's fsync instea
 the message. Each record has a sequence number: a crash between a move's rename and its unlink
 leaves two records of one message, and the higher wins.
 
-Accepting (QueueFile.commit) takes two rounds of syncs, each pair run side by side so that the
-file system commits its journal once per round: the body's and the record's fdatasync, then
-both renames, then the fsyncs of body/ and incoming/ (shared by concurrent accepts: DirSync).
+Accepting (QueueFile.place, then the directory syncs) takes two rounds of syncs, each pair run
+together so that the file system commits its journal once per round: the body's and the
+record's fdatasync side by side, then both renames, then the fsyncs of body/ and incoming/ (one
+round of the DirSync thread, shared by concurrent accepts).
 Only then does the session answer 250. A crash before that may leave a record whose body never
 became durable (the manager drops it, logged: it was never acknowledged) or a body without a
 record (the orphan sweep removes it). Removing a delivered message syncs nothing: a crash may
@@ -351,13 +352,13 @@ class QueueFile(SpoolFile):
             self._after_cr = data[-1:] == b"\r"
         super().append(data)
 
-    def commit(self, data: bytes) -> None:
-        """Body and record synced (side by side), renamed into body/ and incoming/, both
-        directories synced (side by side): only then may the session answer 250. The body is
-        in body/ before the record appears. On OSError nothing is left in the queue."""
+    def place(self, data: bytes) -> list[Path]:
+        """Body and record synced (side by side), then renamed into body/ and incoming/; the
+        caller (SpoolFile.commit, commit_then) has both directories synced before the session
+        may answer 250. The body is in body/ before the record appears. On OSError nothing is
+        left in the queue."""
         assert self.store is not None and self.meta is not None
         store, meta = self.store, self.meta
-        placed: list[Path] = []
         meta_tmp: Path | None = None
         try:
             self.append(data)
@@ -372,21 +373,16 @@ class QueueFile(SpoolFile):
                 os.close(fd)
             body, record = store.body(meta.id), store.path("incoming", meta.id)
             os.rename(self.tmp, body)
-            placed.append(body)
+            self._placed.append(body)
             os.rename(meta_tmp, record)
-            placed.append(record)
-            _side_by_side(store.side, lambda: store.dirsync.sync(body.parent),
-                          lambda: store.dirsync.sync(record.parent))
-            self.done = True
+            self._placed.append(record)
         except OSError:
-            for p in reversed(placed):
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
-            if meta_tmp is not None:
+            if meta_tmp is not None:  # gone already if renamed
                 with contextlib.suppress(OSError):
                     os.unlink(meta_tmp)
-            self.abort()
+            self.unplace()
             raise
+        return [body.parent, record.parent]
 
 
 def _side_by_side(side: ThreadPoolExecutor, first: Callable[[], None], second: Callable[[], None]) -> None:
