@@ -1,4 +1,5 @@
-"""Command line: elemta serve | check-config | stats | queue | mailbox add/list | --version."""
+"""Command line: elemta serve | check-config | stats | queue | mailbox add/list | note-exit |
+--version."""
 
 from __future__ import annotations
 
@@ -118,7 +119,49 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--count", action="store_true",
                          help="append the number of messages (new/ and cur/)")
     listing.add_argument("--config", "-c", metavar="PATH", help=cfg_help)
+    sub.add_parser(
+        "note-exit", help="for the unit's ExecStopPost=: keep how this run ended ($SERVICE_RESULT, "
+        "$EXIT_CODE, $EXIT_STATUS) in $STATE_DIRECTORY/last-exit; the next start logs an unclean "
+        "end (previous_run_failed) and shows it in systemctl status")
     return p
+
+
+def note_exit() -> int:
+    """ExecStopPost=: record systemd's verdict on the run that just ended (exitnote.py)."""
+    import time
+
+    from . import exitnote
+
+    note = exitnote.from_environ(os.environ, time.time())
+    directory = exitnote.state_dir(os.environ)
+    if note is None or directory is None:  # not run by systemd as ExecStopPost=: nothing to keep
+        return EXIT_OK
+    try:
+        exitnote.record(directory, note)
+    except OSError as exc:
+        print(f"elemta note-exit: cannot write {directory / exitnote.NOTE_FILE}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _previous_run(log: logging.Logger) -> str | None:
+    """Log how the previous run ended when it ended badly (as `note-exit` recorded it); the
+    note for STATUS=, else None."""
+    import time
+
+    from . import exitnote
+    from .events import emit
+
+    directory = exitnote.state_dir(os.environ)
+    note = exitnote.take(directory) if directory is not None else None
+    what = exitnote.describe(note) if note is not None else None
+    if note is None or what is None:
+        return None
+    emit(log, "previous_run_failed", f"previous run: {what}", result=note.result,
+         exit_code=note.code, exit_status=note.status,
+         ended_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(note.at)))
+    return f"restarted after {what}"
 
 
 def mailbox(action: str, path: str | None, addresses: Sequence[str], count: bool) -> int:
@@ -425,12 +468,16 @@ def serve(path: str | None) -> int:
     _log_plan(log, plan)
     for warning in config.warnings(cfg):
         log.warning("%s", warning)
+    previous = _previous_run(log)
     inherited = inherited_sockets()  # systemd socket activation (elemta.socket); else bind [server] listen
     if inherited.smtp:
         log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
                  len(inherited.smtp))
     try:
-        asyncio.run(Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api).run())
+        daemon = Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api)
+        if previous is not None:
+            daemon.systemd.note("previous run", previous)
+        asyncio.run(daemon.run())
     except runtime.SetupError as exc:
         log.error("cannot start: %s: %s", cfg.source, exc)
         return EXIT_CONFIG
@@ -461,6 +508,7 @@ def serve_workers(cfg: config.Config, plan: WorkerPlan) -> int:
         _log_plan(log, plan)
         for warning in config.warnings(cfg):
             log.warning("%s", warning)
+        previous = _previous_run(log)
         inherited = inherited_sockets()
         if inherited.smtp:
             log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
@@ -470,7 +518,10 @@ def serve_workers(cfg: config.Config, plan: WorkerPlan) -> int:
 
             async def run() -> int:
                 api = inherited.api[0] if inherited.api else None
-                return await supervisor.Supervisor(cfg, socks, api, workers=plan.count).run()
+                sup = supervisor.Supervisor(cfg, socks, api, workers=plan.count)
+                if previous is not None:
+                    sup.systemd.note("previous run", previous)
+                return await sup.run()
 
             return asyncio.run(run())
         except runtime.SetupError as exc:
@@ -493,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return queue(args.verb, args.id, args.api, args.config, args.json)
     if args.command == "loadtest":
         return loadtest(args)
+    if args.command == "note-exit":
+        return note_exit()
     if args.command == "mailbox":
         return mailbox(args.action, args.config, getattr(args, "addresses", ()),
                        getattr(args, "count", False))

@@ -150,6 +150,17 @@ EVENTS: dict[str, Event] = {
             "'systemctl set-property elemta MemoryMax=...'. Thresholds now apply to the new limit.",
         ),
         Event(
+            "previous_run_failed", "ec6729626bb141a1a80b41f7de5d4c41", WARNING,
+            "The previous run did not stop cleanly", ("result", "exit_code", "exit_status",
+                                                      "ended_at"),
+            "systemd restarted elemta after its previous run ended badly: result is systemd's\n"
+            "SERVICE_RESULT (watchdog: the event loop stopped answering and systemd killed it;\n"
+            "oom-kill, signal, core-dump, exit-code). The unit's ExecStopPost= (elemta note-exit)\n"
+            "recorded it; STATUS= ('systemctl status elemta') keeps the note for this run. Look\n"
+            "at the journal just before ENDED_AT; a watchdog timeout with no memory events\n"
+            "before it is worth a bug report.",
+        ),
+        Event(
             "memory_source_unavailable", "d2cb506827fe49a4957e74d7b22458b4", WARNING,
             "Cgroup memory figures unavailable: using process figures only", ("reason",),
             "elemta could not read its cgroup's memory files (missing or unreadable), so it\n"

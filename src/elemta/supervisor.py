@@ -142,6 +142,7 @@ class Supervisor:
         self.board = SessionBoard(self.n + 1)  # before any fork: the mapping is inherited
         self.started = time.time()
         self.stopping = False
+        self.replacements = 0  # workers started again after one died or stalled
         self._stop = asyncio.Event()
         collector = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
         self.observe = Observability(config, self.started, smtp_source=collector,
@@ -398,6 +399,12 @@ class Supervisor:
             slot.restart_at = now + delay
             log.error("worker %d (pid %d) %s; starting a replacement%s", slot.index, pid, how,
                       f" in {delay:.1f}s" if delay else "")
+            self.replacements += 1
+            why = "stalled, killed" if slot.replacing_stalled else how
+            self.systemd.note("workers", f"{self.replacements} worker replacement"
+                              f"{'' if self.replacements == 1 else 's'}, last: worker "
+                              f"{slot.index} {why} at "
+                              f"{time.strftime('%H:%M:%S UTC', time.gmtime())}")
 
     def _check(self) -> None:
         now = time.monotonic()

@@ -253,3 +253,49 @@ def test_socket_activation_passes_the_admin_socket_too(tmp_path: Path, workers: 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def _note_exit(state: Path, **env: str) -> None:
+    """What the unit's ExecStopPost= runs, with the variables systemd gives it."""
+    full = {**os.environ, "STATE_DIRECTORY": str(state), **env}
+    out = subprocess.run([sys.executable, "-m", "elemta.cli", "note-exit"], env=full,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unclean_previous_run_is_logged_and_kept_in_status(
+        tmp_path: Path, notify: NotifySocket, workers: int) -> None:
+    # systemd's verdict on a watchdog kill (SIGABRT, core dumped), recorded by ExecStopPost=;
+    # the next run says so in the journal and keeps it in STATUS= (systemctl status) while it
+    # runs, and the note is used once: a clean stop in between leaves nothing to say.
+    state = tmp_path / "state"
+    state.mkdir()
+    _note_exit(state, SERVICE_RESULT="watchdog", EXIT_CODE="dumped", EXIT_STATUS="ABRT")
+    assert (state / "last-exit").read_text().startswith("result=watchdog code=dumped status=ABRT ")
+    env = {"NOTIFY_SOCKET": str(notify.path), "STATE_DIRECTORY": str(state)}
+    d = start(tmp_path / "d", f"[server]\nworkers = {workers}", env=env)
+    try:
+        ready = notify.wait_for("READY")
+        assert "; restarted after watchdog timeout (the event loop stopped answering; killed by " \
+               "SIGABRT) at 20" in ready["STATUS"], ready
+        d.wait_for_log("previous run: watchdog timeout")
+        assert not (state / "last-exit").exists()
+    finally:
+        d.stop()
+    _note_exit(state, SERVICE_RESULT="success", EXIT_CODE="exited", EXIT_STATUS="0")
+    d = start(tmp_path / "d2", f"[server]\nworkers = {workers}", env=env)
+    try:
+        ready = notify.wait_for("READY")
+        assert "restarted" not in ready["STATUS"], ready
+        assert "previous run" not in d.log
+    finally:
+        d.stop()
+
+
+def test_note_exit_outside_systemd_does_nothing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SERVICE_RESULT", "STATE_DIRECTORY")}
+    out = subprocess.run([sys.executable, "-m", "elemta.cli", "note-exit"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    assert list(tmp_path.iterdir()) == []

@@ -218,7 +218,12 @@ elif wait_for 120 workers_ready && is_active; then
         [ -n "$idx" ] && [ "$(jsince | grep -c "worker $idx (pid [0-9]*) ready")" -ge 2 ]
     }
     if wait_for 90 replaced && is_active && [ "$(prop MainPID)" = "$main" ] && [ "$(prop NRestarts)" = "$restarts" ]; then
-        pass worker-frozen "SIGSTOP worker pid $victim: replaced after $(( $(date +%s) - t0 ))s, service active, same MainPID $main; systemctl status: $(systemctl status elemta.service --no-pager -n 30 2>/dev/null | grep -m1 "(pid $victim) stalled" | sed 's/^.*\]: //' | cut -c1-120)"
+        st=$(systemctl status elemta.service --no-pager -n 0 2>/dev/null | grep -m1 'Status:.*worker replacement' | sed 's/^ *//')
+        if [ -n "$st" ]; then
+            pass worker-frozen "SIGSTOP worker pid $victim: replaced after $(( $(date +%s) - t0 ))s, service active, same MainPID $main; systemctl status: $st"
+        else
+            fail worker-frozen "replaced, but systemctl status does not say so: $(systemctl status elemta.service --no-pager -n 0 | grep Status:)"
+        fi
     else
         fail worker-frozen "SIGSTOP worker pid $victim: $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main); journal: $(jsince | grep "(pid $victim)" | tail -2 | tr '\n' ' ')"
     fi
@@ -238,17 +243,16 @@ elif wait_for 120 workers_ready && is_active; then
         systemctl kill --kill-whom=main --signal=SIGUSR2 elemta.service
         restarted() { [ "$(prop NRestarts)" -gt "$restarts" ] && is_active && [ "$(prop MainPID)" != "$main" ] && workers_ready; }
         if wait_for 120 restarted; then
-            st=$(systemctl status elemta.service --no-pager -n 300 2>/dev/null | grep -i -m1 'watchdog timeout' | sed 's/^ *//' | cut -c1-120)
-            jl=$(jsince | grep -i -m1 'watchdog timeout' | cut -c1-120)
+            # STATUS= (ExecStopPost=elemta note-exit -> the next start): systemctl status shows
+            # only the new run's journal lines, so the Status: line is what tells.
+            st=$(systemctl status elemta.service --no-pager -n 0 2>/dev/null | grep -m1 'Status:.*restarted after watchdog timeout' | sed 's/^ *//')
+            jl=$(jsince | grep -m1 'previous run: watchdog timeout' | cut -c1-160)
             n=$(ps -o pid= --ppid "$(prop MainPID)" | wc -l)
             what="default config, supervisor loop frozen (SIGUSR2, WatchdogSec=8s): NRestarts $restarts -> $(prop NRestarts) after $(( $(date +%s) - t0 ))s, new MainPID $(prop MainPID) with $n workers"
-            if [ -n "$st" ]; then
-                pass supervisor-frozen "$what; systemctl status: $st"
-            elif [ -n "$jl" ]; then
-                # systemd may show only the current run's lines in `systemctl status`
-                pass supervisor-frozen "$what; journalctl -u elemta: $jl (systemctl status shows only the new run's lines)"
+            if [ -n "$st" ] && [ -n "$jl" ]; then
+                pass supervisor-frozen "$what; systemctl status: $st; journal: $jl"
             else
-                fail supervisor-frozen "restarted, but neither systemctl status nor the journal says why: $(systemctl status elemta.service --no-pager -n 5 | tail -3 | tr '\n' ' ')"
+                fail supervisor-frozen "restarted, but systemctl status / the journal do not say why: $(systemctl status elemta.service --no-pager -n 0 | grep Status:); $(jsince | grep -i -m1 'watchdog' | cut -c1-160)"
             fi
         else
             fail supervisor-frozen "NRestarts $(prop NRestarts) (was $restarts), $(systemctl is-active elemta), MainPID $(prop MainPID) (was $main)"

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,18 +43,20 @@ def phase(snap: Snapshot | None, *, draining: bool = False) -> str:
     return "accepting"
 
 
-def status_text(phase_text: str, sessions: int, snap: Snapshot | None) -> str:
+def status_text(phase_text: str, sessions: int, snap: Snapshot | None,
+                notes: Sequence[str] = ()) -> str:
     """E.g. "accepting; memory 1.6% of 2.0 GiB (config), host 95% of 24.0 GiB binding;
     3 sessions; breaker closed": elemta's own usage against the effective limit, then the term
-    that decides the state."""
+    that decides the state; then `notes` (how this run came to be, workers replaced)."""
     noun = "session" if sessions == 1 else "sessions"
+    tail = "".join(f"; {n}" for n in notes)
     if snap is None:
-        return f"{phase_text}; {sessions} {noun}"
+        return f"{phase_text}; {sessions} {noun}{tail}"
     b = snap.binding
     return (
         f"{phase_text}; memory {snap.utilization * 100:.1f}% of {format_size(snap.limit)} "
         f"({snap.limit_source.value}), {b.term.value} {b.ratio * 100:.0f}% of "
-        f"{format_size(b.ceiling)} binding; {sessions} {noun}; breaker {snap.breaker.value}"
+        f"{format_size(b.ceiling)} binding; {sessions} {noun}; breaker {snap.breaker.value}{tail}"
     )
 
 
@@ -171,6 +173,7 @@ class SystemdNotifier:
         self._draining = False
         self._reloading = False
         self._last_status = ""
+        self._notes: dict[str, str] = {}  # what STATUS= keeps saying after the journal scrolled
         self._tasks: list[asyncio.Task[None]] = []
         self.watchdog_every = watchdog_interval(os.environ, os.getpid())
 
@@ -185,7 +188,12 @@ class SystemdNotifier:
     def status(self) -> str:
         snap = self._source.snapshot if self._source is not None else None
         text = "reloading configuration" if self._reloading else phase(snap, draining=self._draining)
-        return status_text(text, self._sessions(), snap)
+        return status_text(text, self._sessions(), snap, tuple(self._notes.values()))
+
+    def note(self, key: str, text: str) -> None:
+        """Keep `text` at the end of STATUS= for the rest of this run (the latest per `key`)."""
+        self._notes[key] = text
+        self.refresh_status()
 
     def refresh_status(self, _event: object = None) -> None:
         text = self.status()
