@@ -528,6 +528,39 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
         assert os.listdir(store.path("tmp")) == []
 
 
+@pytest.mark.parametrize("writeback_works", [True, False])
+def test_body_and_record_are_synced_on_one_thread_when_writeback_can_be_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback_works: bool) -> None:
+    # sync_file_range on both, then two fdatasyncs here (store/writeback.py); where the kernel
+    # or a seccomp filter refuses it, the two fdatasyncs run side by side as before. Either
+    # way both files are fdatasynced before the renames.
+    from elemta.store import writeback
+
+    store = make_store(tmp_path)
+    synced: list[int] = []
+    real = os.fdatasync
+    side_jobs: list[object] = []
+    real_submit = store.side.submit
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        synced.append(fd)
+
+    def submit(fn: Callable[..., object], /, *args: object) -> object:
+        side_jobs.append(fn)
+        return real_submit(fn, *args)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(store.side, "submit", submit)
+    if not writeback_works:
+        monkeypatch.setattr(writeback, "start", lambda fd: False)
+    m = meta("00000000000F")
+    queue_file(store, m).commit(b"Subject: x\r\n\r\nbody\r\n")
+    assert len(synced) == 2 and len(set(synced)) == 2
+    assert len(side_jobs) == (0 if writeback_works else 1)
+    assert store.read(store.path("incoming", m.id)).size == len(b"Subject: x\r\n\r\nbody\r\n")
+
+
 def queue_file(store: QueueStore, m: Meta) -> QueueFile:
     """A message's way into the queue, as intake.QueueIntake.open makes it."""
     return QueueFile(store.path("tmp", f"{m.id}.{os.getpid()}.body"), [], store.dirsync,

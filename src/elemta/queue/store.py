@@ -16,8 +16,9 @@ leaves two records of one message, and the higher wins.
 
 Accepting (QueueFile.place, then the directory syncs) takes two rounds of syncs, each pair run
 together so that the file system commits its journal once per round: the body's and the
-record's fdatasync side by side, then both renames, then the fsyncs of body/ and incoming/ (one
-round of the DirSync thread, shared by concurrent accepts).
+record's fdatasync (their writeback started together, store/writeback.py; side by side on two
+threads where that is not available), then both renames, then the fsyncs of body/ and
+incoming/ (one round of the DirSync thread, shared by concurrent accepts).
 Only then does the session answer 250. A crash before that may leave a record whose body never
 became durable (the manager drops it, logged: it was never acknowledged) or a body without a
 record (the orphan sweep removes it). Removing a delivered message syncs nothing: a crash may
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..delivery.stream import has_bare_lf
+from ..store import writeback
 from ..store.maildir import COMMIT_THREADS, DirSync, SpoolFile, fsync_dir
 from . import policy
 
@@ -366,7 +368,12 @@ class QueueFile(SpoolFile):
             meta.crlf = not self.bare_lf
             meta_tmp, meta_fd = store._record_file(meta)
             try:
-                _side_by_side(store.side, lambda: os.fdatasync(meta_fd), lambda: os.fdatasync(self.fd))
+                if writeback.start(self.fd) and writeback.start(meta_fd):
+                    os.fdatasync(self.fd)  # commits the journal for both (store/writeback.py)
+                    os.fdatasync(meta_fd)
+                else:
+                    _side_by_side(store.side, lambda: os.fdatasync(meta_fd),
+                                  lambda: os.fdatasync(self.fd))
             finally:
                 os.close(meta_fd)
                 fd, self.fd = self.fd, -1
