@@ -25,6 +25,7 @@ from systemd import journal
 
 from ..config import LoggingConfig
 from ..events import Event
+from ..persecond import PerSecond
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -123,20 +124,13 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._stamp: tuple[int, str] = (-1, "")  # (a second, its UTC text): one tuple, swapped whole
-
-    def _utc(self, created: float) -> str:
-        second, text = self._stamp
-        if second != int(created):
-            second = int(created)
-            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._stamp = (second, text)
-        return text
+        self._utc = PerSecond(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                           time.gmtime(second)))
 
     def format(self, record: logging.LogRecord) -> str:
         event, fields = record_fields(record)
         out: dict[str, Any] = {
-            "time": f"{self._utc(record.created)}.{int(record.msecs):03d}Z",
+            "time": f"{self._utc.text(record.created)}.{int(record.msecs):03d}Z",
             "level": _LEVEL_NAMES.get(record.levelno, record.levelname),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -26,6 +26,7 @@ from ..config import Config
 from ..delivery.dsnparams import MailDsn, RcptDsn, split_mail, split_rcpt
 from ..events import emit
 from ..memory.refusal import Refusal
+from ..persecond import PerSecond
 from ..queue import transports
 from ..queue.disk import DiskWatch, declared_size
 from ..queue.intake import QueueIntake
@@ -98,19 +99,8 @@ _aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
 aiosmtpd.smtp.sanitized_log = _sanitized_log  # type: ignore[assignment]
 
 
-class _DateCache:
-    """The Received: header's date, formatted once per second, not once per message."""
-
-    second = -1
-    text = ""
-
-    @classmethod
-    def now(cls) -> str:
-        now = time.time()
-        second = int(now)
-        if second != cls.second:
-            cls.text, cls.second = email.utils.formatdate(second, localtime=True), second
-        return cls.text
+# The Received: header's date.
+_RECEIVED_DATE = PerSecond(lambda second: email.utils.formatdate(second, localtime=True))
 
 
 class Admission(Protocol):
@@ -686,7 +676,7 @@ class ElemtaSMTP(SMTP):
         received = (
             f"Received: from {_header_text(session.host_name or 'unknown')} ([{ip}])\n"
             f"\tby {_header_text(self.hostname)} (elemta {__version__}) with {proto} id {qid}"
-            f"{for_clause};\n\t{_DateCache.now()}\n"
+            f"{for_clause};\n\t{_RECEIVED_DATE.text(time.time())}\n"
         )
         if queued:  # the final delivery adds Return-Path (RFC 5321 4.4), from the envelope
             return received.replace("\n", "\r\n").encode("ascii")
