@@ -26,6 +26,7 @@ from elemta.queue import policy, routing
 from elemta.queue.local import CrlfToLf
 from elemta.queue.manager import Manager
 from elemta.queue.store import Meta, QueueFile, QueueStore, Recipient, stale_tmp
+from elemta.store import maildir
 
 S = policy.Backoff(300, 4000, 5 * 86400)
 
@@ -517,7 +518,7 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
         return raise_
 
     for qid, target, name, errno, why in (
-            ("00000000000D", store.dirsync, "sync", 5, "Input/output error"),
+            ("00000000000D", maildir, "fsync_dir", 5, "Input/output error"),
             ("00000000000E", os, "fdatasync", 28, "No space left on device")):
         f2 = queue_file(store, meta(qid))
         with pytest.MonkeyPatch.context() as mp:

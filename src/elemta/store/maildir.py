@@ -77,6 +77,21 @@ def _remember(memo: dict[Path, _T], key: Path, value: _T) -> _T:
 Synced = Callable[[OSError | None], None]
 
 
+def _wait(start: Callable[[Callable[[BaseException | None], None]], None]) -> None:
+    """Call `start(done)` and block until something calls `done`; raise what it was given."""
+    finished = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def done(error: BaseException | None) -> None:
+        outcome.append(error)
+        finished.set()
+
+    start(done)
+    finished.wait()
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 class DirSync:
     """Group commit for directory fsyncs, on a thread of its own.
 
@@ -105,10 +120,11 @@ class DirSync:
     def sync_then(self, paths: Sequence[Path], done: Synced) -> None:
         """Call `done` once an fsync of each of `paths` that began after this call has
         finished: once, on this object's thread, with the first error if any failed."""
-        if not paths:
+        unique = list(dict.fromkeys(paths))
+        if not unique:
             done(None)
             return
-        left = [len(set(paths))]
+        left = [len(unique)]
         failed: list[OSError] = []
 
         def one(error: OSError | None) -> None:  # only ever called on the syncing thread
@@ -119,7 +135,7 @@ class DirSync:
                 done(failed[0] if failed else None)
 
         with self._cond:
-            for path in dict.fromkeys(paths):
+            for path in unique:
                 self._waiting.setdefault(path, []).append(one)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="elemta-dirsync",
@@ -130,17 +146,7 @@ class DirSync:
 
     def sync(self, path: Path) -> None:
         """Return once an fsync of `path` that began after this call has completed."""
-        finished = threading.Event()
-        outcome: list[OSError | None] = []
-
-        def done(error: OSError | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.sync_then([path], done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
+        _wait(lambda done: self.sync_then([path], done))
 
     def _run(self) -> None:
         while True:
@@ -376,29 +382,21 @@ class SpoolFile:
         return list(dict.fromkeys(self.newdirs or [Path(t).parent for t in self.targets]))
 
     def unplace(self) -> None:
-        """Remove what `place` put into new/ (a directory fsync failed: the caller answers
-        452 4.3.1, so the message must not be delivered anyway)."""
+        """Remove what `place` put into new/ and the tmp/ file (a step failed: the caller
+        answers 452 4.3.1, so the message must not be delivered anyway)."""
         for target in reversed(self._placed):
             _unlink_quietly(target)
         self._placed.clear()
         self.abort()
 
     def commit(self, data: bytes) -> None:
-        """`place`, then wait for the fsyncs of the new/ directories. On any failure every
-        file placed in new/ is removed again and OSError propagates: the caller answers
-        452 4.3.1 and nothing is left behind."""
-        dirs = self.place(data)
-        try:
-            for newdir in dirs:
-                self.dirsync.sync(newdir)
-        except OSError:
-            self.unplace()
-            raise
-        self.done = True
+        """`commit_then`, waited for. On any failure every file placed in new/ is removed again
+        and OSError propagates: the caller answers 452 4.3.1 and nothing is left behind."""
+        _wait(lambda done: self.commit_then(data, done))
 
     def commit_then(self, data: bytes, done: Callable[[BaseException | None], None]) -> None:
-        """`commit` without waiting for the directory fsyncs: `done` is called once they have
-        finished (on the DirSync thread), or with the error after the clean-up."""
+        """`place`, then the fsyncs of its directories (one round of the DirSync thread):
+        `done` is called once they have finished, or with the error after the clean-up."""
         try:
             dirs = self.place(data)
         except BaseException as exc:
