@@ -9,11 +9,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__, config, runtime
 from .observe import logging as elemta_logging
 from .workerplan import WorkerPlan
+
+if TYPE_CHECKING:  # the module itself is imported only when serving
+    from .observe.systemd import InheritedSockets
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -458,33 +462,52 @@ def serve(path: str | None) -> int:
     if plan.count > 1:
         return serve_workers(cfg, plan)
     from .daemon import Daemon
-    from .observe.systemd import inherited_sockets
 
-    elemta_logging.setup(cfg.logging)
-    _event_loop(cfg.server.event_loop)
+    log, inherited, previous = _starting(cfg, plan, "")
 
-    log = logging.getLogger("elemta")
-    log.info("elemta %s starting (config: %s)", __version__, cfg.source)
-    _log_plan(log, plan)
-    for warning in config.warnings(cfg):
-        log.warning("%s", warning)
-    previous = _previous_run(log)
-    inherited = inherited_sockets()  # systemd socket activation (elemta.socket); else bind [server] listen
-    if inherited.smtp:
-        log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
-                 len(inherited.smtp))
-    try:
+    def run() -> int:
         daemon = Daemon(cfg, inherited_smtp=inherited.smtp, inherited_api=inherited.api)
         if previous is not None:
             daemon.systemd.note("previous run", previous)
         asyncio.run(daemon.run())
+        return EXIT_OK
+
+    return _run_or_say_why(log, cfg, run)
+
+
+def _run_or_say_why(log: logging.Logger, cfg: config.Config, run: Callable[[], int]) -> int:
+    """`run()`'s exit status; a set-up error (exit 2: restarting cannot help) or an OSError
+    (exit 1) as one line instead of a traceback."""
+    try:
+        return run()
     except runtime.SetupError as exc:
         log.error("cannot start: %s: %s", cfg.source, exc)
         return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
-    return EXIT_OK
+
+
+def _starting(cfg: config.Config, plan: WorkerPlan,
+              workers: str) -> tuple[logging.Logger, InheritedSockets, str | None]:
+    """Logging and event loop set up, the start-up lines written (`workers`: what follows
+    "starting (config: ...)"); the sockets systemd passed (socket activation, elemta.socket:
+    else [server] listen is bound) and the previous run's note for STATUS= (_previous_run)."""
+    from .observe.systemd import inherited_sockets
+
+    elemta_logging.setup(cfg.logging)
+    _event_loop(cfg.server.event_loop)
+    log = logging.getLogger("elemta")
+    log.info("elemta %s starting (config: %s)%s", __version__, cfg.source, workers)
+    _log_plan(log, plan)
+    for warning in config.warnings(cfg):
+        log.warning("%s", warning)
+    previous = _previous_run(log)
+    inherited = inherited_sockets()
+    if inherited.smtp:
+        log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
+                 len(inherited.smtp))
+    return log, inherited, previous
 
 
 def _log_plan(log: logging.Logger, plan: WorkerPlan) -> None:
@@ -498,38 +521,22 @@ def serve_workers(cfg: config.Config, plan: WorkerPlan) -> int:
     metrics_dir = supervisor.prepare_metrics_dir()  # before anything loads prometheus_client
     try:
         from .daemon import bind
-        from .observe.systemd import inherited_sockets
 
-        elemta_logging.setup(cfg.logging)
-        _event_loop(cfg.server.event_loop)
-        log = logging.getLogger("elemta")
-        log.info("elemta %s starting (config: %s) with %d workers", __version__, cfg.source,
-                 plan.count)
-        _log_plan(log, plan)
-        for warning in config.warnings(cfg):
-            log.warning("%s", warning)
-        previous = _previous_run(log)
-        inherited = inherited_sockets()
-        if inherited.smtp:
-            log.info("using %d SMTP socket(s) passed by systemd; [server] listen is not used",
-                     len(inherited.smtp))
-        try:
+        log, inherited, previous = _starting(cfg, plan, f" with {plan.count} workers")
+
+        def run() -> int:
             socks = inherited.smtp or [bind(a) for a in cfg.server.listen]
 
-            async def run() -> int:
+            async def supervise() -> int:
                 api = inherited.api[0] if inherited.api else None
                 sup = supervisor.Supervisor(cfg, socks, api, workers=plan.count)
                 if previous is not None:
                     sup.systemd.note("previous run", previous)
                 return await sup.run()
 
-            return asyncio.run(run())
-        except runtime.SetupError as exc:
-            log.error("cannot start: %s: %s", cfg.source, exc)
-            return EXIT_CONFIG
-        except OSError as exc:
-            log.error("cannot start: %s", exc)
-            return EXIT_FAILURE
+            return asyncio.run(supervise())
+
+        return _run_or_say_why(log, cfg, run)
     finally:
         supervisor.remove_metrics_dir(metrics_dir)
 

@@ -294,8 +294,15 @@ def test_an_unclean_previous_run_is_logged_and_kept_in_status(
 
 
 def test_note_exit_outside_systemd_does_nothing(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("SERVICE_RESULT", "STATE_DIRECTORY")}
-    out = subprocess.run([sys.executable, "-m", "elemta.cli", "note-exit"], env=env,
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
-    assert list(tmp_path.iterdir()) == []
+    # Without either of systemd's variables (a hand run; a unit without StateDirectory=; a
+    # state directory but no $SERVICE_RESULT) nothing is written anywhere and it exits 0.
+    state = tmp_path / "state"
+    state.mkdir()
+    base = {k: v for k, v in os.environ.items() if k not in ("SERVICE_RESULT", "STATE_DIRECTORY")}
+    for extra in ({}, {"SERVICE_RESULT": "watchdog"}, {"STATE_DIRECTORY": str(state)}):
+        out = subprocess.run([sys.executable, "-m", "elemta.cli", "note-exit"],
+                             env={**base, **extra}, capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert (out.returncode, out.stdout, out.stderr) == (0, "", ""), extra
+        assert [p.name for p in tmp_path.iterdir()] == ["state"], extra
+        assert list(state.iterdir()) == [], extra
