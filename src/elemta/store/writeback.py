@@ -5,9 +5,10 @@ What it is for: two new files that must both be durable before a reply (the queu
 record). Started together, their blocks are allocated in the same journal transaction, so the
 first fdatasync's commit covers the second file too, which then returns without a commit of its
 own: one journal commit and one thread, where two fdatasyncs side by side needed a second
-thread (and its hand-offs) for the same single commit. An ad-hoc check with 20 writers of a
-10 KiB and a 300-byte file on a fresh ext4 here: 4,945 pairs/s and 142 us of CPU a pair,
-against 4,130 and 211 us side by side (bench/relay.py's figures moved less than their noise).
+thread (and its hand-offs) for the same single commit. bench/syncpair.py, 20 writers of a
+10 KiB and a 300-byte file on a fresh ext4 here, 3 alternating rounds: 3,940 pairs/s and 200 us
+of CPU a pair against 3,148 and 308 us side by side (bench/relay.py's figures moved less than
+their noise).
 
 start() never raises: where the call is missing or refused (another kernel, a seccomp filter
 answering EPERM) it says False and the caller syncs the way it did before.
