@@ -431,22 +431,40 @@ class Recipients:
         for hop in self.hop_probes.values():
             hop.forget()
 
-    async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
+    def resolve_now(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal | None:
+        """`resolve`'s answer when it needs no lookup (the maps decide, or the Maildir cache
+        remembers); None when only `resolve` can tell."""
         verdict = decide(self.map, box)
+        if not isinstance(verdict, Lookup):
+            return verdict
         if verdict is Lookup.LMTP:
+            return None
+        known = self.cache.cached(box)
+        if known is None:
+            return None
+        return (box,) if known else RecipientRefusal.UNKNOWN_USER
+
+    def resolve_relay_now(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal | None:
+        """`resolve_relay`'s answer when relay_recipients decides without asking; else None."""
+        verdict = decide_relay(self.map, box)
+        return None if isinstance(verdict, Lookup) else verdict
+
+    async def resolve(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
+        known = self.resolve_now(box)
+        if known is not None:
+            return known
+        if decide(self.map, box) is Lookup.LMTP:
             found = await self.probe.exists(str(box)) if self.probe is not None else None
             if found is None:
                 return RecipientRefusal.LOOKUP_FAILED
             return (box,) if found else RecipientRefusal.UNKNOWN_USER
-        if not isinstance(verdict, Lookup):  # decide asks for nothing else than MAILDIR now
-            return verdict
         return (box,) if await self.cache.exists(box) else RecipientRefusal.UNKNOWN_USER
 
     async def resolve_relay(self, box: Mailbox) -> tuple[Mailbox, ...] | RecipientRefusal:
         """A relay domain's recipient: relay_recipients decides, or its next hop is asked."""
-        verdict = decide_relay(self.map, box)
-        if not isinstance(verdict, Lookup):
-            return verdict
+        known = self.resolve_relay_now(box)
+        if known is not None:
+            return known
         spec = self._hop_of(box.domain)
         probe = self.hop_probes.get(spec)
         if probe is None and spec and self.hop_probe is not None:

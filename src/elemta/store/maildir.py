@@ -241,9 +241,20 @@ class Maildir:
         so only a message to a new mailbox pays that round trip.
         """
         boxes = list(dict.fromkeys(recipients))
+        spool = self.open_now(boxes, header, qid)
+        if spool is None:
+            await asyncio.wrap_future(self.executor.submit(self._ensure_all, boxes))
+            spool = self._spool([self._dirs_of(b) for b in boxes], header, qid)
+        return spool
+
+    def open_now(self, boxes: list[Mailbox], header: bytes, qid: str) -> Spool | None:
+        """`open` for mailboxes this process has made ready already; None if one is new."""
         dirs = [self._dirs_of(b) for b in boxes]
         if any(d[0] not in self._ready for d in dirs):
-            await asyncio.wrap_future(self.executor.submit(self._ensure_all, boxes))
+            return None
+        return self._spool(dirs, header, qid)
+
+    def _spool(self, dirs: list[tuple[Path, str, str, Path]], header: bytes, qid: str) -> Spool:
         name = spool_name(time.time(), os.getpid(), next(_counter), qid, self.hostname)
         file = SpoolFile(f"{dirs[0][1]}/{name}", [f"{d[2]}/{name}" for d in dirs], self.dirsync,
                          newdirs=[d[3] for d in dirs])
