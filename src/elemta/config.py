@@ -27,9 +27,9 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 INT64_MAX = 2**63 - 1
 # The smallest per_connection_memory_limit: above the buffers every session in DATA holds by
-# elemta's own choice (elemta reads 64 KiB per recv, StreamReader pauses reading only
-# past 2 x its 1001-byte limit, the spool keeps 64 KiB before its first write, the decoder one
-# partial line), so that 552 5.3.4 only ever answers memory the client made us hold.
+# elemta's own choice (elemta reads 64 KiB per recv, a session stops reading past 2 x the
+# 1001-byte line limit while a command waits, the spool keeps 64 KiB before its first write,
+# the decoder one partial line), so that 552 5.3.4 only ever answers memory the client made us hold.
 MIN_SESSION_MEMORY = 512 * 1024
 # What one session in DATA typically holds by elemta's own choice (64 KiB socket reads and their
 # copies, the 64 KiB spool buffer, a line), as measured under a flood: what the governor reserves
@@ -156,7 +156,7 @@ class MemoryConfig:
     monitoring_interval: float = _f(
         5.0, "duration", "Period of the memory monitor", minimum=0.01, maximum=3600
     )
-    max_goroutines: int = _f(2000, "int", "Cap on asyncio tasks plus threads", minimum=10)
+    max_goroutines: int = _f(2000, "int", "Cap on SMTP sessions plus asyncio tasks and threads", minimum=10)
     goroutine_leak_detection: bool = _f(True, "bool", "Warn when tasks grow while sessions do not")
     memory_exhaustion_protection: bool = _f(
         True, "bool", "Reject with 452 under pressure (false: log only)"

@@ -127,8 +127,12 @@ class Daemon:
             ctx.board, ctx.board_slot = self.worker.board, self.worker.index
         # A worker weighs the memory of the whole process tree, as its siblings do.
         sampler = Sampler(tree_root=self.worker.supervisor_pid) if self.worker else None
+        # An SMTP session counts as one task: it is the unit of concurrency max_goroutines
+        # caps (a goroutine per connection in the original), though it holds an asyncio task
+        # only while a command waits.
         self.governor = Governor(self.config, sampler, sessions=lambda: len(ctx.sessions),
-                                 session_bytes=lambda: ctx.session_bytes)
+                                 session_bytes=lambda: ctx.session_bytes,
+                                 tasks=lambda: count_tasks() + len(ctx.sessions))
         self._ready = False
         self._report_task: asyncio.Task[None] | None = None
         ctx.admission = self.governor

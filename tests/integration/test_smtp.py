@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -188,6 +189,30 @@ def test_pipelined_commands_after_the_final_dot(daemon: Daemon) -> None:
         c.send(b".\r\nQUIT\r\n")
         assert [c.reply()[0] for _ in range(2)] == [250, 221]
     assert len(daemon.delivered("p@example.test")) == 2
+
+
+def test_client_that_half_closes_still_hears_every_reply(daemon: Daemon) -> None:
+    """A client that sends its whole transaction and shuts its sending side down at once
+    (scripts do: `printf ... | nc`) is owed every reply, the 250 after the commit included."""
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.send(b"EHLO client.test\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<hc@example.test>\r\n"
+               b"DATA\r\nSubject: half\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        codes = [c.reply()[0] for _ in range(6)]
+        assert codes == [220, 250, 250, 250, 354, 250] and c.reply()[0] == 221
+        assert c.closed_by_peer()
+    assert len(daemon.delivered("hc@example.test")) == 1
+
+
+def test_half_close_in_the_middle_of_data_stores_nothing(daemon: Daemon) -> None:
+    with RawSMTP(daemon.host, daemon.port) as c:
+        c.send(b"HELO client.test\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<hc2@example.test>\r\n"
+               b"DATA\r\nSubject: cut\r\n\r\nno final dot\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        assert [c.reply()[0] for _ in range(5)] == [220, 250, 250, 250, 354]
+        assert c.closed_by_peer()
+    assert daemon.delivered("hc2@example.test") == []
+    wait_until(lambda: not _mail_files(daemon.maildir, "tmp"), "tmp/ emptied")
 
 
 def test_too_many_recipients(tmp_path: Path) -> None:

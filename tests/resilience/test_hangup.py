@@ -1,7 +1,7 @@
 """Clients that hang up right after their final dot must not hurt anyone else.
 
-aiosmtpd cancels a session's task when its connection goes away. If that happens while the
-message is being committed on a commit thread, the session must neither close the spool's
+A session's waiting command (its task) is cancelled when its connection goes away. If that
+happens while the message is being committed on a commit thread, the session must neither close the spool's
 descriptor nor remove its file under the commit: the descriptor number is reused at once by
 another session's socket or spool file.
 """

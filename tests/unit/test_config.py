@@ -168,18 +168,16 @@ def test_bad_sizes(bad: object) -> None:
 def test_session_budget_minimum_lies_above_the_buffers_elemta_sizes_itself() -> None:
     # What one session in DATA can hold by elemta's own choice: a full socket read (sessions cut
     # asyncio's 256 KiB to smtp.server.CHUNK) on top of
-    # the StreamReader's pause threshold, the spool's buffer before its first write, one
-    # partial line in the decoder. The smallest accepted budget must exceed it, or a large
+    # what a session buffers before it stops reading (INPUT_LIMIT), the spool's buffer before
+    # its first write, one partial line in the decoder. The smallest accepted budget must exceed it, or a large
     # message sent in big segments gets 552 5.3.4 for memory the client never asked us to hold.
     import dataclasses
 
-    from aiosmtpd.smtp import SMTP
-
     from elemta.smtp.dataparse import LINE_LIMIT
-    from elemta.smtp.server import CHUNK
+    from elemta.smtp.server import CHUNK, INPUT_LIMIT
     from elemta.store.maildir import SPOOL_BUFFER
 
-    fixed = (CHUNK + 2 * SMTP.line_length_limit + SPOOL_BUFFER + LINE_LIMIT + 2)
+    fixed = (CHUNK + INPUT_LIMIT + SPOOL_BUFFER + LINE_LIMIT + 2)
     assert fixed < config.MIN_SESSION_MEMORY
     spec = {f.name: f for f in dataclasses.fields(config.MemoryConfig)}
     assert spec["per_connection_memory_limit"].metadata["min"] == config.MIN_SESSION_MEMORY

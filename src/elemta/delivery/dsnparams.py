@@ -1,8 +1,8 @@
 """The DSN extension's MAIL and RCPT parameters (RFC 3461): RET, ENVID, NOTIFY, ORCPT.
 
-Pure functions. aiosmtpd knows none of them (and upper-cases what it parses, while ENVID and
-ORCPT are case-sensitive xtext), so the session takes them out of the command line first
-(`split_mail`, `split_rcpt`) and hands aiosmtpd the rest. Values are kept as sent (xtext) to
+Pure functions. The session takes them out of the command line first (`split_mail`,
+`split_rcpt`) and parses the rest as any other parameters, which it upper-cases, while ENVID
+and ORCPT are case-sensitive xtext. Values are kept as sent (xtext) to
 be passed on to a next hop that offers DSN; `xtext_decode` gives the text a report shows.
 """
 

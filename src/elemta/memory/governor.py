@@ -253,7 +253,8 @@ Subscriber = Callable[[GovernorEvent], None]
 
 
 def count_tasks() -> int:
-    """asyncio tasks of the running loop plus threads: what max_goroutines caps.
+    """asyncio tasks of the running loop plus threads; with the SMTP sessions (the daemon
+    adds them), what max_goroutines caps.
 
     Threads named elemta-admin* serve the admin HTTP endpoint, which bounds them itself
     (observe/http.py): a client of that endpoint must not spend the SMTP budget.

@@ -1,8 +1,9 @@
 """Task/thread leak detection: tasks growing over several intervals while sessions do not.
 
-Each SMTP session owns one asyncio task, so `tasks - sessions` (the excess) is flat under any
-steady load, however busy. A leak shows as an excess that never falls and has grown by a clear
-margin across the whole window while the session count has not grown.
+Each SMTP session counts as one task (daemon.py), so `tasks - sessions` (the excess: asyncio
+tasks and threads) is flat under any steady load, however busy. A leak shows as an excess that
+never falls and has grown by a clear margin across the whole window while the session count
+has not grown.
 """
 
 from __future__ import annotations

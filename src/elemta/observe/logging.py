@@ -177,11 +177,4 @@ def setup(cfg: LoggingConfig, stderr: IO[str] | None = None,
     root.addHandler(make_handler(fmt, stream))
     root.setLevel(_LEVELS[cfg.level])
     root.propagate = False
-    # aiosmtpd logs every command at INFO under "mail.log"; keep its warnings only, same output.
-    mail = logging.getLogger("mail.log")
-    mail.setLevel(logging.WARNING)
-    for old in list(mail.handlers):
-        mail.removeHandler(old)
-    mail.addHandler(root.handlers[0])
-    mail.propagate = False
     return fmt

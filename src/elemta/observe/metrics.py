@@ -278,8 +278,8 @@ class MemoryCollector:
         if snap.last_gc_at is not None:
             yield _gauge("elemta_gc_last_run_timestamp_seconds",
                          "Unix time of the last forced collection", snap.last_gc_at)
-        yield _gauge("elemta_goroutines_current", "asyncio tasks plus threads", snap.tasks)
-        yield _gauge("elemta_goroutines_max", "max_goroutines: cap on tasks plus threads",
+        yield _gauge("elemta_goroutines_current", "SMTP sessions plus asyncio tasks and threads", snap.tasks)
+        yield _gauge("elemta_goroutines_max", "max_goroutines: cap on sessions, tasks and threads",
                      snap.max_tasks)
         yield _gauge("elemta_sessions_active", "SMTP sessions open now", snap.sessions)
         yield _gauge("elemta_sessions_max", "max_connections: cap on SMTP sessions",

@@ -73,7 +73,7 @@ class _Message:
 # -- function names ---------------------------------------------------------------------------------
 
 # Function spans of the files seen, kept between requests: parsing a file costs ~10 ms, and the
-# same few hundred files (elemta, asyncio, aiosmtpd) appear in every profile.
+# same few hundred files (elemta, asyncio, the standard library) appear in every profile.
 MAX_CACHED_FILES = 1024
 _SPANS: dict[tuple[str, int, int], list[tuple[int, int, str]]] = {}
 

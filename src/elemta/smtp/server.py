@@ -1,9 +1,10 @@
-"""aiosmtpd SMTP subclass: admission at connect/MAIL/RCPT, streaming DATA, durable 250.
+"""The SMTP session: admission at connect/MAIL/RCPT, streaming DATA, durable 250.
 
-What aiosmtpd does well (command parsing, line limits, RSET/NOOP/HELP, STARTTLS) is kept.
-Overridden: DATA (aiosmtpd buffers the whole message; we stream it to the spool file in
-chunks), the greeting (admission and the connection cap), and reply formatting (enhanced
-status codes on every reply once ESMTP is negotiated).
+Each session is an asyncio.Protocol driven by its transport's callbacks (no task, no stream
+reader per connection): command lines are parsed as they arrive (smtp/command.py words the
+syntax errors), each command runs at once, and only a command that has to wait (a commit, a
+recipient lookup, a TLS handshake) continues in a task. Replies carry enhanced status codes
+once ESMTP is negotiated. DATA is streamed to the spool file in chunks, never held whole.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from .. import __version__, runtime
 from ..config import Config
@@ -33,13 +31,33 @@ from ..queue.intake import QueueIntake
 from ..recipients import RecipientRefusal, Recipients
 from ..sessionboard import SessionBoard
 from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
-from .address import simple_path
+from .command import (
+    ALLOWED_BEFORE_STARTTLS,
+    BOGUS_LIMIT,
+    LINE_LIMIT,
+    REPLY_LINE_TOO_LONG,
+    REPLY_MALFORMED,
+    REPLY_NEED_MAIL,
+    REPLY_NEED_RCPT,
+    REPLY_NESTED_MAIL,
+    REPLY_SEND_HELO,
+    REPLY_STARTTLS_FIRST,
+    REPLY_TOO_MANY_BOGUS,
+    check_mail_params,
+    help_reply,
+    parse_params,
+    parse_path,
+    split_line,
+    strip_keyword,
+    syntax_error,
+    too_long,
+)
 from .dataparse import DataDecoder, DataState, to_lf
 from .loop import REPLY_TOO_MANY_HOPS, HopCounter
 from .policy import REPLY_RELAY_DENIED, classify_recipient, recipient_reply
 from .relay import relay_mailbox
+from .replies import REPLY_LINE_TOO_LONG as REPLY_LINE_TOO_LONG_DATA
 from .replies import (
-    REPLY_LINE_TOO_LONG,
     REPLY_SHUTDOWN,
     REPLY_STORAGE,
     REPLY_TIMEOUT,
@@ -48,19 +66,21 @@ from .replies import (
     REPLY_TOO_MANY_RCPTS,
     refusal_reply,
 )
-from .template import SessionTemplate
 
 log = logging.getLogger("elemta.smtp")
 
 # 64 KiB reads: 0.3-0.5 MiB RSS growth for a 100 MiB message (256 KiB: 1.3 MiB) for ~15% more
 # CPU per MiB (bench figures in the issue 2 note).
 CHUNK = 64 * 1024
+# Input buffered while a command waits (or the client does not read its replies) before the
+# session stops reading it: two command lines' worth, so pipelined commands wait in the kernel.
+INPUT_LIMIT = 2 * LINE_LIMIT
 # During DATA the timeout restarts only after this much progress, so a client dripping a
 # byte every few seconds is still cut after data_timeout (a minimum data rate, as Postfix's
 # smtpd_min_data_rate), while a slow but real link keeps its session.
 DATA_PROGRESS = 64 * 1024
 
-# RFC 3463 codes for aiosmtpd's own replies, which carry none.
+# RFC 3463 codes for replies worded without one.
 _ENHANCED = {
     "221": "2.0.0",
     "250": "2.0.0",
@@ -80,23 +100,6 @@ _ENHANCED = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
-
-
-def _sanitized_log(func: Callable[..., None], msg: str, *args: Any, **kwargs: Any) -> None:
-    """aiosmtpd's sanitized_log, skipped when its logger would drop the line anyway.
-
-    aiosmtpd passes every command line through it (sanitized, a repr of the bytes) for a
-    debug message that is off unless [logging] level = "debug": 2% of the event loop's time at
-    one message per connection (py-spy), for nothing."""
-    logger = getattr(func, "__self__", None)
-    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(
-            logging.DEBUG if func.__name__ == "debug" else logging.INFO):
-        return
-    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
-
-
-_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-aiosmtpd.smtp.sanitized_log = _sanitized_log  # type: ignore[assignment]
 
 
 # The Received: header's date.
@@ -168,9 +171,6 @@ class SmtpContext:
     # Workers: every worker's open sessions, so max_connections caps the whole daemon.
     board: SessionBoard | None = None
     board_slot: int = 0
-    handler: Handler = field(init=False)
-    # aiosmtpd's per-session constructor state, built by the first session of a configuration.
-    template: SessionTemplate | None = field(default=None, init=False)
     # Who may receive mail ([delivery] recipients, aliases); SIGHUP re-reads its maps.
     recipients: Recipients = field(init=False)
     # Set when a queued transport is configured: messages for it go to the queue.
@@ -181,7 +181,6 @@ class SmtpContext:
     in_data: int = 0
 
     def __post_init__(self) -> None:
-        self.handler = Handler(self)  # stateless: one for all sessions, not one each
         d = self.config.delivery
         auth = runtime.relay_auth(d.relay_auth_file)  # checked by runtime.problems before start
         self.recipients = Recipients.build(
@@ -211,86 +210,30 @@ class SmtpContext:
         return self.board.total() if self.board is not None else len(self.sessions)
 
 
-class ElemtaEnvelope(Envelope):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mailboxes: list[Mailbox] = []
-        self.mail_dsn = MailDsn()  # RET, ENVID
-        self.rcpt_dsn: dict[str, RcptDsn] = {}  # mailbox -> NOTIFY, ORCPT of its RCPT
+@dataclass(slots=True)
+class Envelope:
+    """One transaction: what MAIL and RCPT gave, until the message is taken or RSET."""
+
+    mail_from: str | None = None
+    mail_options: list[str] = field(default_factory=list)
+    smtp_utf8: bool = False
+    rcpt_tos: list[str] = field(default_factory=list)
+    mailboxes: list[Mailbox] = field(default_factory=list)
+    mail_dsn: MailDsn = field(default_factory=MailDsn)  # RET, ENVID
+    rcpt_dsn: dict[str, RcptDsn] = field(default_factory=dict)  # mailbox -> its RCPT's NOTIFY, ORCPT
 
 
-class Handler:
-    """aiosmtpd hooks for EHLO/MAIL/RCPT. Stateless: per-session state lives on the server."""
+@dataclass(slots=True)
+class _Receiving:
+    """A message between its 354 and its final reply."""
 
-    def __init__(self, ctx: SmtpContext) -> None:
-        self.ctx = ctx
-
-    async def handle_EHLO(
-        self, server: ElemtaSMTP, session: Session, envelope: Envelope, hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        # No AUTH: elemta is an inbound MX; aiosmtpd's built-in mechanisms only ever fail.
-        out = [r for r in responses if not r.startswith("250-AUTH") and r != "250 HELP"]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
-        return out
-
-    async def handle_MAIL(
-        self, server: ElemtaSMTP, session: Session, envelope: Envelope, address: str,
-        options: list[str],
-    ) -> str:
-        refusal = self.ctx.admission.command("MAIL", server.held_bytes)
-        if refusal is not None:
-            return refusal_reply(refusal)
-        if self.ctx.disk is not None:
-            no_space = self.ctx.disk.refusal(self.ctx.config.delivery.queue_minfree,
-                                             declared_size(options))
-            if no_space is not None:
-                return no_space
-        if any(c < " " or c == "\x7f" for c in address):
-            return "553 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        if isinstance(envelope, ElemtaEnvelope):
-            envelope.mail_dsn = server.mail_dsn
-        return "250 2.1.0 Sender ok"
-
-    async def handle_RCPT(
-        self, server: ElemtaSMTP, session: Session, envelope: ElemtaEnvelope, address: str,
-        options: list[str],
-    ) -> str:
-        refusal = self.ctx.admission.command("RCPT", server.held_bytes)
-        if refusal is not None:
-            return refusal_reply(refusal)
-        if len(envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
-            return REPLY_TOO_MANY_RCPTS
-        box = classify_recipient(address, self.ctx.config.delivery.domains)
-        if box == REPLY_RELAY_DENIED and self.ctx.queue is not None:  # relayed via the queue
-            relayed = relay_mailbox(address, self.ctx.config.delivery.relay_domains)
-            if isinstance(relayed, str):
-                return relayed
-            if relayed is not None:
-                taken = await self.ctx.recipients.resolve_relay(relayed)
-                if isinstance(taken, RecipientRefusal):
-                    return recipient_reply(taken, relayed)
-                envelope.rcpt_tos.append(address)
-                envelope.rcpt_options.extend(options)
-                if relayed not in envelope.mailboxes:
-                    envelope.mailboxes.append(relayed)
-                envelope.rcpt_dsn.setdefault(str(relayed), server.rcpt_dsn)
-                return "250 2.1.5 Recipient ok"
-        if isinstance(box, str):
-            return box
-        targets = await self.ctx.recipients.resolve(box)
-        if isinstance(targets, RecipientRefusal):
-            return recipient_reply(targets, box)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
-        for target in targets:  # an alias and its target named both: one copy
-            if target not in envelope.mailboxes:
-                envelope.mailboxes.append(target)
-            envelope.rcpt_dsn.setdefault(str(target), server.rcpt_dsn)
-        return "250 2.1.5 Recipient ok"
+    spool: Spool
+    decoder: DataDecoder
+    lf: bool  # Maildir files store LF line ends; queue files keep CRLF
+    hops: HopCounter = field(default_factory=HopCounter)
+    progress: int = 0
+    write_failed: OSError | None = None
+    over_budget: Refusal | None = None
 
 
 def _bad_helo(name: str | None) -> bool:
@@ -303,92 +246,86 @@ def _header_text(value: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in value)[:200]
 
 
-class ElemtaSMTP(SMTP):
+# What a command gives: its reply, None (it replied itself, or says nothing), or the coroutine
+# that will give the reply once what it waits for is there.
+Outcome = str | Coroutine[Any, Any, str | None] | None
+Command = Callable[["ElemtaSMTP", str | None], Outcome]
+
+
+class ElemtaSMTP(asyncio.Protocol):
+    """One SMTP session, driven by the transport's callbacks.
+
+    Input is split into lines as it arrives and each command runs at once; its replies are
+    collected and written in one send when the input at hand is used up (pipelining costs one
+    write per batch). A command that has to wait makes the session busy: input is buffered
+    meanwhile (reading stops beyond INPUT_LIMIT) and taken up again once it has replied.
+    """
+
+    # No __dict__: an idle session is this object, its transport and its socket.
+    __slots__ = ("_bogus", "_busy", "_closed", "_deadline", "_eof", "_input", "_out",
+                 "_read_paused", "_receiving", "_skipping", "_task", "_timer", "_write_paused",
+                 "ctx", "envelope", "extended_smtp", "host_name", "in_data", "loop", "peer",
+                 "tls_active", "transport")
+
     def __init__(self, ctx: SmtpContext) -> None:
         self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.host_name: str | None = None  # from HELO/EHLO
+        self.extended_smtp = False
+        self.tls_active = False
+        self.envelope = Envelope()
         self.in_data = False
-        self._decoder: DataDecoder | None = None
-        self._spool: Spool | None = None
-        self._in_helo = False
-        self._batch: list[str] | None = None
+        self._receiving: _Receiving | None = None
+        self._input = bytearray()
+        self._skipping = False  # inside an over-long command line: dropped until its end
+        self._out: list[str] = []
+        self._busy = False  # a command is waiting for something; input waits for it
+        self._write_paused = False
+        self._read_paused = False
+        self._closed = False
+        self._eof = False  # the client has finished sending (it may still read our replies)
+        self._bogus = 0
+        self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time when the current command or DATA timeout expires
-        self.mail_dsn = MailDsn()  # the DSN parameters of the MAIL / RCPT being handled
-        self.rcpt_dsn = RcptDsn()
-        key = (ctx.config, ctx.tls, ctx.handler)
-        template = ctx.template
-        if template is not None and template.fits(key):
-            template.stamp(self, self.line_length_limit)
-            return
-        own = frozenset(vars(self))
-        cfg = ctx.config.server
-        super().__init__(
-            ctx.handler,
-            data_size_limit=cfg.max_message_size,
-            hostname=ctx.store.hostname,  # resolved once, at start (runtime.hostname)
-            ident="ESMTP elemta",
-            timeout=cfg.command_timeout,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"],
-            tls_context=ctx.tls,
-            require_starttls=ctx.config.tls.required,
-        )
-        ctx.template = SessionTemplate(self, own, key)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        fast = simple_path(arg)
-        if fast is None:
-            return super()._getaddr(arg)
-        address, rest = fast
-        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return address, rest
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- per-session memory ledger --------------------------------------------------------
     @property
     def held_bytes(self) -> int:
         """In-memory bytes this session holds: unread input, partial line, unsent replies."""
-        held = 0
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            held += len(reader._buffer)
-        if self._decoder is not None:
-            held += self._decoder.held
-        if self._spool is not None:
-            held += self._spool.buffered
+        held = len(self._input)
+        receiving = self._receiving
+        if receiving is not None:
+            held += receiving.decoder.held + receiving.spool.buffered
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             held += transport.get_write_buffer_size()
         return held
 
-    def _create_envelope(self) -> ElemtaEnvelope:
-        return ElemtaEnvelope()
-
     # -- connection lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:
-            self.ctx.accepted += 1
-            self.ctx.sessions.add(self)
-            self.ctx.sessions_changed()
-            if hasattr(transport, "max_size"):
-                # asyncio's socket transport receives up to 256 KiB at a time (a fresh bytes
-                # object each, then copied into the StreamReader): under a flood every session
-                # in DATA held ~0.5 MiB. Reading what DATA consumes at once halves that.
-                setattr(transport, "max_size", CHUNK)  # noqa: B010 - not in the typed API
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.ctx.sessions.discard(self)
-        self.ctx.sessions_changed()
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        ctx = self.ctx
+        ctx.accepted += 1
+        ctx.sessions.add(self)
+        ctx.sessions_changed()
+        if hasattr(transport, "max_size"):
+            # asyncio's socket transport receives up to 256 KiB at a time: under a flood every
+            # session in DATA held ~0.5 MiB. Reading what DATA consumes at once halves that.
+            setattr(transport, "max_size", CHUNK)  # noqa: B010 - not in the typed API
         refusal = self._connection_refusal()
         if refusal is not None:
-            self.ctx.observer.connection(refusal.split(" ", 2)[1])
-            await self.push(refusal)
-            self._writer.close()
+            ctx.observer.connection(refusal.split(" ", 2)[1])
+            self.shutdown_now(refusal)
             return
-        self.ctx.observer.connection("accepted")
-        await super()._handle_client()
+        ctx.observer.connection("accepted")
+        self._reply(f"220 {ctx.store.hostname} ESMTP elemta")
+        self._flush()
+        self._reset_timeout()
 
     def _connection_refusal(self) -> str | None:
         if self.ctx.draining:
@@ -398,69 +335,194 @@ class ElemtaSMTP(SMTP):
         refusal = self.ctx.admission.connection(len(self.ctx.sessions))
         return None if refusal is None else refusal_reply(refusal)
 
-    async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, TLSSetupException):
-            # A client's failed handshake (a protocol or cipher we refuse, or garbage) is bad
-            # input, not our fault: one line. aiosmtpd closes the connection and sends nothing.
-            peer = self.session.peer if self.session else "?"
-            log.info("%s: STARTTLS handshake failed: %s", peer, error.__cause__ or error)
-            return "454 4.7.0 TLS handshake failed"
-        return await super().handle_exception(error)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.ctx.sessions.discard(self)
+        self.ctx.sessions_changed()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._input.clear()
+        task = self._task
+        if task is not None:
+            # The waiting command ends; a commit under way runs on and is logged (see _finish).
+            task.cancel()
+        else:
+            self._end_data()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its last command still hears every reply it is
+        # owed (the transport stays open for writing); the session closes once they are sent.
+        self._eof = True
+        self._process()
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True  # a client that does not read its replies: stop reading it
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._process()
 
     def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
         """Tell the client why we are going away and close (draining, timeouts)."""
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             self.ctx.observer.reply(reply)
             transport.write(reply.encode() + b"\r\n")
             transport.close()
+        self._closed = True
 
-    def _timeout_cb(self) -> None:
-        log.info("%s: timeout, closing", self.session.peer if self.session else "?")
-        self.shutdown_now(REPLY_TIMEOUT)
-
+    # -- timeouts -------------------------------------------------------------------------
     def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd cancels and re-arms a loop timer for every command; moving a deadline is
-        # cheaper, and the armed timer re-arms itself if it fires before the deadline.
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+        # Moving a deadline is cheaper than a new loop timer per command; the armed timer
+        # re-arms itself if it fires before the deadline.
+        self._deadline = self.loop.time() + (duration or self.ctx.config.server.command_timeout)
+        timer = self._timer
+        if timer is None or timer.when() > self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
 
     def _deadline_reached(self) -> None:
         if self._deadline - self.loop.time() > 0.001:  # the loop may run a timer a tick early
-            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+            self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        self._timer = None
+        log.info("%s: timeout, closing", self._peer_text())
+        self.shutdown_now(REPLY_TIMEOUT)
+
+    def _peer_text(self) -> str:
+        return str(self.peer[0]) if isinstance(self.peer, tuple) else str(self.peer or "?")
+
+    # -- input ----------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._input += data
+        self._process()
+
+    def _process(self) -> None:
+        """Run what the buffered input asks for, as far as it goes without waiting."""
+        while not (self._busy or self._closed or self._write_paused):
+            if self._receiving is not None:
+                if not self._input:
+                    break
+                self._feed_data()
+                continue
+            end = self._input.find(b"\n")
+            if end < 0:
+                if len(self._input) >= LINE_LIMIT:  # no line ending within reach: drop it
+                    self._skipping = True
+                    self._input.clear()
+                break
+            raw = bytes(self._input[:end + 1])
+            del self._input[:end + 1]
+            if self._skipping:
+                self._skipping = False
+                self._reply(REPLY_LINE_TOO_LONG)
+                continue
+            self._command(raw)
+        self._flush()
+        if self._eof and not (self._busy or self._closed):
+            self._close_after_replies()  # nothing more will come: an unfinished message is dropped
         else:
-            self._timeout_cb()
+            self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Stop reading while the input cannot be taken up (a command waits, the client does
+        not read its replies) and more than a read's worth is buffered; go on when it can."""
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        stalled = self._busy or self._write_paused
+        if not self._read_paused and stalled and len(self._input) >= INPUT_LIMIT:
+            self._read_paused = True
+            transport.pause_reading()
+        elif self._read_paused and not (stalled and len(self._input) >= INPUT_LIMIT):
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _command(self, raw: bytes) -> None:
+        line = split_line(raw)
+        if isinstance(line, str):
+            self._reply(line)
+            return
+        if too_long(line, self.extended_smtp):
+            self._reply(REPLY_LINE_TOO_LONG)
+            return
+        verb = line.verb
+        if (self.ctx.config.tls.required and not self.tls_active
+                and verb not in ALLOWED_BEFORE_STARTTLS):
+            self._reply(REPLY_STARTTLS_FIRST)  # RFC 3207 4
+            return
+        handler = _COMMANDS.get(verb)
+        if handler is None:
+            log.warning("%s: unrecognised: %s", self._peer_text(), verb[:40])
+            self._bogus += 1
+            if self._bogus >= BOGUS_LIMIT:
+                self._reply(REPLY_TOO_MANY_BOGUS)
+                self._close_after_replies()
+                return
+            self._reply(f'500 Error: command "{verb}" not recognized')
+            return
+        self._reset_timeout()
+        try:
+            outcome = handler(self, line.arg)
+        except Exception:  # a bug: 451 and a traceback in the log, and the session lives on
+            outcome = self._internal_error()
+        if isinstance(outcome, str):
+            self._reply(outcome)
+        elif outcome is not None:
+            self._run(outcome)
+
+    def _run(self, coro: Coroutine[Any, Any, str | None]) -> None:
+        """Run a command that has to wait in a task; the session is busy until it replies."""
+        self._busy = True
+        self._task = self.loop.create_task(self._wait_for(coro))
+
+    async def _wait_for(self, coro: Coroutine[Any, Any, str | None]) -> None:
+        try:
+            reply = await coro
+        except asyncio.CancelledError:
+            self._task = None
+            self._end_data()
+            raise
+        except Exception:
+            reply = self._internal_error()
+        self._task = None
+        self._busy = False
+        if reply:
+            self._reply(reply)
+        self._process()
+
+    def _internal_error(self) -> str:
+        log.exception("%s: session error", self._peer_text())
+        return "451 4.3.0 Error: local problem, try again later"
 
     # -- replies ---------------------------------------------------------------------------
-    async def push(self, status: str) -> None:  # type: ignore[override]
+    def _reply(self, status: str) -> None:
         status = self._with_enhanced_code(status)
         self.ctx.observer.reply(status)
-        if self._batch is not None:
-            self._batch.append(status)
-            return
-        await super().push(status)
+        self._out.append(status)
 
-    async def _push_batched(self, command: Callable[[], Awaitable[None]]) -> None:
-        """Run `command`, sending all its reply lines in one write (one syscall, one segment)."""
-        self._batch = []
-        try:
-            await command()
-        finally:
-            lines, self._batch = self._batch, None
-        if lines:
-            self._writer.write("".join(f"{line}\r\n" for line in lines).encode("ascii", "replace"))
-            await self._writer.drain()
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        lines, self._out = self._out, []
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write("".join(f"{line}\r\n" for line in lines).encode("ascii", "replace"))
+
+    def _close_after_replies(self) -> None:
+        self._flush()
+        self._closed = True
+        self._end_data()
+        if self.transport is not None:
+            self.transport.close()
 
     def _with_enhanced_code(self, status: str) -> str:
-        if status.startswith("502 5.5.1 Too many unrecognized commands"):
-            # aiosmtpd closes the connection after this reply; RFC 5321 3.8 wants 421 then.
-            return "421 4.7.0 Too many unrecognized commands, closing connection"
-        session = self.session
-        if self._in_helo or session is None or not session.extended_smtp:
+        if not self.extended_smtp:
             return status
         code, sep, text = status[:3], status[3:4], status[4:]
         enhanced = _ENHANCED.get(code)
@@ -468,188 +530,363 @@ class ElemtaSMTP(SMTP):
             return status
         return f"{code}{sep}{enhanced} {text}"
 
-    async def smtp_EHLO(self, hostname: str | None) -> None:
-        if not hostname or _bad_helo(hostname):
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
-            return
-        self._in_helo = True
-        try:
-            await self._push_batched(lambda: super(ElemtaSMTP, self).smtp_EHLO(hostname))
-        finally:
-            self._in_helo = False
+    # -- commands --------------------------------------------------------------------------
+    def smtp_HELO(self, arg: str | None) -> str | None:
+        if not arg or _bad_helo(arg):
+            return "501 5.5.4 Syntax: HELO hostname"
+        self.envelope = Envelope()
+        self.extended_smtp = False
+        self.host_name = arg
+        return f"250 {self.ctx.store.hostname}"
 
-    async def smtp_HELO(self, hostname: str | None) -> None:
-        if not hostname or _bad_helo(hostname):
-            await self.push("501 5.5.4 Syntax: HELO hostname")
-            return
-        self._in_helo = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._in_helo = False
+    def smtp_EHLO(self, arg: str | None) -> str | None:
+        if not arg or _bad_helo(arg):
+            return "501 5.5.4 Syntax: EHLO hostname"
+        self.envelope = Envelope()
+        self.host_name = arg
+        lines = [self.ctx.store.hostname]
+        size = self.ctx.config.server.max_message_size
+        if size:
+            lines.append(f"SIZE {size}")
+        lines.append("8BITMIME")
+        if self.ctx.tls is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        lines += ["PIPELINING", "ENHANCEDSTATUSCODES", "DSN", "HELP"]
+        # The EHLO reply itself carries no enhanced codes (RFC 2034 3): set after it.
+        self.extended_smtp = False
+        for line in lines[:-1]:
+            self._reply(f"250-{line}")
+        self._reply(f"250 {lines[-1]}")
+        self.extended_smtp = True
+        return None
 
-    # -- the DSN extension's parameters (RFC 3461), which aiosmtpd does not know --------------
-    # aiosmtpd's HELP lists (and explains) only commands carrying its syntax decoration.
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        self.mail_dsn = MailDsn()
-        if arg and self.session is not None and self.session.extended_smtp:
+    def smtp_NOOP(self, arg: str | None) -> str | None:
+        return "250 OK"
+
+    def smtp_RSET(self, arg: str | None) -> str | None:
+        if arg:
+            return "501 Syntax: RSET"
+        self.envelope = Envelope()
+        return "250 OK"
+
+    def smtp_QUIT(self, arg: str | None) -> str | None:
+        if arg:
+            return "501 Syntax: QUIT"
+        self._reply("221 Bye")
+        self._close_after_replies()
+        return None
+
+    def smtp_VRFY(self, arg: str | None) -> str | None:
+        if not arg:
+            return "501 Syntax: VRFY <address>"
+        return "252 Cannot VRFY user, but will accept message and attempt delivery"
+
+    def smtp_EXPN(self, arg: str | None) -> str | None:
+        return "502 EXPN not implemented"
+
+    def smtp_HELP(self, arg: str | None) -> str | None:
+        return help_reply(arg, self.extended_smtp, self.ctx.tls is not None)
+
+    def smtp_AUTH(self, arg: str | None) -> str | None:
+        # EHLO offers no AUTH: elemta is an inbound MX.
+        return "502 Command not implemented"
+
+    def smtp_STARTTLS(self, arg: str | None) -> Outcome:
+        if arg:
+            return "501 Syntax: STARTTLS"
+        if self.ctx.tls is None:
+            return "454 TLS not available"
+        if self.tls_active:
+            return "503 Error: TLS already active"
+        return self._starttls(self.ctx.tls)
+
+    async def _starttls(self, context: ssl.SSLContext) -> str | None:
+        self._reply("220 Ready to start TLS")
+        self._flush()
+        # RFC 3207 5: what the client pipelined after STARTTLS came in clear; it is dropped.
+        self._input.clear()
+        transport = self.transport
+        assert transport is not None
+        try:
+            tls = await self.loop.start_tls(transport, self, context, server_side=True)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            # A client's failed handshake (a protocol or cipher we refuse, or garbage) is bad
+            # input, not our fault: one line, and the connection is closed.
+            log.info("%s: STARTTLS handshake failed: %s", self._peer_text(), exc)
+            self._closed = True
+            transport.close()
+            return None
+        if tls is None:
+            return None
+        self.transport = tls
+        self.tls_active = True
+        # RFC 3207 4.2: the client starts over (EHLO), nothing said before counts.
+        self.host_name = None
+        self.extended_smtp = False
+        self.envelope = Envelope()
+        return None
+
+    def smtp_MAIL(self, arg: str | None) -> Outcome:
+        if not self.host_name:
+            return REPLY_SEND_HELO
+        extended = self.extended_smtp
+        syntaxerr = syntax_error("MAIL", extended)
+        mail_dsn = MailDsn()
+        if arg and extended:
             split = split_mail(arg)
             if isinstance(split, str):
-                await self.push(split)
-                return
-            arg, self.mail_dsn = split
-        await super().smtp_MAIL(arg)
+                return split
+            arg, mail_dsn = split
+        path = strip_keyword("FROM:", arg) if arg is not None else None
+        if path is None:
+            return syntaxerr
+        address, rest = parse_path(path)
+        if address is None:
+            return REPLY_MALFORMED
+        if not address or (rest and not extended):
+            return syntaxerr
+        envelope = self.envelope
+        if envelope.mail_from:
+            return REPLY_NESTED_MAIL
+        options = rest.upper().split()
+        params = parse_params(options)
+        if params is None:
+            return syntaxerr
+        refused = check_mail_params(params, self.ctx.config.server.max_message_size, syntaxerr)
+        if refused is not None:
+            return refused
+        refusal = self.ctx.admission.command("MAIL", self.held_bytes)
+        if refusal is not None:
+            return refusal_reply(refusal)
+        if self.ctx.disk is not None:
+            no_space = self.ctx.disk.refusal(self.ctx.config.delivery.queue_minfree,
+                                             declared_size(options))
+            if no_space is not None:
+                return no_space
+        if any(c < " " or c == "\x7f" for c in address):
+            return "553 5.1.7 Bad sender address syntax"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        envelope.mail_dsn = mail_dsn
+        return "250 2.1.0 Sender ok"
 
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        self.rcpt_dsn = RcptDsn()
-        if arg and self.session is not None and self.session.extended_smtp:
+    def smtp_RCPT(self, arg: str | None) -> Outcome:
+        if not self.host_name:
+            return REPLY_SEND_HELO
+        if not self.envelope.mail_from:
+            return REPLY_NEED_MAIL
+        extended = self.extended_smtp
+        syntaxerr = syntax_error("RCPT", extended)
+        rcpt_dsn = RcptDsn()
+        if arg and extended:
             split = split_rcpt(arg)
             if isinstance(split, str):
-                await self.push(split)
-                return
-            arg, self.rcpt_dsn = split
-        await super().smtp_RCPT(arg)
+                return split
+            arg, rcpt_dsn = split
+        path = strip_keyword("TO:", arg) if arg is not None else None
+        if path is None:
+            return syntaxerr
+        address, rest = parse_path(path)
+        if address is None:
+            return REPLY_MALFORMED
+        if not address or (rest and not extended):
+            return syntaxerr
+        options = rest.upper().split()
+        params = parse_params(options)
+        if params is None:
+            return syntaxerr
+        if params:
+            return "555 RCPT TO parameters not recognized or not implemented"
+        refusal = self.ctx.admission.command("RCPT", self.held_bytes)
+        if refusal is not None:
+            return refusal_reply(refusal)
+        if len(self.envelope.rcpt_tos) >= self.ctx.config.server.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        recipients, delivery = self.ctx.recipients, self.ctx.config.delivery
+        box = classify_recipient(address, delivery.domains)
+        if box == REPLY_RELAY_DENIED and self.ctx.queue is not None:  # relayed via the queue
+            relayed = relay_mailbox(address, delivery.relay_domains)
+            if isinstance(relayed, str):
+                return relayed
+            if relayed is not None:
+                taken = recipients.resolve_relay_now(relayed)
+                if taken is None:  # the next hop is asked
+                    return self._recipient(address, relayed, rcpt_dsn, recipients.resolve_relay)
+                return self._add_recipient(address, relayed, taken, rcpt_dsn)
+        if isinstance(box, str):
+            return box
+        targets = recipients.resolve_now(box)
+        if targets is None:  # a lookup (the Maildir, an LMTP probe)
+            return self._recipient(address, box, rcpt_dsn, recipients.resolve)
+        return self._add_recipient(address, box, targets, rcpt_dsn)
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        # EHLO offers no AUTH (an inbound MX); aiosmtpd's own AUTH would ask for TLS first
-        # and then fail every mechanism.
-        await self.push("502 Command not implemented")
+    async def _recipient(
+        self, address: str, box: Mailbox, rcpt_dsn: RcptDsn,
+        lookup: Callable[[Mailbox], Awaitable[tuple[Mailbox, ...] | RecipientRefusal]],
+    ) -> str:
+        return self._add_recipient(address, box, await lookup(box), rcpt_dsn)
+
+    def _add_recipient(self, address: str, box: Mailbox,
+                       targets: tuple[Mailbox, ...] | RecipientRefusal, rcpt_dsn: RcptDsn) -> str:
+        if isinstance(targets, RecipientRefusal):
+            return recipient_reply(targets, box)
+        envelope = self.envelope
+        envelope.rcpt_tos.append(address)
+        for target in targets:  # an alias and its target named both: one copy
+            if target not in envelope.mailboxes:
+                envelope.mailboxes.append(target)
+            envelope.rcpt_dsn.setdefault(str(target), rcpt_dsn)
+        return "250 2.1.5 Recipient ok"
 
     # -- DATA, streamed --------------------------------------------------------------------
-    async def smtp_DATA(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
+    def smtp_DATA(self, arg: str | None) -> Outcome:
+        if not self.host_name:
+            return REPLY_SEND_HELO
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        envelope = self._envelope()
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
+            return "501 5.5.4 Syntax: DATA"
+        if not self.envelope.rcpt_tos:
+            return REPLY_NEED_RCPT
         refusal = self.ctx.admission.enter_data(self.ctx.sessions_in_data())
         if refusal is not None:
-            await self.push(refusal_reply(refusal))
-            return
+            return refusal_reply(refusal)
+        envelope = self.envelope
         qid = new_queue_id()
         queue = self.ctx.queue
         routes = queue.routes(envelope.mailboxes, self.ctx.config.delivery) if queue else None
-        try:
-            if queue is not None and routes is not None:
-                sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+        if queue is not None and routes is not None:
+            sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+            try:
                 spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
                                    "BODY=8BITMIME" in envelope.mail_options,
                                    envelope.smtp_utf8, envelope.mail_dsn, envelope.rcpt_dsn)
-            else:
-                spool = await self.ctx.store.open(
-                    envelope.mailboxes, self._trace_headers(envelope, qid), qid)
+            except OSError as exc:
+                return self._cannot_prepare(exc)
+            return self._start_data(spool, lf=False)
+        header = self._trace_headers(envelope, qid)
+        ready = self.ctx.store.open_now(envelope.mailboxes, header, qid)
+        if ready is None:  # a mailbox this process has not used yet: made on a commit thread
+            return self._open_mailboxes(envelope, header, qid)
+        return self._start_data(ready, lf=True)
+
+    async def _open_mailboxes(self, envelope: Envelope, header: bytes, qid: str) -> str | None:
+        try:
+            spool = await self.ctx.store.open(envelope.mailboxes, header, qid)
         except OSError as exc:
-            log.warning("cannot prepare the mailboxes: %s", exc.strerror or exc)
-            await self.push(REPLY_STORAGE)
-            return
+            return self._cannot_prepare(exc)
+        return self._start_data(spool, lf=True)
+
+    @staticmethod
+    def _cannot_prepare(exc: OSError) -> str:
+        log.warning("cannot prepare the mailboxes: %s", exc.strerror or exc)
+        return REPLY_STORAGE
+
+    def _start_data(self, spool: Spool, lf: bool) -> str | None:
+        if self._closed:  # the client left while the mailboxes were made
+            spool.discard()
+            return None
         self.in_data = True
         self.ctx.data_changed(+1)
-        self._spool = spool
-        try:
-            status = await self._receive(spool, envelope, lf=routes is None)
-        finally:
-            self.ctx.data_changed(-1)
-            self.in_data = False
-            self._decoder = None
-            self._spool = None
-        await spool.discarded()  # a refused message's file is gone before the reply says so
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        if queue is not None and routes is not None and status.startswith("250"):
-            queue.wake()
-        await self.push(status)
-        if self.ctx.draining:
-            self.shutdown_now()
+        self._receiving = _Receiving(spool, DataDecoder(self.ctx.config.server.max_message_size),
+                                     lf=lf)
+        self._reset_timeout(self.ctx.config.server.data_timeout)
+        return "354 End data with <CR><LF>.<CR><LF>"
 
-    async def _receive(self, spool: Spool, envelope: ElemtaEnvelope, lf: bool = True) -> str:
-        decoder = self._decoder = DataDecoder(self.ctx.config.server.max_message_size)
-        hops = HopCounter()
-        timeout = self.ctx.config.server.data_timeout
-        write_failed: OSError | None = None
-        over_budget: Refusal | None = None
+    def _feed_data(self) -> None:
+        """Take the buffered input as message data (up to the final dot, if it is there)."""
+        receiving = self._receiving
+        assert receiving is not None
+        chunk = bytes(self._input)
+        self._input.clear()
+        receiving.progress += len(chunk)
+        if receiving.progress >= DATA_PROGRESS:
+            receiving.progress = 0
+            self._reset_timeout(self.ctx.config.server.data_timeout)
+        out, rest = receiving.decoder.feed(chunk)
+        if not receiving.hops.done:
+            receiving.hops.feed(out)
+        full = False
+        if out and receiving.write_failed is None and receiving.over_budget is None:
+            # Maildir files use the local newline convention, as Postfix and Dovecot's LDA
+            # write them; queued messages keep CRLF (the transports send them as they are).
+            full = receiving.spool.buffer(to_lf(out) if receiving.lf else out)
+        if receiving.over_budget is None:
+            receiving.over_budget = self.ctx.admission.data(self.held_bytes)
+        if rest is not None:
+            # Pipelined commands after the final dot are the next commands.
+            self._input[:0] = rest
+            self._run(self._finish(receiving))
+        elif full:
+            # A full buffer is written out on a commit thread; the client is not read meanwhile.
+            self._run(self._write_out(receiving))
+
+    async def _write_out(self, receiving: _Receiving) -> None:
         try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            self._reset_timeout(timeout)
-            progress = 0
-            while True:
-                chunk = await self._reader.read(CHUNK)
-                if not chunk:
-                    raise ConnectionResetError("connection closed during DATA")
-                progress += len(chunk)
-                if progress >= DATA_PROGRESS:
-                    progress = 0
-                    self._reset_timeout(timeout)
-                out, rest = decoder.feed(chunk)
-                if not hops.done:
-                    hops.feed(out)
-                if out and write_failed is None and over_budget is None:
-                    try:
-                        # Maildir files use the local newline convention, as Postfix and
-                        # Dovecot's LDA write them. A full buffer is written out on a commit
-                        # thread, and the client is not read meanwhile.
-                        # Queued messages keep CRLF (the transports send them as they are).
-                        await spool.write(to_lf(out) if lf else out)
-                    except OSError as exc:
-                        write_failed = exc
-                if over_budget is None:
-                    over_budget = self.ctx.admission.data(self.held_bytes)
-                if rest is not None:
-                    if rest:
-                        # Pipelined commands after the final dot belong to the command loop.
-                        # StreamReader has no unread(); its buffer is a bytearray (aiosmtpd
-                        # itself clears it on STARTTLS).
-                        self._reader._buffer[:0] = rest  # type: ignore[attr-defined]
-                    break
-            self._reset_timeout()
-            if decoder.state is DataState.TOO_LONG:
-                return REPLY_LINE_TOO_LONG
-            if decoder.state is DataState.TOO_MUCH:
-                return REPLY_TOO_BIG
-            if over_budget is not None:
-                return refusal_reply(over_budget, in_data=True)
-            if hops.too_many:
-                log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
-                         spool.queue_id, hops.hops, envelope.mail_from)
-                return REPLY_TOO_MANY_HOPS
-            if write_failed is not None:
-                log.warning("queue %s: write failed: %s", spool.queue_id, write_failed.strerror)
-                return REPLY_STORAGE
-            try:
-                await spool.commit()
-            except asyncio.CancelledError:
-                # The connection closed after the dot (aiosmtpd cancels the session): the commit runs
-                # on, and is logged when it ends, as if the 250 had been lost on the way.
-                assert spool.stored is not None
-                spool.stored.add_done_callback(lambda stored: self._log_commit(
-                    spool, envelope, None if stored.cancelled() else stored.exception(),
-                    replied=False))
-                raise
-            except OSError as exc:
-                self._log_commit(spool, envelope, exc)
-                return REPLY_STORAGE
+            await receiving.spool.flush()
+        except OSError as exc:
+            receiving.write_failed = exc
+
+    async def _finish(self, receiving: _Receiving) -> str | None:
+        """The final reply to a message whose final dot has come."""
+        spool, envelope = receiving.spool, self.envelope
+        try:
+            status = await self._store(receiving, envelope)
         finally:
-            spool.discard()  # nothing left to do once committed (or committing)
+            self._end_data()
+        await spool.discarded()  # a refused message's file is gone before the reply says so
+        self.envelope = Envelope()
+        queue = self.ctx.queue
+        if queue is not None and not receiving.lf and status.startswith("250"):
+            queue.wake()
+        if self.ctx.draining:
+            self._reply(status)
+            self._flush()
+            self.shutdown_now()
+            return None
+        return status
+
+    def _end_data(self) -> None:
+        """The message in DATA is over (stored, refused, or its client gone): once."""
+        receiving, self._receiving = self._receiving, None
+        if receiving is None:
+            return
+        receiving.spool.discard()  # nothing left to do once committed (or committing)
+        self.in_data = False
+        self.ctx.data_changed(-1)
+
+    async def _store(self, receiving: _Receiving, envelope: Envelope) -> str:
+        spool, decoder = receiving.spool, receiving.decoder
+        self._reset_timeout()
+        if decoder.state is DataState.TOO_LONG:
+            return REPLY_LINE_TOO_LONG_DATA
+        if decoder.state is DataState.TOO_MUCH:
+            return REPLY_TOO_BIG
+        if receiving.over_budget is not None:
+            return refusal_reply(receiving.over_budget, in_data=True)
+        if receiving.hops.too_many:
+            log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
+                     spool.queue_id, receiving.hops.hops, envelope.mail_from)
+            return REPLY_TOO_MANY_HOPS
+        if receiving.write_failed is not None:
+            log.warning("queue %s: write failed: %s", spool.queue_id,
+                        receiving.write_failed.strerror)
+            return REPLY_STORAGE
+        try:
+            await spool.commit()
+        except asyncio.CancelledError:
+            # The connection closed after the dot: the commit runs on, and is logged when it
+            # ends, as if the 250 had been lost on the way.
+            assert spool.stored is not None
+            spool.stored.add_done_callback(lambda stored: self._log_commit(
+                spool, envelope, None if stored.cancelled() else stored.exception(),
+                replied=False))
+            raise
+        except OSError as exc:
+            self._log_commit(spool, envelope, exc)
+            return REPLY_STORAGE
         self._log_commit(spool, envelope, None)
         return f"250 2.0.0 Ok: queued as {spool.queue_id}"
 
-    # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which
-    # evaluates every property before the session exists.
-    def _envelope(self) -> ElemtaEnvelope:
-        assert isinstance(self.envelope, ElemtaEnvelope)
-        return self.envelope
-
-    def _session(self) -> Session:
-        assert self.session is not None
-        return self.session
-
-    def _log_commit(self, spool: Spool, envelope: ElemtaEnvelope, error: BaseException | None,
+    def _log_commit(self, spool: Spool, envelope: Envelope, error: BaseException | None,
                     replied: bool = True) -> None:
         """Log how a commit ended (`error` None: stored), whether or not the client heard."""
         gone = "" if replied else " (the connection closed before the reply)"
@@ -664,23 +901,26 @@ class ElemtaSMTP(SMTP):
              f"queued {spool.queue_id} from=<{sender}> rcpts={rcpts} size={spool.size}{gone}",
              queue_id=spool.queue_id, sender=sender, recipients=rcpts, size=spool.size)
 
-    def _trace_headers(self, envelope: ElemtaEnvelope, qid: str, queued: bool = False) -> bytes:
-        session = self._session()
-        peer = session.peer
-        ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
+    def _trace_headers(self, envelope: Envelope, qid: str, queued: bool = False) -> bytes:
+        ip = self._peer_text()
+        proto = "ESMTP" if self.extended_smtp else "SMTP"
+        if self.tls_active:
             proto += "S"
         sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
         for_clause = f"\n\tfor <{envelope.mailboxes[0]}>" if len(envelope.mailboxes) == 1 else ""
         received = (
-            f"Received: from {_header_text(session.host_name or 'unknown')} ([{ip}])\n"
-            f"\tby {_header_text(self.hostname)} (elemta {__version__}) with {proto} id {qid}"
-            f"{for_clause};\n\t{_RECEIVED_DATE.text(time.time())}\n"
+            f"Received: from {_header_text(self.host_name or 'unknown')} ([{ip}])\n"
+            f"\tby {_header_text(self.ctx.store.hostname)} (elemta {__version__}) with {proto}"
+            f" id {qid}{for_clause};\n\t{_RECEIVED_DATE.text(time.time())}\n"
         )
         if queued:  # the final delivery adds Return-Path (RFC 5321 4.4), from the envelope
             return received.replace("\n", "\r\n").encode("ascii")
         return f"Return-Path: <{_header_text(sender)}>\n{received}".encode("ascii")
+
+
+_COMMANDS: dict[str, Command] = {
+    name[5:]: method for name, method in vars(ElemtaSMTP).items() if name.startswith("smtp_")
+}
 
 
 def session_factory(ctx: SmtpContext) -> Callable[[], Any]:
