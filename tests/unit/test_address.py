@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from elemta.smtp.address import simple_path
 from elemta.smtp.command import parse_path_fully
 
-
 atom = st.text(alphabet="abcXYZ09.!#$%&'*+/=?^_`{|}~-\"\\ (),:;<>@[]\t\x00é", min_size=0, max_size=8)
 paths = st.builds(lambda local, domain, sp, params: f"<{local}@{domain}>{sp}{params}",
                   atom, atom, st.sampled_from(["", " ", "  ", "\t", "x"]),

@@ -345,7 +345,7 @@ class ElemtaSMTP(asyncio.Protocol):
         self._input.clear()
         task = self._task
         if task is not None:
-            # The waiting command ends; a commit under way runs on and is logged (see _finish).
+            # The waiting command ends (a commit under way has no task: it runs on, _stored logs it).
             task.cancel()
         else:
             self._end_data()
@@ -814,7 +814,7 @@ class ElemtaSMTP(asyncio.Protocol):
         if rest is not None:
             # Pipelined commands after the final dot are the next commands.
             self._input[:0] = rest
-            self._run(self._finish(receiving))
+            self._final_dot(receiving)
         elif full:
             # A full buffer is written out on a commit thread; the client is not read meanwhile.
             self._run(self._write_out(receiving))
@@ -825,18 +825,64 @@ class ElemtaSMTP(asyncio.Protocol):
         except OSError as exc:
             receiving.write_failed = exc
 
-    async def _finish(self, receiving: _Receiving) -> str | None:
-        """The final reply to a message whose final dot has come."""
+    def _final_dot(self, receiving: _Receiving) -> None:
+        """The message is complete: refuse it, or commit it and reply once it is stored."""
         spool, envelope = receiving.spool, self.envelope
-        try:
-            status = await self._store(receiving, envelope)
-        finally:
+        self._reset_timeout()
+        refused = self._refusal(receiving, envelope)
+        if refused is not None:
             self._end_data()
+            self._run(self._refused(spool, refused))
+            return
+        # No task: the commit's outcome calls back (a session that has gone by then still
+        # gets its message logged, as stored without a 250 heard).
+        self._busy = True
+        spool.start_commit().add_done_callback(
+            lambda stored: self._stored(spool, envelope, stored, queued=not receiving.lf))
+
+    def _refusal(self, receiving: _Receiving, envelope: Envelope) -> str | None:
+        """The reply refusing a complete message, or None to store it."""
+        spool, decoder = receiving.spool, receiving.decoder
+        if decoder.state is DataState.TOO_LONG:
+            return REPLY_LINE_TOO_LONG_DATA
+        if decoder.state is DataState.TOO_MUCH:
+            return REPLY_TOO_BIG
+        if receiving.over_budget is not None:
+            return refusal_reply(receiving.over_budget, in_data=True)
+        if receiving.hops.too_many:
+            log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
+                     spool.queue_id, receiving.hops.hops, envelope.mail_from)
+            return REPLY_TOO_MANY_HOPS
+        if receiving.write_failed is not None:
+            log.warning("queue %s: write failed: %s", spool.queue_id,
+                        receiving.write_failed.strerror)
+            return REPLY_STORAGE
+        return None
+
+    async def _refused(self, spool: Spool, status: str) -> str | None:
         await spool.discarded()  # a refused message's file is gone before the reply says so
+        return self._message_over(status, queued=False)
+
+    def _stored(self, spool: Spool, envelope: Envelope, stored: asyncio.Future[None],
+                queued: bool) -> None:
+        error = None if stored.cancelled() else stored.exception()
+        self._end_data()
+        self._log_commit(spool, envelope, error, replied=not self._closed)
+        if self._closed:
+            return
+        self._busy = False
+        ok = error is None
+        reply = self._message_over(
+            f"250 2.0.0 Ok: queued as {spool.queue_id}" if ok else REPLY_STORAGE, ok and queued)
+        if reply is not None:
+            self._reply(reply)
+        self._process()
+
+    def _message_over(self, status: str, queued: bool) -> str | None:
+        """The reply ending a message's transaction (None: sent already, going away)."""
         self.envelope = Envelope()
-        queue = self.ctx.queue
-        if queue is not None and not receiving.lf and status.startswith("250"):
-            queue.wake()
+        if queued and self.ctx.queue is not None:
+            self.ctx.queue.wake()
         if self.ctx.draining:
             self._reply(status)
             self._flush()
@@ -852,39 +898,6 @@ class ElemtaSMTP(asyncio.Protocol):
         receiving.spool.discard()  # nothing left to do once committed (or committing)
         self.in_data = False
         self.ctx.data_changed(-1)
-
-    async def _store(self, receiving: _Receiving, envelope: Envelope) -> str:
-        spool, decoder = receiving.spool, receiving.decoder
-        self._reset_timeout()
-        if decoder.state is DataState.TOO_LONG:
-            return REPLY_LINE_TOO_LONG_DATA
-        if decoder.state is DataState.TOO_MUCH:
-            return REPLY_TOO_BIG
-        if receiving.over_budget is not None:
-            return refusal_reply(receiving.over_budget, in_data=True)
-        if receiving.hops.too_many:
-            log.info("queue %s: refused, %d Received: headers (a mail loop?) from=<%s>",
-                     spool.queue_id, receiving.hops.hops, envelope.mail_from)
-            return REPLY_TOO_MANY_HOPS
-        if receiving.write_failed is not None:
-            log.warning("queue %s: write failed: %s", spool.queue_id,
-                        receiving.write_failed.strerror)
-            return REPLY_STORAGE
-        try:
-            await spool.commit()
-        except asyncio.CancelledError:
-            # The connection closed after the dot: the commit runs on, and is logged when it
-            # ends, as if the 250 had been lost on the way.
-            assert spool.stored is not None
-            spool.stored.add_done_callback(lambda stored: self._log_commit(
-                spool, envelope, None if stored.cancelled() else stored.exception(),
-                replied=False))
-            raise
-        except OSError as exc:
-            self._log_commit(spool, envelope, exc)
-            return REPLY_STORAGE
-        self._log_commit(spool, envelope, None)
-        return f"250 2.0.0 Ok: queued as {spool.queue_id}"
 
     def _log_commit(self, spool: Spool, envelope: Envelope, error: BaseException | None,
                     replied: bool = True) -> None:

@@ -498,6 +498,11 @@ class Spool:
         Once started, the commit runs to its end even if the caller is cancelled meanwhile;
         `stored` then tells how it ended.
         """
+        await asyncio.shield(self.start_commit())
+
+    def start_commit(self) -> asyncio.Future[None]:
+        """`commit` without waiting: its outcome (also kept as `stored`), which nothing can
+        cancel (the commit runs on its thread to its end)."""
         self._finished = True
         stored: Future[None] = Future()
 
@@ -512,7 +517,7 @@ class Spool:
 
         self.stored = asyncio.wrap_future(stored)
         self._submit(commit)
-        await asyncio.shield(self.stored)
+        return self.stored
 
     def discard(self) -> None:
         """The message will not be committed: drop it, and its file once no job is using it."""
