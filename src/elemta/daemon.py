@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from . import runtime
@@ -32,6 +33,7 @@ from .queue.manager import Manager
 from .queue.store import QueueStore
 from .reload import Reloads, log_rejected, read_recipients, reload_config, reload_recipients
 from .sessionboard import SessionBoard
+from .smtp.acceptor import Acceptor
 from .smtp.server import SmtpContext, session_factory
 from .store.maildir import Maildir
 
@@ -110,7 +112,7 @@ class Daemon:
     ctx: SmtpContext = field(init=False)
     governor: Governor = field(init=False)
     systemd: SystemdNotifier = field(init=False)
-    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    servers: list[Acceptor] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     observe: Observability = field(init=False)
@@ -181,8 +183,12 @@ class Daemon:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         socks = self.inherited_smtp or [bind(a) for a in self.config.server.listen]
         factory = session_factory(self.ctx)
+        board, slot = self.ctx.board, self.ctx.board_slot
+        ahead = None if board is None else partial(board.ahead, slot)
         for sock in socks:
-            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            # Bound and listening already (bind, or inherited from the supervisor or systemd).
+            server = Acceptor(loop, sock, factory, ahead)
+            server.start()
             self.servers.append(server)
             log.info("SMTP listening on %s", _describe(sock))
         await self.systemd.ready(self.governor)

@@ -28,6 +28,14 @@ class SessionBoard:
     def total(self) -> int:
         return sum(self._all.unpack_from(self._map))
 
+    def ahead(self, slot: int, pending: int = 0) -> bool:
+        """Does worker `slot` (with `pending` connections accepted but not yet counted) have
+        more than two sessions more than the least busy other worker? Workers are numbered
+        from 1 (the supervisor's slot 0 holds no sessions)."""
+        counts = self._all.unpack_from(self._map)
+        others = [n for i, n in enumerate(counts) if i not in (0, slot)]
+        return bool(others) and counts[slot] + pending > min(others) + 2
+
     def set_in_data(self, slot: int, sessions: int) -> None:
         _SLOT.pack_into(self._map, (self.slots + slot) * _SLOT.size, sessions)
 

@@ -1,0 +1,115 @@
+"""smtp/acceptor.py on a real listening socket and event loop: one connection per readiness,
+and a worker that is ahead gives the others a head start, never a refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from elemta.sessionboard import SessionBoard
+from elemta.smtp import acceptor
+from elemta.smtp.acceptor import Acceptor
+
+
+class Greeter(asyncio.Protocol):
+    made: list[float] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Greeter.made.append(asyncio.get_running_loop().time())
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"220 hi\r\n")
+
+
+def _listener() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+async def _connect_and_time(ahead: bool | None) -> tuple[float, list[int]]:
+    """Seconds from a client's connect to its greeting; how often `ahead` was asked."""
+    loop = asyncio.get_running_loop()
+    asked: list[int] = []
+
+    def is_ahead(pending: int) -> bool:
+        asked.append(pending)
+        return bool(ahead)
+
+    sock = _listener()
+    server = Acceptor(loop, sock, Greeter, None if ahead is None else is_ahead)
+    server.start()
+    try:
+        start = loop.time()
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        assert await asyncio.wait_for(reader.readline(), 5) == b"220 hi\r\n"
+        took = loop.time() - start
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return took, asked
+
+
+def test_a_worker_alone_or_not_ahead_accepts_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(acceptor, "HEAD_START", 0.3)
+    took, asked = asyncio.run(_connect_and_time(None))
+    assert took < 0.25 and asked == []
+    took, asked = asyncio.run(_connect_and_time(False))
+    assert took < 0.25 and asked == [0]
+
+
+def test_a_worker_ahead_waits_the_head_start_then_accepts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(acceptor, "HEAD_START", 0.3)
+    took, asked = asyncio.run(_connect_and_time(True))
+    # Asked once, waited the head start, then took the connection although still "ahead":
+    # nobody else took it, and a head start is not a refusal.
+    assert took >= 0.3 and asked == [0]
+
+
+def test_a_burst_is_taken_one_connection_per_readiness() -> None:
+    """Ten waiting connections: the acceptor takes one per readiness callback, so another
+    process woken by the same socket gets its turn between them."""
+    async def run() -> list[int]:
+        loop = asyncio.get_running_loop()
+        sock = _listener()
+        clients = []
+        for _ in range(10):  # all queued on the socket before the acceptor starts
+            c = socket.create_connection(sock.getsockname())
+            clients.append(c)
+        taken: list[int] = []
+        server = Acceptor(loop, sock, Greeter)
+        original = server._readable
+
+        def counting() -> None:
+            before = len(server._connecting)
+            original()
+            taken.append(len(server._connecting) - before)
+
+        server._readable = counting  # type: ignore[method-assign]
+        server.start()
+        try:
+            while sum(taken) < 10:
+                await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+            for c in clients:
+                c.close()
+        return taken
+
+    taken = asyncio.run(run())
+    assert sum(taken) == 10 and max(taken) == 1
+
+
+def test_session_board_ahead() -> None:
+    board = SessionBoard(3)  # the supervisor's slot 0 and workers 1, 2
+    board.set(1, 5)
+    board.set(2, 3)
+    assert not board.ahead(1)  # 5 against 3: within two
+    assert board.ahead(1, pending=1)  # 6 against 3
+    assert not board.ahead(2, pending=4)
+    board.set(2, 0)  # a worker that died (its sessions are gone): the other is ahead
+    assert board.ahead(1) and not board.ahead(2)
+    assert not SessionBoard(2).ahead(1, pending=100)  # one worker: nobody to be ahead of
