@@ -144,6 +144,26 @@ def parse_params(options: list[str]) -> dict[str, str | bool] | None:
     return result
 
 
+def parse_mail_rcpt(keyword: str, arg: str | None, extended: bool
+                    ) -> tuple[str, list[str], dict[str, str | bool]] | str:
+    """(address, its parameters as given but upper-cased, the same as a dict) of a MAIL or RCPT
+    argument (`keyword` "FROM:" or "TO:"), or the reply refusing it."""
+    syntaxerr = syntax_error("MAIL" if keyword == "FROM:" else "RCPT", extended)
+    path = strip_keyword(keyword, arg) if arg is not None else None
+    if path is None:
+        return syntaxerr
+    address, rest = parse_path(path)
+    if address is None:
+        return REPLY_MALFORMED
+    if not address or (rest and not extended):
+        return syntaxerr
+    options = rest.upper().split()
+    params = parse_params(options)
+    if params is None:
+        return syntaxerr
+    return address, options, params
+
+
 def check_mail_params(params: dict[str, str | bool], size_limit: int, verb_syntax: str
                       ) -> str | None:
     """The reply refusing MAIL's parameters, or None when they are all acceptable."""

@@ -36,7 +36,6 @@ from .command import (
     BOGUS_LIMIT,
     LINE_LIMIT,
     REPLY_LINE_TOO_LONG,
-    REPLY_MALFORMED,
     REPLY_NEED_MAIL,
     REPLY_NEED_RCPT,
     REPLY_NESTED_MAIL,
@@ -45,10 +44,8 @@ from .command import (
     REPLY_TOO_MANY_BOGUS,
     check_mail_params,
     help_reply,
-    parse_params,
-    parse_path,
+    parse_mail_rcpt,
     split_line,
-    strip_keyword,
     syntax_error,
     too_long,
 )
@@ -629,30 +626,21 @@ class ElemtaSMTP(asyncio.Protocol):
     def smtp_MAIL(self, arg: str | None) -> Outcome:
         if not self.host_name:
             return REPLY_SEND_HELO
+        if self.envelope.mail_from:  # before the argument is even looked at, as Postfix
+            return REPLY_NESTED_MAIL
         extended = self.extended_smtp
-        syntaxerr = syntax_error("MAIL", extended)
         mail_dsn = MailDsn()
         if arg and extended:
             split = split_mail(arg)
             if isinstance(split, str):
                 return split
             arg, mail_dsn = split
-        path = strip_keyword("FROM:", arg) if arg is not None else None
-        if path is None:
-            return syntaxerr
-        address, rest = parse_path(path)
-        if address is None:
-            return REPLY_MALFORMED
-        if not address or (rest and not extended):
-            return syntaxerr
-        envelope = self.envelope
-        if envelope.mail_from:
-            return REPLY_NESTED_MAIL
-        options = rest.upper().split()
-        params = parse_params(options)
-        if params is None:
-            return syntaxerr
-        refused = check_mail_params(params, self.ctx.config.server.max_message_size, syntaxerr)
+        parsed = parse_mail_rcpt("FROM:", arg, extended)
+        if isinstance(parsed, str):
+            return parsed
+        address, options, params = parsed
+        refused = check_mail_params(params, self.ctx.config.server.max_message_size,
+                                    syntax_error("MAIL", extended))
         if refused is not None:
             return refused
         refusal = self.ctx.admission.command("MAIL", self.held_bytes)
@@ -665,6 +653,7 @@ class ElemtaSMTP(asyncio.Protocol):
                 return no_space
         if any(c < " " or c == "\x7f" for c in address):
             return "553 5.1.7 Bad sender address syntax"
+        envelope = self.envelope
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.mail_dsn = mail_dsn
@@ -676,25 +665,16 @@ class ElemtaSMTP(asyncio.Protocol):
         if not self.envelope.mail_from:
             return REPLY_NEED_MAIL
         extended = self.extended_smtp
-        syntaxerr = syntax_error("RCPT", extended)
         rcpt_dsn = RcptDsn()
         if arg and extended:
             split = split_rcpt(arg)
             if isinstance(split, str):
                 return split
             arg, rcpt_dsn = split
-        path = strip_keyword("TO:", arg) if arg is not None else None
-        if path is None:
-            return syntaxerr
-        address, rest = parse_path(path)
-        if address is None:
-            return REPLY_MALFORMED
-        if not address or (rest and not extended):
-            return syntaxerr
-        options = rest.upper().split()
-        params = parse_params(options)
-        if params is None:
-            return syntaxerr
+        parsed = parse_mail_rcpt("TO:", arg, extended)
+        if isinstance(parsed, str):
+            return parsed
+        address, _, params = parsed
         if params:
             return "555 RCPT TO parameters not recognized or not implemented"
         refusal = self.ctx.admission.command("RCPT", self.held_bytes)
