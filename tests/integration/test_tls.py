@@ -52,6 +52,35 @@ def test_starttls_handshake_and_delivery(tmp_path: Path, cert: tuple[Path, Path]
         assert b"with ESMTPS id" in path.read_bytes()
 
 
+def test_commands_pipelined_after_starttls_in_clear_are_dropped(
+        tmp_path: Path, cert: tuple[Path, Path]) -> None:
+    """RFC 3207 5 (the STARTTLS command injection of CVE-2011-0411): what a client sent in
+    clear after STARTTLS must not run once TLS is up. Here MAIL rides in the same segment."""
+    crt, key = cert
+    with running(tmp_path / "d", f'[tls]\ncertificate = "{crt}"\nkey = "{key}"') as d:
+        raw = socket.create_connection((d.host, d.port), timeout=10)
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
+        assert f.readline().startswith(b"220 ")
+        tls = client_context(crt).wrap_socket(raw, server_hostname="mx.test")
+        tf = tls.makefile("rb")
+        tls.sendall(b"EHLO client.test\r\n")
+        first = tf.readline()
+        assert first.startswith(b"250-"), first  # the EHLO's reply, not the injected MAIL's
+        while not tf.readline().startswith(b"250 "):
+            pass
+        # The session starts over: no sender is known, so RCPT needs a MAIL first.
+        tls.sendall(b"RCPT TO:<tls@example.test>\r\n")
+        assert tf.readline().startswith(b"503 "), "the injected MAIL was taken"
+        tls.sendall(b"QUIT\r\n")
+        assert tf.readline().startswith(b"221 ")
+        tls.close()
+
+
 def s_client_tls_1_1(port: int) -> subprocess.CompletedProcess[str]:
     """`openssl s_client` offering only TLS 1.1 after STARTTLS, at security level 0 so that
     OpenSSL 3 lets the client offer it (Python's ssl client refuses to before it connects)."""
