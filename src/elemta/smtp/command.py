@@ -15,10 +15,9 @@ from typing import Any
 from .address import simple_path
 
 # RFC 5321 4.5.3.1.4: 512 octets a command line; MAIL gets the SIZE parameter's 26 more once
-# EHLO has offered it (RFC 1870). A line (CRLF included) over LINE_LIMIT is not even buffered.
+# EHLO has offered it (RFC 1870). A line over dataparse.LINE_LIMIT is not even buffered.
 COMMAND_LIMIT = 512
 MAIL_EXTRA = 26
-LINE_LIMIT = 1001
 # Unrecognised commands a session may send before it is told 421 and closed.
 BOGUS_LIMIT = 5
 ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})

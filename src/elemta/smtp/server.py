@@ -34,7 +34,6 @@ from ..store.maildir import Mailbox, Maildir, Spool, new_queue_id
 from .command import (
     ALLOWED_BEFORE_STARTTLS,
     BOGUS_LIMIT,
-    LINE_LIMIT,
     REPLY_LINE_TOO_LONG,
     REPLY_NEED_MAIL,
     REPLY_NEED_RCPT,
@@ -49,7 +48,7 @@ from .command import (
     syntax_error,
     too_long,
 )
-from .dataparse import DataDecoder, DataState, to_lf
+from .dataparse import LINE_LIMIT, DataDecoder, DataState, to_lf
 from .loop import REPLY_TOO_MANY_HOPS, HopCounter
 from .policy import REPLY_RELAY_DENIED, classify_recipient, recipient_reply
 from .relay import relay_mailbox
@@ -213,7 +212,6 @@ class Envelope:
 
     mail_from: str | None = None
     mail_options: list[str] = field(default_factory=list)
-    smtp_utf8: bool = False
     rcpt_tos: list[str] = field(default_factory=list)
     mailboxes: list[Mailbox] = field(default_factory=list)
     mail_dsn: MailDsn = field(default_factory=MailDsn)  # RET, ENVID
@@ -261,7 +259,7 @@ class ElemtaSMTP(asyncio.Protocol):
     # No __dict__: an idle session is this object, its transport and its socket.
     __slots__ = ("_bogus", "_busy", "_closed", "_deadline", "_eof", "_input", "_out",
                  "_read_paused", "_receiving", "_skipping", "_task", "_timer", "_write_paused",
-                 "ctx", "envelope", "extended_smtp", "host_name", "in_data", "loop", "peer",
+                 "ctx", "envelope", "extended_smtp", "host_name", "loop", "peer",
                  "tls_active", "transport")
 
     def __init__(self, ctx: SmtpContext) -> None:
@@ -273,20 +271,24 @@ class ElemtaSMTP(asyncio.Protocol):
         self.extended_smtp = False
         self.tls_active = False
         self.envelope = Envelope()
-        self.in_data = False
         self._receiving: _Receiving | None = None
         self._input = bytearray()
         self._skipping = False  # inside an over-long command line: dropped until its end
         self._out: list[str] = []
         self._busy = False  # a command is waiting for something; input waits for it
         self._write_paused = False
-        self._read_paused = False
+        self._read_paused = False  # by _pace_reading (start_tls pauses the raw transport itself)
         self._closed = False
         self._eof = False  # the client has finished sending (it may still read our replies)
         self._bogus = 0
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time when the current command or DATA timeout expires
         self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def in_data(self) -> bool:
+        """Between its 354 and its final reply (draining lets such a session finish)."""
+        return self._receiving is not None
 
     # -- per-session memory ledger --------------------------------------------------------
     @property
@@ -340,12 +342,10 @@ class ElemtaSMTP(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._input.clear()
-        task = self._task
-        if task is not None:
+        self._end_data()
+        if self._task is not None:
             # The waiting command ends (a commit under way has no task: it runs on, _stored logs it).
-            task.cancel()
-        else:
-            self._end_data()
+            self._task.cancel()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last command still hears every reply it is
@@ -362,13 +362,10 @@ class ElemtaSMTP(asyncio.Protocol):
         self._process()
 
     def shutdown_now(self, reply: str = REPLY_SHUTDOWN) -> None:
-        """Tell the client why we are going away and close (draining, timeouts)."""
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            self.ctx.observer.reply(reply)
-            transport.write(reply.encode() + b"\r\n")
-            transport.close()
-        self._closed = True
+        """Tell the client why we are going away and close (draining, timeouts); once."""
+        if not self._closed:
+            self._reply(reply)
+            self._close_after_replies()
 
     # -- timeouts -------------------------------------------------------------------------
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -481,7 +478,7 @@ class ElemtaSMTP(asyncio.Protocol):
     async def _wait_for(self, coro: Coroutine[Any, Any, str | None]) -> None:
         try:
             reply = await coro
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the connection is gone, or the loop is shutting down
             self._task = None
             self._end_data()
             raise
@@ -512,6 +509,7 @@ class ElemtaSMTP(asyncio.Protocol):
             transport.write("".join(f"{line}\r\n" for line in lines).encode("ascii", "replace"))
 
     def _close_after_replies(self) -> None:
+        """Send the replies collected so far and close; a message in DATA is dropped."""
         self._flush()
         self._closed = True
         self._end_data()
@@ -736,9 +734,10 @@ class ElemtaSMTP(asyncio.Protocol):
         if queue is not None and routes is not None:
             sender = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
             try:
+                # SMTPUTF8 is not offered: the record's smtputf8 flag stays at its default.
                 spool = queue.open(routes, sender, self._trace_headers(envelope, qid, True), qid,
-                                   "BODY=8BITMIME" in envelope.mail_options,
-                                   envelope.smtp_utf8, envelope.mail_dsn, envelope.rcpt_dsn)
+                                   eight_bit="BODY=8BITMIME" in envelope.mail_options,
+                                   mail_dsn=envelope.mail_dsn, rcpt_dsn=envelope.rcpt_dsn)
             except OSError as exc:
                 return self._cannot_prepare(exc)
             return self._start_data(spool, lf=False)
@@ -764,7 +763,6 @@ class ElemtaSMTP(asyncio.Protocol):
         if self._closed:  # the client left while the mailboxes were made
             spool.discard()
             return None
-        self.in_data = True
         self.ctx.data_changed(+1)
         self._receiving = _Receiving(spool, DataDecoder(self.ctx.config.server.max_message_size),
                                      lf=lf)
@@ -865,7 +863,6 @@ class ElemtaSMTP(asyncio.Protocol):
             self.ctx.queue.wake()
         if self.ctx.draining:
             self._reply(status)
-            self._flush()
             self.shutdown_now()
             return None
         return status
@@ -876,7 +873,6 @@ class ElemtaSMTP(asyncio.Protocol):
         if receiving is None:
             return
         receiving.spool.discard()  # nothing left to do once committed (or committing)
-        self.in_data = False
         self.ctx.data_changed(-1)
 
     def _log_commit(self, spool: Spool, envelope: Envelope, error: BaseException | None,
