@@ -173,3 +173,39 @@ def test_a_refused_message_is_gone_before_the_reply(tmp_path: Path) -> None:
     serve(root, client, Maildir(root, "mx.test", executor=SlowDisk(4)),
           max_message_size=160 * 1024)
     assert left == [[]]
+
+
+def test_a_write_failing_mid_data_is_never_a_truncated_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write of a large message fails (a transient EIO, a disk full for a moment) and the
+    rest, the commit included, would succeed: the message is refused with a temporary
+    failure, never stored without the failed piece; the session goes on serving."""
+    from elemta.store.maildir import SpoolFile
+
+    real = SpoolFile.append
+    failed: list[int] = []
+
+    def append(self: SpoolFile, data: bytes) -> None:
+        if not failed:
+            failed.append(len(data))
+            raise OSError(5, "Input/output error")
+        real(self, data)
+
+    monkeypatch.setattr(SpoolFile, "append", append)
+    big = message(200 * 1024)
+    replies: list[int] = []
+
+    def client(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("s@example.org")
+            s.rcpt("box@example.test")
+            replies.append(s.data(big)[0])
+            assert not s.sendmail("s@example.org", ["box@example.test"], message(1000))
+
+    root = tmp_path / "mail"
+    serve(root, client)
+    assert failed and replies and 400 <= replies[0] < 500
+    stored = list((root / "example.test" / "box" / "new").iterdir())
+    assert len(stored) == 1 and len(stored[0].read_bytes()) < 2000  # only the second one
+    assert list((root / "example.test" / "box" / "tmp").iterdir()) == []

@@ -393,7 +393,10 @@ class ElemtaSMTP(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        self._input += data
+        if self._receiving is not None and not (self._input or self._busy or self._write_paused):
+            self._feed_data(data)  # message data, taken as it comes: no copy through _input
+        else:
+            self._input += data
         self._process()
 
     def _process(self) -> None:
@@ -402,7 +405,9 @@ class ElemtaSMTP(asyncio.Protocol):
             if self._receiving is not None:
                 if not self._input:
                     break
-                self._feed_data()
+                chunk = bytes(self._input)
+                self._input.clear()
+                self._feed_data(chunk)
                 continue
             end = self._input.find(b"\n")
             if end < 0:
@@ -769,12 +774,10 @@ class ElemtaSMTP(asyncio.Protocol):
         self._reset_timeout(self.ctx.config.server.data_timeout)
         return "354 End data with <CR><LF>.<CR><LF>"
 
-    def _feed_data(self) -> None:
-        """Take the buffered input as message data (up to the final dot, if it is there)."""
+    def _feed_data(self, chunk: bytes) -> None:
+        """Take `chunk` as message data (up to the final dot, if it is there)."""
         receiving = self._receiving
         assert receiving is not None
-        chunk = bytes(self._input)
-        self._input.clear()
         receiving.progress += len(chunk)
         if receiving.progress >= DATA_PROGRESS:
             receiving.progress = 0
@@ -795,13 +798,15 @@ class ElemtaSMTP(asyncio.Protocol):
             self._final_dot(receiving)
         elif full:
             # A full buffer is written out on a commit thread; the client is not read meanwhile.
-            self._run(self._write_out(receiving))
+            self._busy = True
+            receiving.spool.flush_then(lambda error: self._written(receiving, error))
 
-    async def _write_out(self, receiving: _Receiving) -> None:
-        try:
-            await receiving.spool.flush()
-        except OSError as exc:
-            receiving.write_failed = exc
+    def _written(self, receiving: _Receiving, error: OSError | None) -> None:
+        if error is not None:
+            receiving.write_failed = error
+        if self._receiving is receiving:  # else the message is over (its client gone)
+            self._busy = False
+            self._process()
 
     def _final_dot(self, receiving: _Receiving) -> None:
         """The message is complete: refuse it, or commit it and reply once it is stored."""

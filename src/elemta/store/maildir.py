@@ -480,16 +480,40 @@ class Spool:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write the buffer to the tmp/ file. OSError propagates; `discard` then cleans up."""
-        job = asyncio.wrap_future(self._submit(self.file.append))
-        try:
-            await asyncio.shield(job)  # a cancelled session must not cancel a queued write
-        except asyncio.CancelledError:
-            # The session is going away and `discard` follows: how this write ends is moot.
-            job.add_done_callback(_ignore_outcome)
-            raise
-        finally:
-            self._writing = 0
+        """Write the buffer to the tmp/ file. OSError propagates; `discard` then cleans up.
+        A cancelled caller does not cancel the write (`flush_then` cannot be cancelled)."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(error: OSError | None) -> None:
+            if written.done():  # the caller was cancelled: how the write ended is moot
+                return
+            if error is None:
+                written.set_result(None)
+            else:
+                written.set_exception(error)
+
+        self.flush_then(done)
+        await written
+
+    def flush_then(self, done: Callable[[OSError | None], None]) -> None:
+        """Write the buffer to the tmp/ file on a commit thread, then call `done` (on the
+        event loop) with None or the OSError. No task and no future for the session to await:
+        a 1 MiB message is sixteen of these."""
+        loop = asyncio.get_running_loop()
+
+        def written(job: Future[None]) -> None:  # on the commit thread
+            error = job.exception()
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(self._written, error, done)
+
+        self._submit(self.file.append).add_done_callback(written)
+
+    def _written(self, error: BaseException | None, done: Callable[[OSError | None], None]) -> None:
+        self._writing = 0
+        if error is not None and not isinstance(error, OSError):  # a bug: said, and a failure
+            log.error("queue %s: write failed", self.queue_id, exc_info=error)
+            error = OSError(errno.EIO, f"internal error: {error!r}")
+        done(error)
 
     async def commit(self) -> None:
         """Write what is left, fsync and link the message (SpoolFile.commit_then); OSError if
@@ -552,11 +576,6 @@ class Spool:
         self._writing = len(data)
         self._job = self._executor.submit(job, data)
         return self._job
-
-
-def _ignore_outcome(job: asyncio.Future[None]) -> None:
-    if not job.cancelled():
-        job.exception()  # retrieved, so asyncio does not log it as lost
 
 
 def _unlink_quietly(path: str | Path) -> None:
