@@ -22,22 +22,31 @@ from typing import BinaryIO
 CHUNK = 64 * 1024
 CRLF = b"\r\n"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# The same LFs, found from the LF: a literal first byte lets the regex engine skip to each LF
+# at memchr speed where the form above tries every position (27 us against 650 us on 64 KiB).
+_LF_NOT_AFTER_CR = re.compile(rb"\n(?<!\r\n)")
+_DOT_LINE = re.compile(re.escape(b"\r\n."))
 END = b".\r\n"
 
 
 async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
     """`writer.drain()`, TimeoutError after `timeout` seconds. Not asyncio.wait_for, which
     wraps the drain in a task of its own (and a loop iteration to start it) for every command
-    of every delivery, though a drain rarely has to wait."""
+    of every delivery, though a drain rarely has to wait. When the socket took everything
+    there is nothing to wait for, and no timer is armed (a closing transport goes the long
+    way, where drain raises what ended it)."""
+    transport = writer.transport
+    if not transport.get_write_buffer_size() and not transport.is_closing():
+        return
     async with asyncio.timeout(timeout):
         await writer.drain()
 
 
 def has_bare_lf(chunk: bytes, after_cr: bool) -> bool:
     """Does `chunk` hold a LF that no CR precedes (`after_cr`: the bytes before `chunk` ended
-    with CR)? Two memchr-speed counts."""
+    with CR)? One scan from LF to LF (a third of the time of counting LFs and CRLFs)."""
     joined = after_cr and chunk[:1] == b"\n"  # CR | LF across chunks
-    return chunk.count(b"\n") != chunk.count(b"\r\n") + joined
+    return _LF_NOT_AFTER_CR.search(chunk, 1 if joined else 0) is not None
 
 
 class DotStuffer:
@@ -58,7 +67,9 @@ class DotStuffer:
             return b""
         if not self._crlf_known:
             chunk = self._crlf(chunk)
-        out = chunk.replace(b"\r\n.", b"\r\n..")
+        # Most chunks have no line starting with a dot: a regex scan finds that in half the
+        # time of the replace, which then needs no copy.
+        out = chunk if _DOT_LINE.search(chunk) is None else chunk.replace(b"\r\n.", b"\r\n..")
         if chunk[:1] == b"." and self._last2 == CRLF:
             out = b"." + out
         elif chunk[:2] == b"\n." and self._last2[-1:] == b"\r":
