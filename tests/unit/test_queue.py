@@ -109,7 +109,7 @@ def test_routes_from_array_of_tables(tmp_path: Path) -> None:
     ([{"domain": "elsewhere.test", "transport": "maildir"}], "not one of [delivery] domains"),
     ([{"domain": "a.test", "transport": "maildir"}] * 2, "routed twice"),
     ([{"domain": "a.test"}], "exactly the keys"),
-    ([{"domain": "a.test", "transport": "maildir", "x": 1}], "unknown: x"),
+    ([{"domain": "a.test", "transport": "maildir", "x": 1}], "unknown: 'x'"),
     ([{"domain": "a.test", "transport": "ftp:x"}], "route 1: must be \"maildir\""),
 ])
 def test_bad_routes_are_one_line(routes: list[dict[str, object]], problem: str) -> None:

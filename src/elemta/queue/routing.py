@@ -66,7 +66,7 @@ def parse_routes(value: object) -> tuple[Route, ...]:
         extra = sorted(set(item) - {"domain", "transport"})
         if extra or "domain" not in item or "transport" not in item:
             raise ValueError(f"route {n}: needs exactly the keys domain and transport"
-                             + (f" (unknown: {', '.join(map(str, extra))})" if extra else ""))
+                             + (f" (unknown: {', '.join(map(repr, extra))})" if extra else ""))
         domain = item["domain"]
         if not isinstance(domain, str) or not _DOMAIN.fullmatch(d := domain.strip().lower()
                                                                 .rstrip(".")):
