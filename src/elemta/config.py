@@ -293,7 +293,7 @@ class DeliveryConfig:
     concurrency: int = _f(20, "int", "Deliveries running at once, in total", minimum=1,
                           maximum=10_000)
     destination_concurrency: int = _f(
-        10, "int", "Deliveries running at once to one transport destination", minimum=1,
+        20, "int", "Deliveries running at once to one transport destination", minimum=1,
         maximum=10_000,
     )
     stuck_queue_age: float = _f(
