@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from elemta.sessionboard import SessionBoard
 from elemta.smtp import acceptor
 from elemta.smtp.acceptor import Acceptor
@@ -68,9 +70,18 @@ def test_a_worker_ahead_waits_the_head_start_then_accepts(monkeypatch) -> None: 
     assert took >= 0.3 and asked == [0]
 
 
-def test_a_burst_is_taken_one_connection_per_readiness() -> None:
+@pytest.mark.parametrize("own_transport", [True, False], ids=["transport-now", "task"])
+def test_a_burst_is_taken_one_connection_per_readiness(own_transport: bool) -> None:
     """Ten waiting connections: the acceptor takes one per readiness callback, so another
-    process woken by the same socket gets its turn between them."""
+    process woken by the same socket gets its turn between them. Each becomes a session,
+    whether the loop's transport is made at once or (another loop) by a task."""
+    greeted: list[Greeter] = []
+
+    class Counted(Greeter):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            greeted.append(self)
+            super().connection_made(transport)
+
     async def run() -> list[int]:
         loop = asyncio.get_running_loop()
         sock = _listener()
@@ -79,13 +90,15 @@ def test_a_burst_is_taken_one_connection_per_readiness() -> None:
             c = socket.create_connection(sock.getsockname())
             clients.append(c)
         taken: list[int] = []
-        server = Acceptor(loop, sock, Greeter)
+        server = Acceptor(loop, sock, Counted)
+        if not own_transport:
+            server._make_transport = None
         original = server._readable
 
         def counting() -> None:
-            before = len(server._connecting)
+            before = server.accepted
             original()
-            taken.append(len(server._connecting) - before)
+            taken.append(server.accepted - before)
 
         server._readable = counting  # type: ignore[method-assign]
         server.start()
@@ -101,6 +114,31 @@ def test_a_burst_is_taken_one_connection_per_readiness() -> None:
 
     taken = asyncio.run(run())
     assert sum(taken) == 10 and max(taken) == 1
+    assert len(greeted) == 10
+
+
+@pytest.mark.parametrize("own_transport", [True, False], ids=["transport-now", "task"])
+def test_wait_closed_returns_once_accepted_connections_have_sessions(own_transport: bool) -> None:
+    """What the daemon relies on when it stops: a connection accepted just before close is a
+    session (which the drain then tells to go away) by the time wait_closed returns."""
+    greeted: list[int] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        sock = _listener()
+        client = socket.create_connection(sock.getsockname())
+        server = Acceptor(loop, sock, Greeter)
+        if not own_transport:
+            server._make_transport = None
+        before = len(Greeter.made)
+        server._readable()  # the connection is accepted; its session starts at a later turn
+        server.close()
+        await server.wait_closed()
+        greeted.append(len(Greeter.made) - before)
+        client.close()
+
+    asyncio.run(run())
+    assert greeted == [1]
 
 
 def test_session_board_ahead() -> None:
