@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -167,3 +168,22 @@ def test_per_mailbox_memos_stay_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     deliver(store, [Mailbox("a.test", "u0")], b"H: 2\n", "QX")
     assert len(list((store.mailbox_dir(Mailbox("a.test", "u0")) / "new").iterdir())) == 2
     store.executor.shutdown()
+
+
+def test_queue_ids_differ_between_forked_processes() -> None:
+    """Workers are forked from the supervisor: each must draw its own queue ids (the queue's
+    file names), not repeat the parent's sequence."""
+    from elemta.store.maildir import new_queue_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, " ".join(new_queue_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        child = f.read().split()
+    mine = [new_queue_id() for _ in range(3)]
+    assert len(child) == 3 and all(len(q) == 12 for q in child + mine)
+    assert set(child).isdisjoint(mine)

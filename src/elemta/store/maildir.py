@@ -15,8 +15,8 @@ import errno
 import itertools
 import logging
 import os
+import random
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,8 +35,12 @@ SPOOL_BUFFER = 64 * 1024
 
 
 def new_queue_id() -> str:
-    """12 hex digits, unique enough to find one message in logs and on disk."""
-    return secrets.token_hex(6).upper()
+    """12 hex digits, unique enough to find one message in logs and on disk.
+
+    From the `random` module's generator, which Python seeds from os.urandom at start and
+    again in every forked child: a queue id needs to be unpredictable to nobody, and this
+    costs no getrandom syscall per message (secrets.token_hex did)."""
+    return f"{random.getrandbits(48):012X}"
 
 
 @dataclass(frozen=True)
