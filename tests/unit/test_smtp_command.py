@@ -94,3 +94,11 @@ def test_params() -> None:
     assert check_mail_params({"BODY": "BINARYMIME"}, 100, syntax).startswith("501 ")  # type: ignore[union-attr]
     assert check_mail_params({"SMTPUTF8": True}, 100, syntax) == "501 Error: SMTPUTF8 disabled"
     assert check_mail_params({"FOO": "1"}, 100, syntax).startswith("555 ")  # type: ignore[union-attr]
+
+
+@given(st.text(max_size=300))
+def test_header_text_is_printable_ascii_of_the_same_length(value: str) -> None:
+    from elemta.smtp.server import _header_text
+
+    expected = "".join(c if " " <= c <= "~" else "?" for c in value)[:200]
+    assert _header_text(value) == expected

@@ -238,6 +238,8 @@ def _bad_helo(name: str | None) -> bool:
 
 def _header_text(value: str) -> str:
     """Client-supplied text made safe for a header: printable ASCII, no line breaks."""
+    if value.isascii() and value.isprintable():  # the usual case, checked at C speed
+        return value[:200]
     return "".join(c if " " <= c <= "~" else "?" for c in value)[:200]
 
 

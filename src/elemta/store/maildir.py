@@ -532,20 +532,27 @@ class Spool:
         """`commit` without waiting: its outcome (also kept as `stored`), which nothing can
         cancel (the commit runs on its thread to its end)."""
         self._finished = True
-        stored: Future[None] = Future()
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
 
-        def done(error: BaseException | None) -> None:
+        def settle(error: BaseException | None) -> None:  # on the event loop
+            if stored.done():
+                return
             if error is None:
                 stored.set_result(None)
             else:
                 stored.set_exception(error)
 
+        def done(error: BaseException | None) -> None:  # on a commit or the DirSync thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(settle, error)
+
         def commit(data: bytes) -> None:
             self.file.commit_then(data, done)
 
-        self.stored = asyncio.wrap_future(stored)
+        self.stored = stored
         self._submit(commit)
-        return self.stored
+        return stored
 
     def discard(self) -> None:
         """The message will not be committed: drop it, and its file once no job is using it."""
