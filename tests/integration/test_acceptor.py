@@ -151,3 +151,34 @@ def test_session_board_ahead() -> None:
     board.set(2, 0)  # a worker that died (its sessions are gone): the other is ahead
     assert board.ahead(1) and not board.ahead(2)
     assert not SessionBoard(2).ahead(1, pending=100)  # one worker: nobody to be ahead of
+
+
+def test_a_session_that_cannot_be_set_up_closes_its_connection_only() -> None:
+    """A bug in making a session (the factory raising) closes that connection, is logged, and
+    the acceptor goes on serving the next one."""
+    calls: list[int] = []
+
+    def factory() -> asyncio.Protocol:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("broken session")
+        return Greeter()
+
+    async def run() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        sock = _listener()
+        server = Acceptor(loop, sock, factory)
+        server.start()
+        try:
+            replies = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection(*sock.getsockname())
+                replies.append(await asyncio.wait_for(reader.read(100), 5))
+                writer.close()
+            return replies[0], replies[1]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    first, second = asyncio.run(run())
+    assert (first, second) == (b"", b"220 hi\r\n")

@@ -98,6 +98,10 @@ class Acceptor:
             log.debug("connection lost while being set up: %s", exc)
             conn.close()
             return
+        except Exception:  # a bug in setting up a session: said, and this connection closed
+            log.exception("cannot set up a session")
+            conn.close()
+            return
         self._pending += 1
         self._loop.call_soon(self._made)
 

@@ -506,7 +506,8 @@ class Spool:
         loop = asyncio.get_running_loop()
 
         def written(job: Future[None]) -> None:  # on the commit thread
-            error = job.exception()
+            # Cancelled: the executor was shut down with the write still queued.
+            error = OSError(errno.ECANCELED, "write cancelled") if job.cancelled() else job.exception()
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
                 loop.call_soon_threadsafe(self._written, error, done)
 
