@@ -505,7 +505,7 @@ def test_accepting_syncs_then_places_body_before_record_and_leaves_nothing_on_er
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "rename", rename)
         f.commit(b"body\r\n")
-    assert placed == ["body", "incoming"]
+    assert placed == ["incoming"]  # the body is linked into body/ (place_body), never renamed
     assert store.read(store.path("incoming", m.id)).size == len(b"Subject: x\r\n\r\nbody\r\n")
     assert store.body(m.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
     assert os.listdir(store.path("tmp")) == []
@@ -580,3 +580,19 @@ def test_the_queue_records_whether_a_body_holds_a_bare_lf(tmp_path: Path) -> Non
             f.append(piece)
         f.commit(pieces[-1])
         assert store.read(store.path("incoming", qid)).crlf is clean, qid
+
+
+def test_a_queue_id_drawn_twice_never_replaces_the_queued_message(tmp_path: Path) -> None:
+    """Queue ids are 48 random bits: should a new message draw the id of one still queued,
+    its commit fails (the client hears a 4xx and sends it again under a new id) and the
+    queued message's body and record stay as they were."""
+    store = make_store(tmp_path)
+    first = meta("0000000000B1")
+    queue_file(store, first).commit(b"Subject: first\r\n\r\nkept\r\n")
+    second = queue_file(store, meta("0000000000B1"))
+    with pytest.raises(FileExistsError):
+        second.commit(b"Subject: second\r\n\r\nrefused\r\n")
+    assert store.body(first.id).read_bytes() == b"Subject: first\r\n\r\nkept\r\n"
+    assert store.read(store.path("incoming", first.id)).size == len(
+        b"Subject: first\r\n\r\nkept\r\n")
+    assert os.listdir(store.path("tmp")) == []

@@ -14,6 +14,7 @@ the DSN waits in hold/ where `elemta queue` shows it. A message from <> is never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from ..delivery.dsnparams import wants_delay_notice, wants_failure_notice
 from ..recipients import POSTMASTER
 from ..store.maildir import fsync_dir, new_queue_id
 from . import dsn, policy, routing
-from .store import Meta, QueueStore, Recipient
+from .store import Meta, QueueStore, Recipient, place_body
 
 log = logging.getLogger("elemta.queue")
 
@@ -186,7 +187,12 @@ class Bouncer:
             raise
         os.close(fd)
         dest = self.store.body(meta.id)
-        os.rename(tmp, dest)
+        try:
+            place_body(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fsync_dir(dest.parent)
         try:
             self.store.write(meta, state)

@@ -52,6 +52,16 @@ def valid_id(qid: str) -> bool:
     return _ID.fullmatch(qid) is not None
 
 
+def place_body(tmp: str | Path, body: Path) -> None:
+    """Give the body file `tmp` its name in body/, which must be free: a hard link, then the
+    tmp/ name removed. A rename would silently replace another message's body that drew the
+    same 48-bit queue id; this raises FileExistsError instead (the message is refused with a
+    4xx and comes back under a new id). Only body/'s entry needs the directory sync that
+    follows: a tmp/ name left by a crash is removed at start."""
+    os.link(tmp, body)
+    os.unlink(tmp)
+
+
 def stale_tmp(name: str, mtime: float, started: float, alive: Callable[[int], bool]) -> bool:
     """May tmp/ file `name` ("<id>.<pid>.body" or ".meta") be removed? Its writer is gone, or
     it is our own pid's but older than this process. Anything else may be in flight."""
@@ -379,7 +389,7 @@ class QueueFile(SpoolFile):
                 fd, self.fd = self.fd, -1
                 os.close(fd)
             body, record = store.body(meta.id), store.path("incoming", meta.id)
-            os.rename(self.tmp, body)
+            place_body(self.tmp, body)
             self._placed.append(body)
             os.rename(meta_tmp, record)
             self._placed.append(record)
