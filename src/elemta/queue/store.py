@@ -17,8 +17,9 @@ leaves two records of one message, and the higher wins.
 Accepting (QueueFile.place, then the directory syncs) takes two rounds of syncs, each pair run
 together so that the file system commits its journal once per round: the body's and the
 record's fdatasync (their writeback started together, store/writeback.py; side by side on two
-threads where that is not available), then both renames, then the fsyncs of body/ and
-incoming/ (one round of the DirSync thread, shared by concurrent accepts).
+threads where that is not available), then the body's link into body/ (`place_body`: never
+a rename, which would replace a queued body of the same id) and the record's rename, then the
+fsyncs of body/ and incoming/ (one round of the DirSync thread, shared by concurrent accepts).
 Only then does the session answer 250. A crash before that may leave a record whose body never
 became durable (the manager drops it, logged: it was never acknowledged) or a body without a
 record (the orphan sweep removes it). Removing a delivered message syncs nothing: a crash may
@@ -297,7 +298,7 @@ class QueueStore:
 
     def orphans(self, before: float, batch: int = 4096) -> Iterator[str]:
         """Bodies last written before `before` that have no record in any state: what a crash
-        between a body's rename and its record's rename leaves. Memory stays bounded: old
+        between a body's link and its record's rename leaves. Memory stays bounded: old
         bodies are checked `batch` at a time against one listing of the records each."""
         group: set[str] = set()
         for entry in os.scandir(self.path("body")):
@@ -365,7 +366,7 @@ class QueueFile(SpoolFile):
         super().append(data)
 
     def place(self, data: bytes) -> list[Path]:
-        """Body and record synced (side by side), then renamed into body/ and incoming/; the
+        """Body and record synced (side by side), then placed in body/ and incoming/; the
         caller (SpoolFile.commit, commit_then) has both directories synced before the session
         may answer 250. The body is in body/ before the record appears. On OSError nothing is
         left in the queue."""
