@@ -95,14 +95,20 @@ def test_the_sync_thread_exits_when_idle_and_comes_back(
 
 def deliver(store: Maildir, boxes: list[Mailbox], header: bytes, qid: str,
             body: bytes = b"", before_commit: Callable[[], object] = lambda: None) -> None:
-    """One message through the session's path: open, write, commit (on the store's threads)."""
+    """One message through the session's path: open, buffer (written out when full), commit
+    (on the store's threads)."""
 
     async def run() -> None:
         spool = await store.open(boxes, header, qid)
         try:
-            await spool.write(body)
+            if spool.buffer(body):
+                written: asyncio.Future[OSError | None] = asyncio.get_running_loop().create_future()
+                spool.flush_then(written.set_result)
+                error = await written
+                if error is not None:
+                    raise error
             before_commit()
-            await spool.commit()
+            await spool.start_commit()
         finally:
             spool.discard()
 

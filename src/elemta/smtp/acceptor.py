@@ -49,7 +49,6 @@ class Acceptor:
         self._head_start_given = False
         self._serving = False
         self._connecting: set[asyncio.Task[None]] = set()
-        self.accepted = 0  # connections taken off the socket
         self._pending = 0  # transports made whose session has not started yet
         # The selector loop's own transport factory (private, in every CPython since 3.4);
         # another loop (uvloop) goes through connect_accepted_socket and a task.
@@ -78,7 +77,6 @@ class Acceptor:
                       self._sock.getsockname(), exc.strerror, PAUSE_AFTER_RESOURCE_ERROR)
             self._pause(PAUSE_AFTER_RESOURCE_ERROR)
             return
-        self.accepted += 1
         conn.setblocking(False)
         if self._make_transport is not None:
             self._transport_now(conn, addr)

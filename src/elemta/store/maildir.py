@@ -443,12 +443,13 @@ class Spool:
 
     The first SPOOL_BUFFER bytes are kept in memory (and counted in the session's ledger), so a
     typical small message is created, written, fsynced and linked in one call on a commit
-    thread (`commit`). A larger one is written out each time the buffer fills (`write`), and
-    the session waits for that write before reading more from its client.
+    thread (`start_commit`). A larger one is written out each time the buffer fills (`buffer`
+    says so, `flush_then` writes), and the session waits for that write before reading more
+    from its client.
 
     Ownership: the event loop never touches the file. Each piece of file-system work is one
     job on the commit executor, and the session starts a job only when the previous one has
-    finished. `commit` cannot be split by cancellation: once started it runs to its end on
+    finished. A commit cannot be split by cancellation: once started it runs to its end on
     its thread, and a session that ends any other way (`discard`) has its file removed by a
     job queued after whatever job is running.
     """
@@ -472,32 +473,11 @@ class Spool:
         return self._pending_len + self._writing
 
     def buffer(self, data: bytes) -> bool:
-        """Keep `data`; True when the buffer is full and `flush` is due."""
+        """Keep `data`; True when the buffer is full and `flush_then` is due."""
         self.size += len(data)
         self._pending.append(data)
         self._pending_len += len(data)
         return self._pending_len >= SPOOL_BUFFER
-
-    async def write(self, data: bytes) -> None:
-        """Add `data`, writing the buffer out (on a commit thread) when it is full."""
-        if self.buffer(data):
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Write the buffer to the tmp/ file. OSError propagates; `discard` then cleans up.
-        A cancelled caller does not cancel the write (`flush_then` cannot be cancelled)."""
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def done(error: OSError | None) -> None:
-            if written.done():  # the caller was cancelled: how the write ended is moot
-                return
-            if error is None:
-                written.set_result(None)
-            else:
-                written.set_exception(error)
-
-        self.flush_then(done)
-        await written
 
     def flush_then(self, done: Callable[[OSError | None], None]) -> None:
         """Write the buffer to the tmp/ file on a commit thread, then call `done` (on the
@@ -520,17 +500,9 @@ class Spool:
             error = OSError(errno.EIO, f"internal error: {error!r}")
         done(error)
 
-    async def commit(self) -> None:
-        """Write what is left, fsync and link the message (SpoolFile.commit_then); OSError if
-        not.
-
-        Once started, the commit runs to its end even if the caller is cancelled meanwhile;
-        `stored` then tells how it ended.
-        """
-        await asyncio.shield(self.start_commit())
-
     def start_commit(self) -> asyncio.Future[None]:
-        """`commit` without waiting: its outcome (also kept as `stored`), which nothing can
+        """Write what is left, fsync and link the message (SpoolFile.commit_then), without
+        waiting: its outcome (also kept as `stored`; OSError if not stored), which nothing can
         cancel (the commit runs on its thread to its end)."""
         self._finished = True
         loop = asyncio.get_running_loop()
